@@ -1,0 +1,87 @@
+"""Transformer building blocks with timm's parameter names.
+
+References: timm `timm/models/vision_transformer.py` and `timm/layers/attention.py` (parameter names,
+pre-norm block), dinov2 `dinov2/layers/` (one small module per idea). Names matter: a timm state dict
+loads into these modules as it is (`patch_embed.proj`, `blocks.N.attn.qkv`, `blocks.N.mlp.fc1`, ...).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vpt.config import ViTConfig
+
+
+class PatchEmbed(nn.Module):
+    """Image → non-overlapping patch tokens via a strided convolution (ViT, Dosovitskiy et al.)."""
+
+    def __init__(self, cfg: ViTConfig) -> None:
+        super().__init__()
+        self.patch_size = cfg.patch_size
+        self.proj = nn.Conv2d(cfg.in_chans, cfg.embed_dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.proj(x)  # (B, D, H/p, W/p)
+        return x.flatten(2).transpose(1, 2)  # (B, N, D)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through `F.scaled_dot_product_attention`.
+
+    `key_mask` (B, T) bool, True = may be attended to. It is how samples with different prompt lengths
+    share one batch: padded prompt positions are hidden as keys, so every real token sees exactly the
+    keys of its solo run. With no mask, SDPA can pick its fused (flash / memory-efficient) kernels.
+    """
+
+    def __init__(self, cfg: ViTConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.head_dim = cfg.head_dim
+        self.qkv = nn.Linear(cfg.embed_dim, cfg.embed_dim * 3, bias=cfg.qkv_bias)
+        self.proj = nn.Linear(cfg.embed_dim, cfg.embed_dim)
+
+    def forward(self, x: Tensor, key_mask: Tensor | None = None) -> Tensor:
+        B, T, D = x.shape
+        qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, nh, T, hd)
+        attn_mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, T)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, nh, T, hd)
+        return self.proj(x.transpose(1, 2).reshape(B, T, D))
+
+
+class Mlp(nn.Module):
+    def __init__(self, cfg: ViTConfig) -> None:
+        super().__init__()
+        hidden = int(cfg.embed_dim * cfg.mlp_ratio)
+        self.fc1 = nn.Linear(cfg.embed_dim, hidden)
+        self.fc2 = nn.Linear(hidden, cfg.embed_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Exact (erf) GELU, as in timm, HF ViT and the original JAX ViT.
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: two residual lines."""
+
+    def __init__(self, cfg: ViTConfig) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.embed_dim, eps=cfg.layer_norm_eps)
+        self.attn = Attention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.embed_dim, eps=cfg.layer_norm_eps)
+        self.mlp = Mlp(cfg)
+
+    def forward(self, x: Tensor, key_mask: Tensor | None = None) -> Tensor:
+        x = x + self.attn(self.norm1(x), key_mask)
+        return x + self.mlp(self.norm2(x))
+
+
+def prompt_key_mask(lengths: Tensor, max_len: int, num_patches: int) -> Tensor:
+    """(B, 1 + max_len + N) bool key mask for the sequence `[CLS, prompts (padded to max_len), patches]`:
+    sample b may attend to CLS, its first `lengths[b]` prompt slots and all patches."""
+    pos = torch.arange(max_len, device=lengths.device)
+    prompt_ok = pos[None, :] < lengths[:, None]  # (B, max_len)
+    ones = torch.ones(lengths.shape[0], 1, dtype=torch.bool, device=lengths.device)
+    return torch.cat([ones, prompt_ok, ones.expand(-1, num_patches)], dim=1)

@@ -1,0 +1,91 @@
+"""Vision Transformer with per-sample Visual Prompt Tuning.
+
+VPT semantics (Jia et al., ECCV 2022, arXiv 2203.12119, Sec. 3.2; official code KMnP/vpt
+`src/models/vit_prompt/vit.py`):
+- tokens: patch_embed(image) → prepend CLS → add the positional embedding → **then** insert the prompts
+  right after CLS: `[CLS, p_1..p_P, patch_1..patch_N]`; prompts get no positional embedding;
+- VPT-shallow: prompts enter before layer 0 only, their outputs flow on through the later layers;
+- VPT-deep: before every layer i >= 1 the previous layer's outputs at the prompt positions are discarded
+  and replaced by prompt set i;
+- final LayerNorm over the sequence; the head reads the CLS token.
+The architecture and parameter names follow timm's `VisionTransformer` (pre-norm, class token).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from vpt.config import ViTConfig
+from vpt.layers import Block, PatchEmbed, prompt_key_mask
+from vpt.prompts import HeadBatch, PromptBatch
+
+
+class VisionTransformer(nn.Module):
+    """Frozen backbone. `forward_features` returns the normed token sequence; `pool` the CLS feature."""
+
+    def __init__(self, cfg: ViTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = PatchEmbed(cfg)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + cfg.num_patches, cfg.embed_dim))
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.depth)])
+        self.norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.layer_norm_eps)
+
+    def init_random(self, generator: torch.Generator | None = None) -> VisionTransformer:
+        """timm-like random init (trunc-normal std 0.02) — for tests and `random:` backbones only."""
+        for name, p in self.named_parameters():
+            if p.ndim == 1 and name.endswith(".weight"):  # LayerNorm scale
+                nn.init.ones_(p)
+            elif name.endswith(".bias"):
+                nn.init.normal_(p, std=0.02, generator=generator)
+            else:
+                nn.init.trunc_normal_(p, std=0.02, a=-0.04, b=0.04, generator=generator)
+        return self
+
+    def embed(self, x: Tensor) -> Tensor:
+        """images (B, 3, H, W), normalised → (B, 1 + N, D) tokens with positional embedding."""
+        x = self.patch_embed(x)  # (B, N, D)
+        cls = self.cls_token.expand(x.shape[0], -1, -1)  # (B, 1, D)
+        return torch.cat([cls, x], dim=1) + self.pos_embed
+
+    def forward_features(self, x: Tensor, prompts: PromptBatch | None = None) -> Tensor:
+        """images (B, 3, H, W) → (B, 1 + P + N, D) after the final norm; P = prompts.max_len (or 0)."""
+        x = self.embed(x)
+        if prompts is None or prompts.max_len == 0:
+            for blk in self.blocks:
+                x = blk(x)
+            return self.norm(x)
+
+        P = prompts.max_len
+        key_mask = None if prompts.uniform else prompt_key_mask(prompts.lengths, P, x.shape[1] - 1)
+        x = torch.cat([x[:, :1], prompts.layer(0).to(x.dtype), x[:, 1:]], dim=1)  # (B, 1 + P + N, D)
+        for i, blk in enumerate(self.blocks):
+            if i > 0 and prompts.any_deep:
+                new = prompts.layer(i).to(x.dtype)  # (B, P, D)
+                if not prompts.all_deep:
+                    # Shallow samples keep the previous layer's outputs at their prompt positions.
+                    new = torch.where(prompts.deep[:, None, None], new, x[:, 1 : 1 + P])
+                x = torch.cat([x[:, :1], new, x[:, 1 + P :]], dim=1)
+            x = blk(x, key_mask)
+        return self.norm(x)
+
+    @staticmethod
+    def pool(tokens: Tensor) -> Tensor:
+        """CLS feature (B, D): what VPT's head reads."""
+        return tokens[:, 0]
+
+    def forward(
+        self, x: Tensor, prompts: PromptBatch | None = None, heads: HeadBatch | None = None
+    ) -> Tensor:
+        """Features (B, D), or logits (B, C) when heads are given."""
+        feats = self.pool(self.forward_features(x, prompts))
+        return feats if heads is None else heads(feats)
+
+    def normalize(self, images: Tensor) -> Tensor:
+        """uint8 (B, 3, H, W) → float normalised with the backbone's mean/std, in the model's dtype."""
+        dtype = self.pos_embed.dtype
+        mean = torch.tensor(self.cfg.mean, device=images.device, dtype=torch.float32).view(1, 3, 1, 1) * 255
+        std = torch.tensor(self.cfg.std, device=images.device, dtype=torch.float32).view(1, 3, 1, 1) * 255
+        return ((images.float() - mean) / std).to(dtype)
