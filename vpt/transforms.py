@@ -88,10 +88,7 @@ def _resize_shorter(img: Image.Image, size: int) -> Image.Image:
     if min(w, h) == size:
         return img
     # Same rounding as torchvision's Resize(int): the longer side is int(size * long / short).
-    if w <= h:
-        new = (size, int(size * h / w))
-    else:
-        new = (int(size * w / h), size)
+    new = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
     return img.resize(new, Image.Resampling.BILINEAR, reducing_gap=None)
 
 
@@ -105,7 +102,7 @@ def eval_transform(img: Image.Image, cfg: ViTConfig) -> torch.Tensor:
     img = _resize_shorter(to_rgb(img), max(cfg.resize_size, cfg.img_size))
     w, h = img.size
     s = cfg.img_size
-    left, top = int(round((w - s) / 2.0)), int(round((h - s) / 2.0))
+    left, top = round((w - s) / 2.0), round((h - s) / 2.0)
     return _to_uint8_tensor(img.crop((left, top, left + s, top + s)))
 
 
