@@ -1,0 +1,142 @@
+"""VPT prompt semantics against a plain reference written the way the paper's code does it.
+
+Reference: KMnP/vpt `src/models/vit_prompt/vit.py` (`incorporate_prompt`, `forward_deep_prompt`): one
+task's prompts broadcast to the whole batch, concatenated after CLS (after the positional embedding);
+deep prompts replace the prompt positions before every layer >= 1; final norm; CLS feature.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vpt import HeadBatch, PromptBatch, VisionTransformer
+
+TOL = 1e-5
+
+
+def reference_features(model: VisionTransformer, images: torch.Tensor, prompts: torch.Tensor, deep: bool):
+    """One task, prompts (L_p, P, D) broadcast to the batch — the official code's algorithm."""
+    B = images.shape[0]
+    P = prompts.shape[1]
+    x = model.embed(images)  # CLS + patches, positional embedding already added
+    x = torch.cat([x[:, :1], prompts[0].expand(B, -1, -1), x[:, 1:]], dim=1)
+    for i, blk in enumerate(model.blocks):
+        if deep and i > 0:
+            x = torch.cat([x[:, :1], prompts[i].expand(B, -1, -1), x[:, 1 + P :]], dim=1)
+        x = blk(x)
+    return model.norm(x)[:, 0]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    return torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("deep", [False, True])
+@pytest.mark.parametrize("P", [1, 7])
+def test_single_task_matches_reference(tiny_vit, images, deep, P):
+    D, L = tiny_vit.cfg.embed_dim, tiny_vit.cfg.depth
+    prompts = torch.randn(L if deep else 1, P, D, generator=torch.Generator().manual_seed(P))
+    ours = tiny_vit(images, PromptBatch.single_task(prompts, images.shape[0], deep=deep))
+    ref = reference_features(tiny_vit, images, prompts, deep)
+    assert rel_err(ours, ref) <= TOL
+
+
+def test_shallow_and_deep_differ(tiny_vit, images):
+    """Guards the reference itself: deep replacement must change the result."""
+    D, L = tiny_vit.cfg.embed_dim, tiny_vit.cfg.depth
+    prompts = torch.randn(L, 5, D, generator=torch.Generator().manual_seed(0))
+    shallow = tiny_vit(images, PromptBatch.single_task(prompts[:1], images.shape[0], deep=False))
+    deep = tiny_vit(images, PromptBatch.single_task(prompts, images.shape[0], deep=True))
+    assert rel_err(shallow, deep) > 1e-3
+
+
+def test_prompts_get_no_positional_embedding(tiny_vit, images):
+    """Shifting pos_embed changes patch/CLS tokens only; prompts inserted after it are untouched."""
+    D = tiny_vit.cfg.embed_dim
+    prompts = torch.randn(1, 3, D, generator=torch.Generator().manual_seed(0))
+    pb = PromptBatch.single_task(prompts, images.shape[0], deep=False)
+    x = tiny_vit.embed(images)
+    seq = torch.cat([x[:, :1], pb.layer(0), x[:, 1:]], dim=1)
+    assert torch.equal(seq[:, 1:4], prompts.expand(images.shape[0], -1, -1))
+
+
+@pytest.mark.parametrize("deep", [False, True])
+def test_zero_length_prompts_equal_plain_backbone(tiny_vit, images, deep):
+    D, L = tiny_vit.cfg.embed_dim, tiny_vit.cfg.depth
+    empty = torch.zeros(L if deep else 1, 0, D)
+    plain = tiny_vit(images)
+    assert torch.equal(tiny_vit(images, PromptBatch.single_task(empty, images.shape[0], deep=deep)), plain)
+
+
+def _make_tasks(D: int, L: int):
+    """(prompts, deep, num_classes) for tasks with different prompt lengths, modes and class counts."""
+    g = torch.Generator().manual_seed(42)
+    specs = [(5, True, 3), (2, False, 7), (0, False, 4), (9, True, 5), (5, False, 2)]
+    return [(torch.randn(L if deep else 1, P, D, generator=g), deep, C) for P, deep, C in specs]
+
+
+def _bank(tasks, D: int, L: int):
+    """Pack tasks into padded tables the way a prompt bank does (zeros past each task's length)."""
+    Pmax = max(p.shape[1] for p, _, _ in tasks)
+    Cmax = max(c for _, _, c in tasks)
+    table = torch.zeros(len(tasks), L, Pmax, D)
+    g = torch.Generator().manual_seed(7)
+    heads_w = torch.zeros(len(tasks), Cmax, D)
+    heads_b = torch.zeros(len(tasks), Cmax)
+    solo_heads = []
+    for s, (p, _, C) in enumerate(tasks):
+        table[s, : p.shape[0], : p.shape[1]] = p
+        w, b = torch.randn(C, D, generator=g), torch.randn(C, generator=g)
+        heads_w[s, :C], heads_b[s, :C] = w, b
+        solo_heads.append((w, b))
+    return table, heads_w, heads_b, solo_heads
+
+
+def test_batch_invariance_mixed_tasks(tiny_vit):
+    """Every sample of a mixed batch (different tasks, lengths, modes, class counts) gets its solo logits."""
+    D, L = tiny_vit.cfg.embed_dim, tiny_vit.cfg.depth
+    tasks = _make_tasks(D, L)
+    table, hw, hb, solo_heads = _bank(tasks, D, L)
+    slots = torch.tensor([0, 1, 2, 3, 4, 3, 1, 0, 2, 4])  # 10 samples, 5 tasks
+    images = torch.randn(len(slots), 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    lengths = [tasks[s][0].shape[1] for s in slots.tolist()]
+    deep = [tasks[s][1] for s in slots.tolist()]
+    ncls = torch.tensor([tasks[s][2] for s in slots.tolist()])
+    pb = PromptBatch.build(table, slots, lengths, deep)
+    assert not pb.uniform
+    logits = tiny_vit(images, pb, HeadBatch(hw, hb, slots, ncls))
+    worst = 0.0
+    for b, s in enumerate(slots.tolist()):
+        prompts, is_deep, C = tasks[s]
+        w, bias = solo_heads[s]
+        feats = reference_features(tiny_vit, images[b : b + 1], prompts, is_deep)
+        solo = feats @ w.T + bias
+        assert torch.isinf(logits[b, C:]).all() and (logits[b, C:] < 0).all()
+        worst = max(worst, rel_err(logits[b : b + 1, :C], solo))
+    assert worst <= TOL, worst
+
+
+def test_uniform_lengths_take_unmasked_path_and_agree(tiny_vit):
+    D, L = tiny_vit.cfg.embed_dim, tiny_vit.cfg.depth
+    g = torch.Generator().manual_seed(5)
+    table = torch.randn(3, L, 4, D, generator=g)
+    slots = torch.tensor([0, 1, 2, 1])
+    images = torch.randn(4, 3, 32, 32, generator=g)
+    pb = PromptBatch.build(table, slots, [4] * 4, [True, False, True, False])
+    assert pb.uniform
+    fast = tiny_vit(images, pb)
+    masked = PromptBatch.build(table, slots, [4] * 4, [True, False, True, False])
+    masked.uniform = False  # force the masked path on the same data
+    assert rel_err(tiny_vit(images, masked), fast) <= TOL
+
+
+def test_prompt_length_over_table_is_refused(tiny_vit):
+    table = torch.zeros(1, 1, 3, tiny_vit.cfg.embed_dim)
+    with pytest.raises(ValueError, match="exceeds"):
+        PromptBatch.build(table, torch.tensor([0]), [4], [False])
