@@ -1,0 +1,135 @@
+"""Reading request bodies: images as multipart, raw bytes or JSON base64; artifacts as raw or multipart.
+
+Bodies are read with a byte limit (413 beyond it, also for chunked uploads without Content-Length),
+then parsed; every malformed input is a 4xx naming the problem.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+
+from fastapi import Request
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException
+
+from server.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
+
+IMAGE_TYPES = ("image/", "application/octet-stream")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, refusing more than `limit` bytes without reading them all."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            if int(declared) > limit:
+                raise PayloadTooLarge(f"body of {declared} bytes exceeds the limit of {limit}")
+        except ValueError:
+            raise InvalidRequest("invalid Content-Length header") from None
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    request._body = body  # Starlette re-reads the cached body for form parsing
+    return body
+
+
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+async def _multipart_files(request: Request, field: str | tuple[str, ...], max_files: int) -> list[bytes]:
+    fields = (field,) if isinstance(field, str) else field
+    try:
+        form = await request.form(max_files=max_files, max_fields=max_files + 16)
+    except MultiPartException as e:
+        raise InvalidRequest(f"malformed multipart body: {e.message}") from None
+    except Exception as e:  # python-multipart raises several types on garbage
+        raise InvalidRequest(f"malformed multipart body: {e}") from None
+    try:
+        files = [v for f in fields for v in form.getlist(f)]
+        out = []
+        for v in files:
+            if not isinstance(v, UploadFile):
+                raise InvalidRequest(f"multipart field {fields[0]!r} must be a file, not text")
+            out.append(await v.read())
+        return out
+    finally:
+        await form.close()
+
+
+async def read_images(request: Request, *, max_body: int, max_images: int) -> tuple[list[bytes], int | None]:
+    """Images of a classify/embed request, and a top_k given in a JSON body."""
+    media = _media_type(request)
+    body = await read_body(request, max_body)
+    top_k: int | None = None
+    if media == "multipart/form-data":
+        images = await _multipart_files(request, "images", max_images)
+        if not images:
+            raise InvalidRequest("multipart body has no 'images' file field")
+    elif media == "application/json":
+        images, top_k = _json_images(body)
+    elif media.startswith(IMAGE_TYPES):
+        images = [body]
+    elif media == "":
+        raise UnsupportedMediaType(
+            "missing Content-Type: send multipart/form-data, application/json or image/*"
+        )
+    else:
+        raise UnsupportedMediaType(
+            f"Content-Type {media!r} not supported: send multipart/form-data, application/json or image/*"
+        )
+    if not images:
+        raise InvalidRequest("no images in the request")
+    if len(images) > max_images:
+        raise InvalidRequest(f"{len(images)} images exceed the limit of {max_images} per request")
+    return images, top_k
+
+
+def _json_images(body: bytes) -> tuple[list[bytes], int | None]:
+    try:
+        payload = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InvalidRequest(f"malformed JSON body: {e}") from None
+    if not isinstance(payload, dict) or not isinstance(payload.get("images"), list):
+        raise InvalidRequest('JSON body must be an object with an "images" list of base64 strings')
+    top_k = payload.get("top_k")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise InvalidRequest('"top_k" must be a positive integer')
+    images = []
+    for i, item in enumerate(payload["images"]):
+        if not isinstance(item, str):
+            raise InvalidRequest(f"images[{i}] must be a base64 string")
+        if item.startswith("data:") and "," in item:  # accept data URLs from browsers
+            item = item.split(",", 1)[1]
+        try:
+            images.append(base64.b64decode(item, validate=True))
+        except (binascii.Error, ValueError):
+            raise InvalidRequest(f"images[{i}] is not valid base64") from None
+    return images, top_k
+
+
+async def read_artifact(request: Request, *, max_bytes: int) -> bytes:
+    """Artifact upload body: raw bytes, or multipart with a file field `artifact` (or `file`)."""
+    media = _media_type(request)
+    body = await read_body(request, max_bytes + 64 * 1024 if media == "multipart/form-data" else max_bytes)
+    if media == "multipart/form-data":
+        files = await _multipart_files(request, ("artifact", "file"), 1)
+        if len(files) != 1:
+            raise InvalidRequest("multipart upload needs exactly one file field 'artifact'")
+        data = files[0]
+        if len(data) > max_bytes:
+            raise PayloadTooLarge(f"artifact of {len(data)} bytes exceeds the limit of {max_bytes}")
+        return data
+    if media in ("application/octet-stream", ""):
+        if not body:
+            raise InvalidRequest("empty artifact body")
+        return body
+    raise UnsupportedMediaType(
+        f"Content-Type {media!r} not supported for uploads: send application/octet-stream or multipart"
+    )

@@ -1,0 +1,67 @@
+"""Domain errors → HTTP, in one place: `{"error": {"type": ..., "message": ...}}`."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from prompt_store import base as store
+from server import errors
+
+log = logging.getLogger(__name__)
+
+# Store errors keep the store layer free of HTTP; here is where they become API errors.
+_STORE_MAP: dict[type[Exception], type[errors.ServingError]] = {
+    store.InvalidId: errors.InvalidTaskId,
+    store.NotFound: errors.TaskNotFound,
+    store.StoreUnavailable: errors.StoreUnavailable,
+    store.Conflict: errors.Unavailable,
+}
+
+
+def error_response(
+    status: int, type_: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse({"error": {"type": type_, "message": message}}, status_code=status, headers=headers)
+
+
+def to_serving_error(exc: Exception) -> errors.ServingError:
+    if isinstance(exc, errors.ServingError):
+        return exc
+    if isinstance(exc, store.InvalidArtifact):
+        return errors.InvalidArtifact(str(exc), field=exc.field)
+    for src, dst in _STORE_MAP.items():
+        if isinstance(exc, src):
+            return dst(str(exc))
+    return errors.InternalError("internal server error")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def domain(_: Request, exc: Exception) -> JSONResponse:
+        err = to_serving_error(exc)
+        if isinstance(err, errors.InternalError):
+            log.error("unhandled error", exc_info=exc)
+        return error_response(err.status, err.type, err.message, err.headers)
+
+    async def validation(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        parts = []
+        for e in exc.errors():
+            loc = ".".join(str(p) for p in e.get("loc", ()) if p not in ("body", "query", "path"))
+            parts.append(f"{loc}: {e.get('msg')}" if loc else str(e.get("msg")))
+        return error_response(422, "invalid_request", "; ".join(parts) or "invalid request")
+
+    async def http(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        type_ = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, type_, str(exc.detail), getattr(exc, "headers", None))
+
+    app.add_exception_handler(errors.ServingError, domain)
+    app.add_exception_handler(store.StoreError, domain)
+    app.add_exception_handler(RequestValidationError, validation)
+    app.add_exception_handler(StarletteHTTPException, http)
+    app.add_exception_handler(Exception, domain)

@@ -1,0 +1,76 @@
+"""Pure ASGI middleware: request ids, JSON access log, latency metrics.
+
+Pure ASGI (not BaseHTTPMiddleware) so the route still sees `http.disconnect` from the client and can
+free a disconnected client's queued work.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.metrics import Metrics
+
+access_log = logging.getLogger("vpt.access")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+class RequestContext:
+    """ASGI middleware: honours/sets X-Request-ID, logs one JSON line per request, records latency."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, enabled_log: bool = True) -> None:
+        self.app, self.metrics, self.enabled_log = app, metrics, enabled_log
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        given = headers.get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        start = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            elapsed = time.perf_counter() - start
+            route = scope.get("route")
+            # The route template (not the raw path) keeps the label set bounded.
+            template = getattr(route, "path", None) or "unmatched"
+            self.metrics.request_latency.labels(template, str(status)).observe(elapsed)
+            state: dict[str, Any] = scope.get("state", {})
+            tenant = state.get("tenant")
+            if tenant is not None:
+                self.metrics.tenant_requests.labels(tenant, template, str(status)).inc()
+            if self.enabled_log:
+                access_log.info(
+                    json.dumps(
+                        {
+                            "ts": time.time(),
+                            "request_id": request_id,
+                            "method": scope.get("method"),
+                            "path": scope.get("path"),
+                            "route": template,
+                            "status": status,
+                            "duration_ms": round(elapsed * 1000, 3),
+                            "tenant": tenant,
+                            "client": (scope.get("client") or [None])[0],
+                        }
+                    )
+                )

@@ -1,0 +1,134 @@
+"""Task artifacts: upload (PUT), list, show, delete, rollback. Store I/O runs in threads."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request, Response
+
+from prompt_store.base import NotFound, TaskInfo
+from server.api.bodies import read_artifact
+from server.api.common import ERRORS
+from server.api.deps import PrincipalDep, ServicesDep, TaskId
+from server.api.schemas import RollbackRequest, TaskList, TaskOut, TaskUsage, VersionOut
+from server.services import Services
+
+router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
+
+ARTIFACT_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": "A vpt-task/1 safetensors artifact (docs/artifact-format.md)",
+        "content": {
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"artifact": {"type": "string", "format": "binary"}},
+                    "required": ["artifact"],
+                }
+            },
+        },
+    }
+}
+
+
+def task_out(services: Services, info: TaskInfo, *, usage: bool = True) -> TaskOut:
+    m = info.metadata
+    return TaskOut(
+        task_id=info.task_id,
+        tenant=info.tenant,
+        version=info.current.version,
+        mode=m.mode,
+        prompt_length=m.prompt_shape[1],
+        num_classes=m.num_classes,
+        labels=list(m.labels),
+        backbone=m.backbone,
+        backbone_fingerprint=m.backbone_fingerprint,
+        name=m.name,
+        description=m.description,
+        size=info.current.size,
+        created=info.current.created,
+        versions=[
+            VersionOut(version=v.version, sha256=v.sha256, size=v.size, created=v.created)
+            for v in info.versions
+        ],
+        resident_versions=services.engine.bank.resident_versions(info.tenant, info.task_id),
+        usage=TaskUsage(**vars(services.task_stats.get(info.tenant, info.task_id))) if usage else None,
+    )
+
+
+@router.put(
+    "/{task_id}",
+    response_model=TaskOut,
+    status_code=200,
+    responses={201: {"model": TaskOut, "description": "Task created"}, **ERRORS},
+    openapi_extra=ARTIFACT_BODY,
+    summary="Upload a task artifact (create or new version)",
+)
+async def upload(
+    task_id: TaskId, request: Request, response: Response, services: ServicesDep, principal: PrincipalDep
+) -> TaskOut:
+    """Validated against the running backbone (fingerprint, shapes, limits) before it is stored.
+    201 when the task is new, 200 for a new version of an existing task."""
+    data = await read_artifact(request, max_bytes=services.settings.max_artifact_bytes)
+    store, tenant = services.store, principal.tenant
+
+    def put() -> tuple[bool, TaskInfo]:
+        try:
+            store.current_version(tenant, task_id)
+            existed = True
+        except NotFound:
+            existed = False
+        store.put(tenant, task_id, data, validator=services.validate_upload)
+        return existed, store.info(tenant, task_id)
+
+    existed, info = await asyncio.to_thread(put)
+    services.scheduler.residency.set_current(tenant, task_id, info.current.version)
+    response.status_code = 200 if existed else 201
+    return task_out(services, info)
+
+
+@router.get("", response_model=TaskList, responses=ERRORS, summary="List the tenant's tasks")
+async def list_tasks(
+    services: ServicesDep,
+    principal: PrincipalDep,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    cursor: Annotated[str | None, Query(max_length=256)] = None,
+) -> TaskList:
+    page = await asyncio.to_thread(services.store.list_tasks, principal.tenant, limit, cursor)
+    return TaskList(
+        tasks=[task_out(services, t, usage=False) for t in page.items], next_cursor=page.next_cursor
+    )
+
+
+@router.get("/{task_id}", response_model=TaskOut, responses=ERRORS, summary="Show a task")
+async def get_task(task_id: TaskId, services: ServicesDep, principal: PrincipalDep) -> TaskOut:
+    info = await asyncio.to_thread(services.store.info, principal.tenant, task_id)
+    return task_out(services, info)
+
+
+@router.delete("/{task_id}", status_code=204, responses=ERRORS, summary="Delete a task and all its versions")
+async def delete_task(task_id: TaskId, services: ServicesDep, principal: PrincipalDep) -> Response:
+    await asyncio.to_thread(services.store.delete, principal.tenant, task_id)
+    services.scheduler.residency.forget(principal.tenant, task_id)
+    services.task_stats.forget(principal.tenant, task_id)
+    return Response(status_code=204)
+
+
+@router.post(
+    "/{task_id}/rollback", response_model=TaskOut, responses=ERRORS, summary="Make a retained version current"
+)
+async def rollback(
+    task_id: TaskId, body: RollbackRequest, services: ServicesDep, principal: PrincipalDep
+) -> TaskOut:
+    store, tenant = services.store, principal.tenant
+
+    def do() -> TaskInfo:
+        store.set_current(tenant, task_id, body.version)
+        return store.info(tenant, task_id)
+
+    info = await asyncio.to_thread(do)
+    services.scheduler.residency.set_current(tenant, task_id, info.current.version)
+    return task_out(services, info)

@@ -1,0 +1,274 @@
+"""Device-resident prompt bank: fixed-capacity slots holding each resident task's prompts and head.
+
+Every slot is padded to the bank's maximum prompt length and class count, so a batch gathers its
+samples' prompts and heads by slot index in one indexing op (Punica / S-LoRA style for VPT). Slots are
+reused LRU; a slot in use by a queued or running batch (refs > 0) or pinned is never evicted, and a slot
+becomes visible to lookups only after its tensors are fully written — the bank never serves a
+half-loaded slot. A new version of a task goes into a new slot; the old one keeps serving the requests
+already bound to it and is freed when they finish.
+
+Threading: metadata is guarded by one lock (lookups come from the scheduler's event loop); tensor
+writes happen only in `install`, which the engine calls from its worker thread.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from prompt_store.artifact import TaskArtifact
+
+
+class BankFull(RuntimeError):
+    """Every slot is pinned or in use by in-flight work; retry once batches complete."""
+
+
+class TaskTooLarge(ValueError):
+    """The task exceeds the bank's per-slot limits (prompt length or classes)."""
+
+
+@dataclass(frozen=True)
+class TaskKey:
+    """One version of one tenant's task: the unit a slot holds."""
+
+    tenant: str
+    task_id: str
+    version: int
+
+    @property
+    def task(self) -> tuple[str, str]:
+        return (self.tenant, self.task_id)
+
+
+@dataclass
+class SlotInfo:
+    """Host-side facts about a resident slot (no device sync needed to plan a batch)."""
+
+    key: TaskKey
+    prompt_length: int  # P of this task (<= bank max)
+    num_classes: int  # C of this task (<= bank max)
+    deep: bool  # VPT-deep (replace prompts before every layer) vs shallow
+    labels: list[str]  # class names, len == num_classes
+    nbytes: int  # bytes of the task's real (unpadded) tensors in the bank dtype
+    refs: int = 0  # requests bound to this slot and not yet finished
+    stale: bool = False  # task deleted or superseded: free when refs drops to 0
+    loaded_at: float = field(default_factory=time.time)
+
+
+@dataclass
+class BankStats:
+    capacity: int  # slots
+    resident: int  # slots holding a task
+    allocated_bytes: int  # device bytes of the bank tables
+    used_bytes: int  # real bytes of the resident tasks
+    hits: int
+    misses: int
+    evictions: int
+    loads: int
+
+
+class PromptBank:
+    def __init__(
+        self,
+        *,
+        depth: int,
+        embed_dim: int,
+        max_slots: int,
+        max_prompt_length: int,
+        max_classes: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        byte_budget: int | None = None,
+    ) -> None:
+        elem = torch.empty((), dtype=dtype).element_size()
+        slot_bytes = (depth * max_prompt_length * embed_dim + max_classes * embed_dim + max_classes) * elem
+        capacity = max_slots if byte_budget is None else min(max_slots, byte_budget // slot_bytes)
+        if capacity < 1:
+            raise ValueError(
+                f"bank byte budget {byte_budget} is smaller than one slot ({slot_bytes} bytes for "
+                f"P<={max_prompt_length}, C<={max_classes}); raise the budget or lower the limits"
+            )
+        self.capacity = capacity
+        self.depth, self.embed_dim = depth, embed_dim
+        self.max_prompt_length, self.max_classes = max_prompt_length, max_classes
+        self.device, self.dtype, self.elem_size = device, dtype, elem
+        self.slot_bytes = slot_bytes
+        S, L, P, C, D = capacity, depth, max_prompt_length, max_classes, embed_dim
+        self.prompts = torch.zeros(S, L, P, D, dtype=dtype, device=device)  # (S, L, Pmax, D)
+        self.head_weight = torch.zeros(S, C, D, dtype=dtype, device=device)  # (S, Cmax, D)
+        self.head_bias = torch.zeros(S, C, dtype=dtype, device=device)  # (S, Cmax)
+        self._lock = threading.Lock()
+        self._slots: dict[int, SlotInfo] = {}
+        self._by_key: dict[TaskKey, int] = {}
+        self._lru: OrderedDict[int, None] = OrderedDict()  # resident slots, least recently used first
+        self._free = list(range(S - 1, -1, -1))
+        self._pinned: set[tuple[str, str]] = set()
+        self.hits = self.misses = self.evictions = self.loads = 0
+
+    # --- lookups (event loop) -------------------------------------------------------------------
+
+    def lookup(self, key: TaskKey) -> int | None:
+        """Slot holding exactly this version, or None. Counts a hit or a miss."""
+        with self._lock:
+            slot = self._by_key.get(key)
+            if slot is None or self._slots[slot].stale:
+                self.misses += 1
+                return None
+            self.hits += 1
+            self._lru.move_to_end(slot)
+            return slot
+
+    def acquire(self, slot: int, n: int = 1) -> SlotInfo:
+        """Bind n requests to a slot: it cannot be evicted until they are released."""
+        with self._lock:
+            info = self._slots[slot]
+            info.refs += n
+            return info
+
+    def release(self, slot: int, n: int = 1) -> None:
+        with self._lock:
+            info = self._slots.get(slot)
+            if info is None:
+                return
+            info.refs -= n
+            if info.refs <= 0 and info.stale:
+                self._free_slot(slot)
+
+    def info(self, slot: int) -> SlotInfo:
+        with self._lock:
+            return self._slots[slot]
+
+    def resident_versions(self, tenant: str, task_id: str) -> list[int]:
+        with self._lock:
+            return sorted(k.version for k, s in self._by_key.items() if k.task == (tenant, task_id))
+
+    # --- residency management -------------------------------------------------------------------
+
+    def pin(self, tenant: str, task_id: str) -> None:
+        with self._lock:
+            self._pinned.add((tenant, task_id))
+
+    def unpin(self, tenant: str, task_id: str) -> None:
+        with self._lock:
+            self._pinned.discard((tenant, task_id))
+
+    def check_fits(self, artifact: TaskArtifact) -> None:
+        self.check_fits_shape(artifact.prompt_length, artifact.num_classes)
+
+    def check_fits_shape(self, prompt_length: int, num_classes: int) -> None:
+        if prompt_length > self.max_prompt_length:
+            raise TaskTooLarge(
+                f"prompt length {prompt_length} exceeds this server's limit {self.max_prompt_length}"
+            )
+        if num_classes > self.max_classes:
+            raise TaskTooLarge(f"{num_classes} classes exceed this server's limit {self.max_classes}")
+
+    def install(self, key: TaskKey, artifact: TaskArtifact) -> int:
+        """Write a task into a free (or the least recently used evictable) slot; returns the slot.
+
+        Called from the engine thread only. The slot is published after its tensors are written, and
+        on CUDA the copies are stream-ordered before any later batch, so no batch sees it half-written.
+        """
+        self.check_fits(artifact)
+        with self._lock:
+            existing = self._by_key.get(key)
+            if existing is not None and not self._slots[existing].stale:
+                return existing
+            slot = self._take_slot()
+        try:
+            self._write(slot, artifact)
+        except BaseException:
+            with self._lock:
+                self._free.append(slot)
+            raise
+        P, C = artifact.prompt_length, artifact.num_classes
+        real = artifact.prompts.numel() + artifact.head_weight.numel() + artifact.head_bias.numel()
+        info = SlotInfo(
+            key=key,
+            prompt_length=P,
+            num_classes=C,
+            deep=artifact.mode == "deep",
+            labels=list(artifact.labels),
+            nbytes=real * self.elem_size,
+        )
+        with self._lock:
+            # Older versions of the same task stop receiving new requests; they free once drained.
+            for k, s in list(self._by_key.items()):
+                if k.task == key.task and k.version != key.version:
+                    self._mark_stale(s)
+            self._slots[slot] = info
+            self._by_key[key] = slot
+            self._lru[slot] = None
+            self.loads += 1
+        return slot
+
+    def drop_task(self, tenant: str, task_id: str) -> None:
+        """Task deleted: every resident version stops serving new requests and frees when drained."""
+        with self._lock:
+            for k, s in list(self._by_key.items()):
+                if k.task == (tenant, task_id):
+                    self._mark_stale(s)
+            self._pinned.discard((tenant, task_id))
+
+    def stats(self) -> BankStats:
+        with self._lock:
+            live = [i for i in self._slots.values() if not i.stale]
+            return BankStats(
+                capacity=self.capacity,
+                resident=len(live),
+                allocated_bytes=self.capacity * self.slot_bytes,
+                used_bytes=sum(i.nbytes for i in live),
+                hits=self.hits,
+                misses=self.misses,
+                evictions=self.evictions,
+                loads=self.loads,
+            )
+
+    # --- internals (lock held) --------------------------------------------------------------------
+
+    def _take_slot(self) -> int:
+        if self._free:
+            return self._free.pop()
+        for slot in self._lru:  # least recently used first
+            info = self._slots[slot]
+            if info.refs == 0 and info.key.task not in self._pinned:
+                self._evict(slot)
+                self.evictions += 1
+                return self._free.pop()
+        raise BankFull(f"all {self.capacity} bank slots are pinned or in use by in-flight requests")
+
+    def _mark_stale(self, slot: int) -> None:
+        info = self._slots[slot]
+        info.stale = True
+        self._by_key.pop(info.key, None)
+        if info.refs <= 0:
+            self._free_slot(slot)
+
+    def _evict(self, slot: int) -> None:
+        info = self._slots[slot]
+        self._by_key.pop(info.key, None)
+        self._free_slot(slot)
+
+    def _free_slot(self, slot: int) -> None:
+        self._slots.pop(slot, None)
+        self._lru.pop(slot, None)
+        if slot not in self._free:
+            self._free.append(slot)
+
+    @torch.no_grad()
+    def _write(self, slot: int, a: TaskArtifact) -> None:
+        L_p, P, _ = a.prompts.shape
+        C = a.num_classes
+        dev, dt = self.device, self.dtype
+        # Zero first: padding past P and C must be zeros (masked anyway, but keeps slots deterministic).
+        self.prompts[slot].zero_()
+        self.head_weight[slot].zero_()
+        self.head_bias[slot].zero_()
+        if P:
+            self.prompts[slot, :L_p, :P].copy_(a.prompts.to(dt), non_blocking=dev.type == "cuda")
+        self.head_weight[slot, :C].copy_(a.head_weight.to(dt), non_blocking=dev.type == "cuda")
+        self.head_bias[slot, :C].copy_(a.head_bias.to(dt), non_blocking=dev.type == "cuda")

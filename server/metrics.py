@@ -1,0 +1,145 @@
+"""Prometheus metrics (prefix `vpt_`). One registry per app so in-process tests do not collide.
+
+Never a label per task id (unbounded cardinality); per-task counters are served as JSON by
+`GET /v1/tasks/{task_id}` (see `TaskStats`). Per-tenant labels are fine: tenants are configured.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from server.engine.bank import BankStats
+from server.scheduler.scheduler import SchedulerHooks
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class _BankCollector(Collector):
+    """Reads the bank's counters at scrape time, so they can never drift from the bank itself."""
+
+    def __init__(self, stats: Callable[[], BankStats | None]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        s = self._stats()
+        if s is None:
+            return
+        for name, value, doc in (
+            ("hits", s.hits, "Lookups that found the task's current version resident"),
+            ("misses", s.misses, "Lookups that did not"),
+            ("evictions", s.evictions, "Tasks evicted to make room (LRU)"),
+            ("loads", s.loads, "Task versions copied into the bank"),
+        ):
+            yield CounterMetricFamily(f"vpt_bank_{name}", doc, value=value)
+        yield GaugeMetricFamily(
+            "vpt_bank_resident_tasks", "Task versions resident in the bank", value=s.resident
+        )
+        yield GaugeMetricFamily("vpt_bank_capacity_slots", "Slots in the bank", value=s.capacity)
+        g = GaugeMetricFamily("vpt_bank_bytes", "Bank bytes on the device", labels=["kind"])
+        g.add_metric(["allocated"], s.allocated_bytes)
+        g.add_metric(["used"], s.used_bytes)
+        yield g
+
+
+class Metrics(SchedulerHooks):
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.request_latency = Histogram(
+            "vpt_request_duration_seconds",
+            "HTTP request latency",
+            ["route", "status"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait_s = Histogram(
+            "vpt_queue_wait_seconds", "Time from enqueue to dispatch", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.batch_size = Histogram(
+            "vpt_batch_size", "Images per forward pass", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.batch_tasks = Histogram(
+            "vpt_batch_tasks", "Distinct tasks per forward pass", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.batch_compute_s = Histogram(
+            "vpt_batch_compute_seconds", "Engine time per batch", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.task_load_s = Histogram(
+            "vpt_task_load_seconds", "Cold task load: store → device", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.images = Counter("vpt_images_total", "Images processed by the engine", ["route"], registry=r)
+        self.images_decoded = Counter("vpt_images_decoded_total", "Images decoded", registry=r)
+        self.rejections = Counter("vpt_rejections_total", "Requests rejected", ["reason"], registry=r)
+        self.tenant_requests = Counter(
+            "vpt_tenant_requests_total", "Requests per tenant", ["tenant", "route", "status"], registry=r
+        )
+        self.queue_depth = Gauge("vpt_queue_depth_images", "Images waiting in the queues", registry=r)
+        self.in_flight = Gauge("vpt_batches_in_flight", "Batches launched and not yet finished", registry=r)
+        self._bank_stats: Callable[[], BankStats | None] = lambda: None
+        r.register(_BankCollector(lambda: self._bank_stats()))
+
+    def bind(
+        self,
+        bank_stats: Callable[[], BankStats],
+        queue_depth: Callable[[], int],
+        in_flight: Callable[[], int],
+    ):
+        self._bank_stats = bank_stats
+        self.queue_depth.set_function(queue_depth)
+        self.in_flight.set_function(in_flight)
+
+    # SchedulerHooks
+    def queue_wait(self, seconds: float) -> None:
+        self.queue_wait_s.observe(seconds)
+
+    def batch(self, size: int, compute_s: float, tasks: int) -> None:
+        self.batch_size.observe(size)
+        self.batch_compute_s.observe(compute_s)
+        self.batch_tasks.observe(tasks)
+
+    def task_load(self, seconds: float) -> None:
+        self.task_load_s.observe(seconds)
+
+    def rejected(self, reason: str) -> None:
+        self.rejections.labels(reason).inc()
+
+
+@dataclass
+class TaskCounters:
+    requests: int = 0
+    images: int = 0
+    errors: int = 0
+    last_used: float | None = None
+
+
+class TaskStats:
+    """Per-task counters, in memory on this replica (served as JSON, not as Prometheus labels)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._c: dict[tuple[str, str], TaskCounters] = defaultdict(TaskCounters)
+
+    def record(self, tenant: str, task_id: str, images: int, ok: bool) -> None:
+        with self._lock:
+            c = self._c[(tenant, task_id)]
+            c.requests += 1
+            c.images += images if ok else 0
+            c.errors += 0 if ok else 1
+            c.last_used = time.time()
+
+    def get(self, tenant: str, task_id: str) -> TaskCounters:
+        with self._lock:
+            return TaskCounters(**vars(self._c.get((tenant, task_id), TaskCounters())))
+
+    def forget(self, tenant: str, task_id: str) -> None:
+        with self._lock:
+            self._c.pop((tenant, task_id), None)

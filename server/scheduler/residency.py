@@ -1,0 +1,182 @@
+"""Task residency: which version of a task is current, and getting it into the bank before dispatch.
+
+A request is dispatched only once its task's current version sits in a bank slot. Resolving the
+version and loading a cold task (store → host → validate → device) run off the event loop — store I/O in
+a loader pool, the device copy in the engine thread between batches — so a cold task never stalls
+batches of other tasks: its requests simply wait in the queue while others are dispatched.
+
+Replicas sharing one store notice new versions by re-reading the task's current version at most every
+`version_ttl_s` seconds (a cheap `current_version` call); uploads and rollbacks through this server
+update it at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+from prompt_store.artifact import ArtifactError, load_artifact, validate_for_backbone
+from prompt_store.base import NotFound, PromptStore
+from prompt_store.base import StoreUnavailable as StoreDown
+from server.engine.bank import BankFull, SlotInfo, TaskKey, TaskTooLarge
+from server.engine.engine import Engine
+from server.errors import InvalidArtifact, ServingError, StoreUnavailable, TaskNotFound
+
+log = logging.getLogger(__name__)
+
+Task = tuple[str, str]
+
+
+@dataclass
+class _TaskState:
+    version: int | None = None  # current version as last seen in the store
+    checked: float = 0.0  # monotonic time of that check
+    refreshing: bool = False  # a version check is in flight
+    loading: set[int] = field(default_factory=set)  # versions being loaded into the bank
+    error: ServingError | None = None  # last failure, reported to the queued requests once
+
+
+@dataclass
+class Ready:
+    slot: int
+    info: SlotInfo
+
+
+@dataclass
+class Waiting:
+    pass
+
+
+@dataclass
+class Failed:
+    error: ServingError
+
+
+class Residency:
+    def __init__(
+        self,
+        engine: Engine,
+        store: PromptStore,
+        *,
+        loader: Executor,
+        engine_executor: Executor,
+        on_change: Callable[[], None],
+        version_ttl_s: float = 2.0,
+        observe_load: Callable[[float], None] | None = None,
+    ) -> None:
+        self.engine, self.store = engine, store
+        self._loader, self._engine_ex = loader, engine_executor
+        self._on_change = on_change
+        self._ttl = version_ttl_s
+        self._observe_load = observe_load or (lambda s: None)
+        self._tasks: dict[Task, _TaskState] = {}
+        self._bg: set[asyncio.Task[None]] = set()
+
+    def resolve(self, task: Task) -> Ready | Waiting | Failed:
+        """Non-blocking: where the task stands now; starts whatever work is missing."""
+        st = self._tasks.setdefault(task, _TaskState())
+        if st.error is not None:
+            err, st.error = st.error, None
+            return Failed(err)
+        now = time.monotonic()
+        if st.version is None or now - st.checked > self._ttl:
+            if not st.refreshing:
+                st.refreshing = True
+                self._spawn(self._refresh(task, st))
+            if st.version is None:
+                return Waiting()
+        key = TaskKey(task[0], task[1], st.version)
+        slot = self.engine.bank.lookup(key)
+        if slot is not None:
+            return Ready(slot, self.engine.bank.info(slot))
+        if st.version not in st.loading:
+            st.loading.add(st.version)
+            self._spawn(self._load(key, st))
+        return Waiting()
+
+    def set_current(self, tenant: str, task_id: str, version: int) -> None:
+        """This server changed the current version (upload, rollback): use it from now on."""
+        st = self._tasks.setdefault((tenant, task_id), _TaskState())
+        st.version, st.checked, st.error = version, time.monotonic(), None
+        self._on_change()
+
+    def forget(self, tenant: str, task_id: str) -> None:
+        """Task deleted: drop its bank slots and cached version."""
+        self._tasks.pop((tenant, task_id), None)
+        self.engine.bank.drop_task(tenant, task_id)
+
+    async def close(self) -> None:
+        for t in list(self._bg):
+            t.cancel()
+        await asyncio.gather(*self._bg, return_exceptions=True)
+
+    # --- background work --------------------------------------------------------------------------
+
+    def _spawn(self, coro) -> None:  # type: ignore[no-untyped-def]
+        t = asyncio.get_running_loop().create_task(coro)
+        self._bg.add(t)
+        t.add_done_callback(self._bg.discard)
+
+    async def _refresh(self, task: Task, st: _TaskState) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            version = await loop.run_in_executor(self._loader, self.store.current_version, *task)
+            st.version, st.checked = version, time.monotonic()
+        except NotFound:
+            self.engine.bank.drop_task(*task)
+            st.version, st.error = None, TaskNotFound(f"task {task[1]!r} not found")
+        except StoreDown as e:
+            if st.version is None:  # nothing to serve from; a known version keeps serving
+                st.error = StoreUnavailable(f"prompt store unavailable: {e}")
+            else:
+                st.checked = time.monotonic()  # retry after another TTL, keep serving what we have
+        except Exception as e:
+            log.exception("version check failed for %s/%s", *task)
+            st.error = StoreUnavailable(f"prompt store error: {e}")
+        finally:
+            st.refreshing = False
+            self._on_change()
+
+    async def _load(self, key: TaskKey, st: _TaskState) -> None:
+        loop = asyncio.get_running_loop()
+        t0 = time.perf_counter()
+        try:
+            artifact = await loop.run_in_executor(self._loader, self._fetch, key)
+            while True:
+                try:
+                    await loop.run_in_executor(self._engine_ex, self.engine.install, key, artifact)
+                    break
+                except BankFull:
+                    # Every slot is busy with in-flight work: try again once some of it completes.
+                    await asyncio.sleep(0.005)
+            self._observe_load(time.perf_counter() - t0)
+        except ServingError as e:
+            st.error = e
+        except Exception as e:
+            log.exception("loading %s failed", key)
+            st.error = InvalidArtifact(f"task {key.task_id!r} version {key.version} cannot be loaded: {e}")
+        finally:
+            st.loading.discard(key.version)
+            self._on_change()
+
+    def _fetch(self, key: TaskKey):  # type: ignore[no-untyped-def]
+        """Loader thread: read, verify and validate one version (store → host)."""
+        try:
+            data, _ = self.store.get(key.tenant, key.task_id, key.version)
+        except NotFound:
+            raise TaskNotFound(f"task {key.task_id!r} version {key.version} not found") from None
+        except StoreDown as e:
+            raise StoreUnavailable(f"prompt store unavailable: {e}") from None
+        try:
+            artifact = load_artifact(data)
+            validate_for_backbone(artifact, self.engine.signature)
+            self.engine.bank.check_fits(artifact)
+        except ArtifactError as e:
+            raise InvalidArtifact(f"stored task {key.task_id!r} is invalid: {e}", field=e.field) from None
+        except TaskTooLarge as e:
+            raise InvalidArtifact(str(e)) from None
+        return artifact

@@ -1,0 +1,391 @@
+"""Continuous cross-task batching (asyncio front, engine in worker threads).
+
+- Requests wait in per-tenant FIFO queues; a batch is filled round-robin across tenants, one request
+  per tenant per round, so one tenant's burst cannot starve the others (issue D refines the weights).
+- Batching is continuous: a batch is dispatched as soon as the engine can take one; while it computes,
+  the queues grow and the next batch is filled from everything waiting (optionally waiting up to
+  `max_batch_delay_s` for a fuller batch when the engine is idle).
+- Mixed batches: requests of different tasks share one forward pass (the engine gathers each sample's
+  prompts and head). `per_task` mode restricts a batch to one task — the baseline the benchmarks compare.
+- Before a request joins a batch its task's current version is resident (`Residency`); the request is
+  bound to that slot, so it runs wholly on one version and the slot cannot be evicted under it.
+- Up to `pipeline_depth` batches are in flight: on CUDA the engine thread launches batch k+1 while a
+  collector thread waits for batch k, overlapping host preparation with device compute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from prompt_store.base import PromptStore
+from server.engine.engine import Engine, EngineBatch, EngineResult, Output
+from server.errors import DeadlineExceeded, Overloaded, ServingError, Unavailable
+from server.scheduler.residency import Failed, Ready, Residency
+from server.scheduler.types import Prediction, Request, Result
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_batch_size: int = 64  # images per forward pass
+    max_batch_delay_s: float = 0.0  # wait this long for a fuller batch when the engine is idle
+    max_queue_images: int = 4096  # images waiting across all tenants before 429
+    batching: Literal["mixed", "per_task"] = "mixed"
+    pipeline_depth: int = 1  # batches in flight (2 on CUDA overlaps preparation with compute)
+    loader_threads: int = 4  # store reads + artifact validation
+    version_ttl_s: float = 2.0  # how stale a task's current-version view may get (replicas)
+
+
+@dataclass
+class _Planned:
+    requests: list[tuple[Request, int]]  # (request, slot)
+    batch: EngineBatch
+
+
+class SchedulerHooks:
+    """Observation points for metrics; the default does nothing."""
+
+    def queue_wait(self, seconds: float) -> None: ...
+    def batch(self, size: int, compute_s: float, tasks: int) -> None: ...
+    def task_load(self, seconds: float) -> None: ...
+    def rejected(self, reason: str) -> None: ...
+
+
+class Scheduler:
+    def __init__(
+        self,
+        engine: Engine,
+        store: PromptStore,
+        config: SchedulerConfig,
+        hooks: SchedulerHooks | None = None,
+    ) -> None:
+        self.engine, self.config = engine, config
+        self.hooks = hooks or SchedulerHooks()
+        self._engine_ex = ThreadPoolExecutor(1, thread_name_prefix="vpt-engine")
+        self._collect_ex = ThreadPoolExecutor(1, thread_name_prefix="vpt-collect")
+        self._loader_ex = ThreadPoolExecutor(config.loader_threads, thread_name_prefix="vpt-loader")
+        self.residency = Residency(
+            engine,
+            store,
+            loader=self._loader_ex,
+            engine_executor=self._engine_ex,
+            on_change=self._wake,
+            version_ttl_s=config.version_ttl_s,
+            observe_load=self.hooks.task_load,
+        )
+        self._queues: dict[str, deque[Request]] = {}
+        self._rr: deque[str] = deque()  # tenants with queued work, in round-robin order
+        self._queued_images = 0
+        self._in_flight = 0
+        self._event = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._batches: set[asyncio.Task[None]] = set()
+        self._accepting = False
+        self.batches_run = 0
+
+    # --- public API ---------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._accepting = True
+        self._loop_task = asyncio.get_running_loop().create_task(self._run(), name="vpt-scheduler")
+
+    @property
+    def queued_images(self) -> int:
+        return self._queued_images
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def run_in_engine_thread(self, fn: Callable[..., object], *args: object) -> asyncio.Future[object]:
+        return asyncio.get_running_loop().run_in_executor(self._engine_ex, fn, *args)
+
+    async def submit(
+        self,
+        tenant: str,
+        task_id: str,
+        images: torch.Tensor,
+        *,
+        output: Output = "classify",
+        top_k: int = 5,
+        timeout_s: float = 30.0,
+    ) -> Result:
+        """Queue one request (n images of one task) and wait for its result.
+
+        Cancelling the awaiting coroutine (client gone) removes the request from its queue.
+        """
+        if not self._accepting:
+            self.hooks.rejected("shutting_down")
+            raise Unavailable("server is shutting down")
+        n = int(images.shape[0])
+        if n > self.config.max_batch_size:
+            raise Overloaded(f"{n} images exceed the max batch size {self.config.max_batch_size}")
+        if self._queued_images + n > self.config.max_queue_images:
+            self.hooks.rejected("queue_full")
+            raise Overloaded(f"server queue is full ({self._queued_images} images waiting)")
+        fut: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        req = Request(tenant, task_id, images, output, top_k, time.monotonic() + timeout_s, fut)
+        self._enqueue(req)
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), timeout=timeout_s + 1.0)
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded(f"request did not finish within {timeout_s:.1f}s") from None
+        finally:
+            if not fut.done():
+                fut.cancel()  # frees its place; _take skips cancelled requests
+            self._wake()
+
+    async def drain(self, timeout_s: float = 30.0) -> None:
+        """Stop accepting; wait until queued and in-flight work is done (graceful shutdown)."""
+        self._accepting = False
+        deadline = time.monotonic() + timeout_s
+        while (self._queued_images or self._in_flight) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
+    async def close(self) -> None:
+        self._accepting = False
+        if self._loop_task:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+        await self.residency.close()
+        for q in self._queues.values():
+            for r in q:
+                if not r.done:
+                    r.future.set_exception(Unavailable("server is shutting down"))
+        self._queues.clear()
+        for ex in (self._engine_ex, self._collect_ex, self._loader_ex):
+            ex.shutdown(wait=True, cancel_futures=True)
+
+    # --- queues -------------------------------------------------------------------------------------
+
+    def _enqueue(self, req: Request) -> None:
+        q = self._queues.get(req.tenant)
+        if q is None:
+            q = self._queues[req.tenant] = deque()
+        if req.tenant not in self._rr:
+            self._rr.append(req.tenant)
+        q.append(req)
+        self._queued_images += req.n
+        req.future.add_done_callback(lambda f, r=req: self._on_request_done(r))
+        self._wake()
+
+    def _on_request_done(self, req: Request) -> None:
+        # A request cancelled (client gone, timeout) while still queued gives back its place at once.
+        q = self._queues.get(req.tenant)
+        if q is not None and req in q:
+            q.remove(req)
+            self._remove(req)
+
+    def _wake(self) -> None:
+        self._event.set()
+
+    def _remove(self, req: Request) -> None:
+        self._queued_images -= req.n
+
+    # --- the loop -----------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            self._event.clear()
+            if self._in_flight < self.config.pipeline_depth:
+                planned = self._plan()
+                if planned is not None:
+                    if (
+                        self.config.max_batch_delay_s > 0
+                        and self._in_flight == 0
+                        and planned.batch.images.shape[0] < self.config.max_batch_size
+                    ):
+                        planned = await self._maybe_wait_for_more(planned)
+                    self._dispatch(planned)
+                    continue
+            timeout = self._next_deadline_in()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._event.wait(), timeout)
+
+    def _next_deadline_in(self) -> float | None:
+        if not self._queued_images:
+            return None
+        now = time.monotonic()
+        soonest = min((r.deadline for q in self._queues.values() for r in q), default=now + 1)
+        return max(0.001, min(soonest - now, 0.05))
+
+    async def _maybe_wait_for_more(self, planned: _Planned) -> _Planned:
+        """Engine idle, batch not full: give it `max_batch_delay_s` to fill up, then replan."""
+        self._unplan(planned)
+        oldest = min(r.enqueued for r, _ in planned.requests)
+        wait = self.config.max_batch_delay_s - (time.monotonic() - oldest)
+        if wait > 0:
+            await asyncio.sleep(wait)
+        replanned = self._plan()
+        assert replanned is not None  # nothing can dequeue in between but this loop
+        return replanned
+
+    def _plan(self) -> _Planned | None:
+        """Take requests whose tasks are resident, round-robin across tenants, up to the batch size."""
+        cap = self.config.max_batch_size
+        taken: list[tuple[Request, int]] = []
+        size = 0
+        only_task: tuple[str, str] | None = None
+        output: Output | None = None
+        now = time.monotonic()
+        progress = True
+        while size < cap and progress and self._rr:
+            progress = False
+            for _ in range(len(self._rr)):
+                tenant = self._rr[0]
+                self._rr.rotate(-1)
+                req, slot = self._take(tenant, now, cap - size, only_task, output)
+                if req is None:
+                    continue
+                taken.append((req, slot))
+                size += req.n
+                progress = True
+                output = req.output
+                if self.config.batching == "per_task":
+                    only_task = req.task
+                if size >= cap:
+                    break
+            self._rr = deque(t for t in self._rr if self._queues.get(t))
+        if not taken:
+            return None
+        infos, slots, imgs = [], [], []
+        for req, slot in taken:
+            info = self.engine.bank.acquire(slot, 1)
+            infos += [info] * req.n
+            slots += [slot] * req.n
+            imgs.append(req.images)
+        images = torch.cat(imgs) if len(imgs) > 1 else imgs[0]
+        if self.engine.device.type == "cuda":
+            images = images.pin_memory()
+        top_k = max(r.top_k for r, _ in taken)
+        assert output is not None
+        return _Planned(taken, EngineBatch(images, slots, infos, output, top_k))
+
+    def _unplan(self, planned: _Planned) -> None:
+        """Put planned requests back at the front of their queues (keeps FIFO order)."""
+        for req, slot in reversed(planned.requests):
+            self.engine.bank.release(slot, 1)
+            q = self._queues.setdefault(req.tenant, deque())
+            if req.tenant not in self._rr:
+                self._rr.append(req.tenant)
+            q.appendleft(req)
+            self._queued_images += req.n
+
+    def _take(
+        self,
+        tenant: str,
+        now: float,
+        room: int,
+        only_task: tuple[str, str] | None,
+        output: Output | None,
+    ) -> tuple[Request | None, int]:
+        """First request of this tenant that can run now; fails expired or unloadable ones on the way."""
+        q = self._queues.get(tenant)
+        if not q:
+            return None, -1
+        for req in list(q):
+            if req.done:  # cancelled by its client, or already failed
+                q.remove(req)
+                self._remove(req)
+                continue
+            if now > req.deadline:
+                q.remove(req)
+                self._remove(req)
+                self.hooks.rejected("deadline")
+                req.future.set_exception(DeadlineExceeded("request expired in the queue"))
+                continue
+            if req.n > room or (only_task and req.task != only_task) or (output and req.output != output):
+                continue
+            state = self.residency.resolve(req.task)
+            if isinstance(state, Failed):
+                self._fail_task(req.task, state.error)
+                continue
+            if isinstance(state, Ready):
+                q.remove(req)
+                self._remove(req)
+                return req, state.slot
+            # Waiting: its task is loading; later requests of this tenant (other tasks) may go first.
+        return None, -1
+
+    def _fail_task(self, task: tuple[str, str], error: ServingError) -> None:
+        """Fail every queued request for a task (not found, invalid artifact, store down)."""
+        q = self._queues.get(task[0], deque())
+        for req in [r for r in q if r.task == task]:
+            q.remove(req)
+            self._remove(req)
+            if not req.done:
+                req.future.set_exception(error)
+
+    def _dispatch(self, planned: _Planned) -> None:
+        self._in_flight += 1
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        for req, _ in planned.requests:
+            req.dispatched = now
+            self.hooks.queue_wait(now - req.enqueued)
+
+        async def run() -> None:
+            try:
+                pending = await loop.run_in_executor(self._engine_ex, self.engine.launch, planned.batch)
+                result = await loop.run_in_executor(self._collect_ex, self.engine.collect, pending)
+                self._deliver(planned, result)
+            except Exception as e:
+                log.exception("batch of %d images failed", planned.batch.images.shape[0])
+                for req, _ in planned.requests:
+                    if not req.done:
+                        req.future.set_exception(Unavailable(f"inference failed: {type(e).__name__}"))
+            finally:
+                for _, slot in planned.requests:
+                    self.engine.bank.release(slot, 1)
+                self._in_flight -= 1
+                self.batches_run += 1
+                self._wake()
+
+        task = loop.create_task(run())
+        self._batches.add(task)  # keep a reference until done (asyncio holds only weak ones)
+        task.add_done_callback(self._batches.discard)
+
+    def _deliver(self, planned: _Planned, result: EngineResult) -> None:
+        B = planned.batch.images.shape[0]
+        self.hooks.batch(B, result.compute_s, len({r.task for r, _ in planned.requests}))
+        row = 0
+        for req, _ in planned.requests:
+            info = planned.batch.infos[row]
+            rows = slice(row, row + req.n)
+            row += req.n
+            if req.done:
+                continue
+            preds = feats = None
+            if req.output == "embed":
+                assert result.features is not None
+                feats = result.features[rows].tolist()
+            else:
+                assert result.scores is not None and result.indices is not None
+                k = min(req.top_k, info.num_classes)
+                scores, idx = result.scores[rows, :k].tolist(), result.indices[rows, :k].tolist()
+                preds = [
+                    [Prediction(info.labels[i], i, s) for s, i in zip(srow, irow, strict=True)]
+                    for srow, irow in zip(scores, idx, strict=True)
+                ]
+            req.future.set_result(
+                Result(
+                    version=info.key.version,
+                    predictions=preds,
+                    features=feats,
+                    queue_s=req.dispatched - req.enqueued,
+                    compute_s=result.compute_s,
+                    batch_size=B,
+                )
+            )

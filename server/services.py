@@ -1,0 +1,126 @@
+"""The running server's parts, built once at start-up from `Settings` and torn down at shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+from prompt_store.url import open_store
+
+from prompt_store.artifact import ArtifactLimits, read_metadata, validate_for_backbone
+from prompt_store.base import PromptStore
+from prompt_store.errors import ArtifactError
+from server.engine.bank import TaskTooLarge
+from server.engine.engine import Engine, pick_device, pick_dtype
+from server.metrics import Metrics, TaskStats
+from server.preprocess import Preprocessor
+from server.scheduler.scheduler import Scheduler, SchedulerConfig
+from server.settings import Settings
+from vpt.hub import Backbone, load_backbone
+from vpt.transforms import ImageLimits
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Services:
+    settings: Settings
+    engine: Engine
+    store: PromptStore
+    scheduler: Scheduler
+    preprocess: Preprocessor
+    metrics: Metrics
+    task_stats: TaskStats = field(default_factory=TaskStats)
+    draining: bool = False
+
+    @classmethod
+    async def start(
+        cls, settings: Settings, *, store: PromptStore | None = None, metrics: Metrics | None = None
+    ) -> Services:
+        """Load the backbone (in a thread: downloads and weight conversion are slow), open the store,
+        warm up, start the scheduler."""
+        device = pick_device(settings.device)
+        dtype = pick_dtype(settings.dtype, device)
+        backbone: Backbone = await asyncio.to_thread(
+            load_backbone,
+            settings.backbone,
+            device=device,
+            dtype=dtype,
+            img_size=settings.img_size,
+            cache_dir=settings.hf_cache_dir,
+        )
+        log.info(
+            "backbone %s (fingerprint %s) on %s/%s", backbone.backbone_id, backbone.fingerprint, device, dtype
+        )
+        engine = Engine(
+            backbone,
+            bank_slots=settings.bank_slots,
+            max_prompt_length=settings.max_prompt_length,
+            max_classes=settings.max_classes,
+            bank_bytes=settings.bank_bytes,
+            compile=settings.compile,
+        )
+        for item in settings.pinned_tasks:
+            engine.bank.pin(*item.split("/", 1))
+        if store is None:
+            store = open_store(
+                settings.store,
+                keep_versions=settings.keep_versions,
+                limits=artifact_limits(settings),
+                endpoint_url=settings.s3_endpoint_url,
+                region=settings.s3_region,
+            )
+        metrics = metrics or Metrics()
+        scheduler = Scheduler(
+            engine,
+            store,
+            SchedulerConfig(
+                max_batch_size=settings.max_batch_size,
+                max_batch_delay_s=settings.max_batch_delay_ms / 1000,
+                max_queue_images=settings.max_queue_images,
+                batching=settings.batching,
+                pipeline_depth=settings.effective_pipeline_depth(device.type),
+                version_ttl_s=settings.version_ttl_s,
+            ),
+            hooks=metrics,
+        )
+        metrics.bind(engine.bank.stats, lambda: scheduler.queued_images, lambda: scheduler.in_flight)
+        await asyncio.to_thread(engine.warmup, tuple(sorted({1, min(8, settings.max_batch_size)})))
+        await scheduler.start()
+        preprocess = Preprocessor(
+            backbone.cfg,
+            ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels),
+            settings.decode_threads,
+        )
+        return cls(settings, engine, store, scheduler, preprocess, metrics)
+
+    @property
+    def ready(self) -> bool:
+        return self.engine.ready and not self.draining
+
+    def validate_upload(self, data: bytes) -> None:
+        """Store-side validator: the artifact must fit this backbone and this bank."""
+        meta = read_metadata(data)
+        validate_for_backbone(meta, self.engine.signature)
+        _, P, _ = meta.prompt_shape
+        try:
+            self.engine.bank.check_fits_shape(P, meta.num_classes)
+        except TaskTooLarge as e:
+            field_name = "prompts" if "prompt" in str(e) else "head.weight"
+            raise ArtifactError(field_name, str(e)) from None
+
+    async def stop(self) -> None:
+        self.draining = True
+        await self.scheduler.drain(timeout_s=self.settings.request_timeout_s)
+        await self.scheduler.close()
+        self.preprocess.close()
+        self.store.close()
+
+
+def artifact_limits(settings: Settings) -> ArtifactLimits:
+    return ArtifactLimits(
+        max_bytes=settings.max_artifact_bytes,
+        max_prompt_length=settings.max_prompt_length,
+        max_classes=settings.max_classes,
+    )

@@ -1,0 +1,93 @@
+"""Server settings: one pydantic-settings class, environment prefix `VPT_`, built once at start-up.
+
+Nothing reads the environment at import time; `Settings()` is constructed in `server.__main__` (or by
+tests) and passed down.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The paper's backbone: ViT-B/16 pretrained on ImageNet-21k (Jia et al. 2022, Sec. 4.1).
+DEFAULT_BACKBONE = "hf-hub:google/vit-base-patch16-224-in21k"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="VPT_", env_file=None, extra="ignore")
+
+    # --- model -----------------------------------------------------------------------------------
+    backbone: str = Field(
+        DEFAULT_BACKBONE,
+        description="Backbone spec: hf-hub:<repo>[@rev], a local checkpoint path, or random:<preset>[@seed]",
+    )
+    device: str = Field("auto", description="auto (CUDA if present), cpu, cuda, cuda:N")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto = bfloat16 on GPU, float32 on CPU"
+    )
+    img_size: int | None = Field(
+        None, description="Override the input size (positional embedding is resized)"
+    )
+    compile: bool = Field(False, description="torch.compile the backbone (slower start, faster steady state)")
+    hf_cache_dir: str | None = Field(
+        None, description="Where hf-hub: backbones are cached (default: HF_HOME)"
+    )
+
+    # --- storage ---------------------------------------------------------------------------------
+    store: str = Field(
+        "./data/store", description="Prompt store URL: a path, file:///path or s3://bucket/prefix"
+    )
+    keep_versions: int = Field(10, ge=1, description="Versions kept per task (older ones are pruned)")
+    version_ttl_s: float = Field(
+        2.0, ge=0, description="Max staleness of a task's current version (replicas)"
+    )
+    s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, R2, Ceph, moto)")
+    s3_region: str | None = None
+
+    # --- HTTP ------------------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    log_level: str = "info"
+    access_log: bool = Field(True, description="JSON access log line per request")
+
+    # --- batching and queues -----------------------------------------------------------------------
+    max_batch_size: int = Field(64, ge=1, description="Images per forward pass")
+    max_batch_delay_ms: float = Field(0.0, ge=0, description="Wait this long for a fuller batch when idle")
+    max_queue_images: int = Field(4096, ge=1, description="Images queued across tenants before 429")
+    batching: Literal["mixed", "per_task"] = Field("mixed", description="per_task = baseline for benchmarks")
+    pipeline_depth: int = Field(0, ge=0, description="Batches in flight; 0 = auto (2 on CUDA, 1 on CPU)")
+    request_timeout_s: float = Field(30.0, gt=0, description="Deadline of a request; 504 after it")
+    decode_threads: int = Field(0, ge=0, description="Image decode threads; 0 = number of CPUs")
+
+    # --- prompt bank -----------------------------------------------------------------------------
+    bank_slots: int = Field(1024, ge=1, description="Max resident tasks")
+    bank_bytes: int = Field(4 * 1024**3, ge=1, description="Device bytes for the bank (caps the slots)")
+    max_prompt_length: int = Field(100, ge=0, description="Largest P a task may have (slot size)")
+    max_classes: int = Field(1000, ge=1, description="Largest C a task may have (slot size)")
+    pinned_tasks: list[str] = Field(default_factory=list, description="tenant/task ids never evicted")
+
+    # --- limits ------------------------------------------------------------------------------------
+    max_images_per_request: int = Field(64, ge=1)
+    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1)
+    max_image_pixels: int = Field(40_000_000, ge=1, description="Decompression-bomb guard")
+    max_body_bytes: int = Field(100 * 1024 * 1024, ge=1)
+    max_artifact_bytes: int = Field(64 * 1024 * 1024, ge=1)
+    max_top_k: int = Field(100, ge=1)
+
+    # --- tenancy (issue D) ---------------------------------------------------------------------------
+    default_tenant: str = Field("default", description="Tenant used for requests without keys (open mode)")
+
+    @field_validator("pinned_tasks")
+    @classmethod
+    def _check_pinned(cls, v: list[str]) -> list[str]:
+        for item in v:
+            if item.count("/") != 1:
+                raise ValueError(f"pinned task {item!r} must be 'tenant/task'")
+        return v
+
+    def effective_pipeline_depth(self, device_type: str) -> int:
+        if self.pipeline_depth:
+            return self.pipeline_depth
+        return 2 if device_type == "cuda" else 1

@@ -1,0 +1,119 @@
+"""Engine and prompt bank on CPU: residency rules and the batch-invariance of mixed batches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from server.engine.bank import BankFull, TaskKey, TaskTooLarge
+from server.engine.engine import Engine, EngineBatch
+from tests.server.helpers import BACKBONE_SPEC, make_artifact
+from vpt.hub import load_backbone
+
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return load_backbone(BACKBONE_SPEC)
+
+
+def make_engine(backbone, slots: int = 8, **kw) -> Engine:
+    return Engine(backbone, bank_slots=slots, max_prompt_length=kw.pop("P", 12), max_classes=kw.pop("C", 10), **kw)
+
+
+def run(engine: Engine, images: torch.Tensor, slots: list[int], output="classify", top_k=10):
+    infos = [engine.bank.info(s) for s in slots]
+    return engine.run(EngineBatch(images, slots, infos, output, top_k))
+
+
+TASKS = [  # (P, mode, C)
+    (4, "deep", 3),
+    (0, "shallow", 5),
+    (9, "shallow", 10),
+    (12, "deep", 7),
+    (4, "shallow", 2),
+]
+
+
+def test_mixed_batch_equals_solo_runs(backbone):
+    engine = make_engine(backbone)
+    slots = [
+        engine.install(TaskKey("t", f"task{i}", 1), make_artifact(backbone, P=P, mode=m, C=C, seed=i))
+        for i, (P, m, C) in enumerate(TASKS)
+    ]
+    order = [0, 1, 2, 3, 4, 3, 2, 1, 0, 4, 2]
+    images = torch.randint(0, 256, (len(order), 3, 32, 32), dtype=torch.uint8)
+    batch_slots = [slots[i] for i in order]
+    mixed = run(engine, images, batch_slots, "embed")
+    mixed_cls = run(engine, images, batch_slots, "classify")
+    worst = 0.0
+    for b, s in enumerate(batch_slots):
+        solo = run(engine, images[b : b + 1], [s], "embed")
+        err = (mixed.features[b] - solo.features[0]).abs().max() / solo.features[0].abs().max()
+        worst = max(worst, err.item())
+        solo_cls = run(engine, images[b : b + 1], [s], "classify")
+        C = TASKS[order[b]][2]
+        assert mixed_cls.indices[b, :C].tolist() == solo_cls.indices[0, :C].tolist()
+        assert torch.allclose(mixed_cls.scores[b, :C], solo_cls.scores[0, :C], atol=1e-6)
+        assert torch.all(mixed_cls.scores[b, C:] == 0)  # padded classes never score
+    assert worst <= TOL
+
+
+def test_bank_lru_eviction_pinning_and_refs(backbone):
+    engine = make_engine(backbone, slots=2)
+    bank = engine.bank
+    a = make_artifact(backbone, P=2, mode="shallow", C=2, seed=0)
+    k1, k2, k3 = (TaskKey("t", n, 1) for n in ("a", "b", "c"))
+    s1 = engine.install(k1, a)
+    engine.install(k2, a)
+    assert bank.lookup(k1) == s1  # k1 now most recently used
+    engine.install(k3, a)  # evicts k2 (LRU)
+    assert bank.lookup(k2) is None and bank.lookup(k1) is not None
+    assert bank.stats().evictions == 1
+    # A slot bound to in-flight requests cannot be evicted, nor a pinned one.
+    bank.acquire(bank.lookup(k1))
+    bank.pin("t", "c")
+    with pytest.raises(BankFull):
+        engine.install(k2, a)
+    bank.release(bank.lookup(k1))
+    engine.install(k2, a)  # k1 free again → evicted
+    assert bank.lookup(k1) is None and bank.lookup(k3) is not None
+
+
+def test_new_version_replaces_old_after_drain(backbone):
+    engine = make_engine(backbone, slots=3)
+    bank = engine.bank
+    old = bank.lookup(TaskKey("t", "x", 1)) or engine.install(
+        TaskKey("t", "x", 1), make_artifact(backbone, P=2, mode="deep", C=3, seed=1)
+    )
+    bank.acquire(old)  # a request is bound to v1
+    engine.install(TaskKey("t", "x", 2), make_artifact(backbone, P=3, mode="deep", C=3, seed=2))
+    assert bank.lookup(TaskKey("t", "x", 1)) is None  # no new request gets v1
+    assert bank.info(old).key.version == 1  # ...but the bound one still reads it intact
+    assert bank.stats().resident == 1
+    bank.release(old)
+    assert bank.resident_versions("t", "x") == [2]
+
+
+def test_byte_budget_caps_slots_and_limits_are_enforced(backbone):
+    engine = make_engine(backbone, slots=100, bank_bytes=10 * 1024 * 1024)
+    assert engine.bank.capacity == min(100, 10 * 1024 * 1024 // engine.bank.slot_bytes)
+    with pytest.raises(ValueError, match="smaller than one slot"):
+        make_engine(backbone, bank_bytes=16)
+    with pytest.raises(TaskTooLarge, match="prompt length"):
+        engine.install(TaskKey("t", "big", 1), make_artifact(backbone, P=13, mode="shallow", C=2, seed=0))
+    with pytest.raises(TaskTooLarge, match="classes"):
+        engine.install(TaskKey("t", "big", 1), make_artifact(backbone, P=1, mode="shallow", C=11, seed=0))
+
+
+def test_engine_normalises_on_device_like_the_model(backbone):
+    engine = make_engine(backbone)
+    slot = engine.install(TaskKey("t", "n", 1), make_artifact(backbone, P=0, mode="shallow", C=2, seed=3))
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    feats = run(engine, images, [slot, slot], "embed").features
+    cfg = backbone.cfg
+    x = (images.float() / 255 - torch.tensor(cfg.mean).view(1, 3, 1, 1)) / torch.tensor(cfg.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        ref = backbone.model(x)
+    assert torch.allclose(feats, ref, atol=1e-5)
