@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 
 import uvicorn
 
@@ -33,18 +37,34 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    app = create_app(settings)
-    # uvicorn handles SIGTERM/SIGINT: stop accepting, finish in-flight requests, run the lifespan
-    # shutdown (which drains the scheduler), exit 0.
-    uvicorn.run(
-        app,
+    config = uvicorn.Config(
+        create_app(settings),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
         access_log=False,  # our JSON access log replaces uvicorn's
         timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
     )
+    _Server(config).run()
     return 0
+
+
+class _Server(uvicorn.Server):
+    """SIGTERM/SIGINT: stop accepting, finish in-flight requests, run the lifespan shutdown (which
+    drains the scheduler), then exit 0. Stock uvicorn re-raises the signal afterwards, which turns a
+    clean shutdown into exit status -15 for supervisors."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

@@ -82,6 +82,7 @@ class Metrics(SchedulerHooks):
         self.tenant_requests = Counter(
             "vpt_tenant_requests_total", "Requests per tenant", ["tenant", "route", "status"], registry=r
         )
+        self.in_progress = Gauge("vpt_requests_in_progress", "HTTP requests being handled", registry=r)
         self.queue_depth = Gauge("vpt_queue_depth_images", "Images waiting in the queues", registry=r)
         self.in_flight = Gauge("vpt_batches_in_flight", "Batches launched and not yet finished", registry=r)
         self._bank_stats: Callable[[], BankStats | None] = lambda: None

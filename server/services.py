@@ -6,11 +6,10 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 
-from prompt_store.url import open_store
-
 from prompt_store.artifact import ArtifactLimits, read_metadata, validate_for_backbone
 from prompt_store.base import PromptStore
 from prompt_store.errors import ArtifactError
+from prompt_store.url import open_store
 from server.engine.bank import TaskTooLarge
 from server.engine.engine import Engine, pick_device, pick_dtype
 from server.metrics import Metrics, TaskStats
@@ -64,12 +63,12 @@ class Services:
         for item in settings.pinned_tasks:
             engine.bank.pin(*item.split("/", 1))
         if store is None:
+            s3 = {"endpoint_url": settings.s3_endpoint_url, "region": settings.s3_region}
             store = open_store(
                 settings.store,
                 keep_versions=settings.keep_versions,
                 limits=artifact_limits(settings),
-                endpoint_url=settings.s3_endpoint_url,
-                region=settings.s3_region,
+                **(s3 if settings.store.startswith("s3://") else {}),
             )
         metrics = metrics or Metrics()
         scheduler = Scheduler(
@@ -101,7 +100,7 @@ class Services:
 
     def validate_upload(self, data: bytes) -> None:
         """Store-side validator: the artifact must fit this backbone and this bank."""
-        meta = read_metadata(data)
+        meta = read_metadata(data, artifact_limits(self.settings))
         validate_for_backbone(meta, self.engine.signature)
         _, P, _ = meta.prompt_shape
         try:

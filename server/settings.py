@@ -44,12 +44,12 @@ class Settings(BaseSettings):
         2.0, ge=0, description="Max staleness of a task's current version (replicas)"
     )
     s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, R2, Ceph, moto)")
-    s3_region: str | None = None
+    s3_region: str | None = Field(None, description="S3 region (else AWS_REGION / AWS_DEFAULT_REGION)")
 
     # --- HTTP ------------------------------------------------------------------------------------
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
-    log_level: str = "info"
+    host: str = Field("127.0.0.1", description="Bind address (0.0.0.0 to serve other hosts)")
+    port: int = Field(8000, ge=0, le=65535, description="Bind port")
+    log_level: str = Field("info", description="debug, info, warning, error")
     access_log: bool = Field(True, description="JSON access log line per request")
 
     # --- batching and queues -----------------------------------------------------------------------
@@ -69,12 +69,12 @@ class Settings(BaseSettings):
     pinned_tasks: list[str] = Field(default_factory=list, description="tenant/task ids never evicted")
 
     # --- limits ------------------------------------------------------------------------------------
-    max_images_per_request: int = Field(64, ge=1)
-    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1)
+    max_images_per_request: int = Field(64, ge=1, description="Images in one classify/embed request")
+    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1, description="Encoded bytes of one image")
     max_image_pixels: int = Field(40_000_000, ge=1, description="Decompression-bomb guard")
-    max_body_bytes: int = Field(100 * 1024 * 1024, ge=1)
-    max_artifact_bytes: int = Field(64 * 1024 * 1024, ge=1)
-    max_top_k: int = Field(100, ge=1)
+    max_body_bytes: int = Field(100 * 1024 * 1024, ge=1, description="Bytes of one request body")
+    max_artifact_bytes: int = Field(64 * 1024 * 1024, ge=1, description="Bytes of one task artifact")
+    max_top_k: int = Field(100, ge=1, description="Largest top_k a request may ask for")
 
     # --- tenancy (issue D) ---------------------------------------------------------------------------
     default_tenant: str = Field("default", description="Tenant used for requests without keys (open mode)")
@@ -91,3 +91,16 @@ class Settings(BaseSettings):
         if self.pipeline_depth:
             return self.pipeline_depth
         return 2 if device_type == "cuda" else 1
+
+
+def settings_markdown() -> str:
+    """The settings table for docs/configuration.md (`python -m server.settings` prints it)."""
+    rows = ["| variable | default | description |", "|---|---|---|"]
+    for name, f in Settings.model_fields.items():
+        default = f.default_factory() if f.default_factory is not None else f.default  # type: ignore[call-arg]
+        rows.append(f"| `VPT_{name.upper()}` | `{default!r}` | {f.description or ''} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(settings_markdown())

@@ -12,6 +12,7 @@ import json
 
 from fastapi import Request
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
 from server.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
@@ -46,9 +47,12 @@ def _media_type(request: Request) -> str:
 async def _multipart_files(request: Request, field: str | tuple[str, ...], max_files: int) -> list[bytes]:
     fields = (field,) if isinstance(field, str) else field
     try:
-        form = await request.form(max_files=max_files, max_fields=max_files + 16)
+        # One file over the limit still parses, so the caller can say how many were sent.
+        form = await request.form(max_files=max_files + 1, max_fields=max_files + 16)
     except MultiPartException as e:
         raise InvalidRequest(f"malformed multipart body: {e.message}") from None
+    except StarletteHTTPException as e:  # Starlette's own multipart limits
+        raise InvalidRequest(f"multipart body rejected: {e.detail}") from None
     except Exception as e:  # python-multipart raises several types on garbage
         raise InvalidRequest(f"malformed multipart body: {e}") from None
     try:

@@ -46,9 +46,11 @@ class RequestContext:
                 message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
             await send(message)
 
+        self.metrics.in_progress.inc()
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
+            self.metrics.in_progress.dec()
             elapsed = time.perf_counter() - start
             route = scope.get("route")
             # The route template (not the raw path) keeps the label set bounded.

@@ -19,7 +19,9 @@ def backbone():
 
 
 def make_engine(backbone, slots: int = 8, **kw) -> Engine:
-    return Engine(backbone, bank_slots=slots, max_prompt_length=kw.pop("P", 12), max_classes=kw.pop("C", 10), **kw)
+    return Engine(
+        backbone, bank_slots=slots, max_prompt_length=kw.pop("P", 12), max_classes=kw.pop("C", 10), **kw
+    )
 
 
 def run(engine: Engine, images: torch.Tensor, slots: list[int], output="classify", top_k=10):
@@ -113,7 +115,9 @@ def test_engine_normalises_on_device_like_the_model(backbone):
     images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     feats = run(engine, images, [slot, slot], "embed").features
     cfg = backbone.cfg
-    x = (images.float() / 255 - torch.tensor(cfg.mean).view(1, 3, 1, 1)) / torch.tensor(cfg.std).view(1, 3, 1, 1)
+    x = (images.float() / 255 - torch.tensor(cfg.mean).view(1, 3, 1, 1)) / torch.tensor(cfg.std).view(
+        1, 3, 1, 1
+    )
     with torch.no_grad():
         ref = backbone.model(x)
     assert torch.allclose(feats, ref, atol=1e-5)
