@@ -31,9 +31,11 @@ def get_services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-def get_principal(services: ServicesDep) -> Principal:
+def get_principal(request: Request, services: ServicesDep) -> Principal:
     # Open mode: every caller acts as the default tenant. Issue D adds API keys and roles.
-    return Principal(tenant=services.settings.default_tenant, role="admin")
+    principal = Principal(tenant=services.settings.default_tenant, role="admin")
+    request.state.tenant = principal.tenant  # for the access log and per-tenant metrics
+    return principal
 
 
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
