@@ -208,7 +208,8 @@ class Scheduler:
                         and planned.batch.images.shape[0] < self.config.max_batch_size
                     ):
                         planned = await self._maybe_wait_for_more(planned)
-                    self._dispatch(planned)
+                    if planned is not None:  # None: its requests were cancelled while it waited
+                        self._dispatch(planned)
                     continue
             timeout = self._next_deadline_in()
             with contextlib.suppress(asyncio.TimeoutError):
@@ -221,16 +222,14 @@ class Scheduler:
         soonest = min((r.deadline for q in self._queues.values() for r in q), default=now + 1)
         return max(0.001, min(soonest - now, 0.05))
 
-    async def _maybe_wait_for_more(self, planned: _Planned) -> _Planned:
+    async def _maybe_wait_for_more(self, planned: _Planned) -> _Planned | None:
         """Engine idle, batch not full: give it `max_batch_delay_s` to fill up, then replan."""
         self._unplan(planned)
         oldest = min(r.enqueued for r, _ in planned.requests)
         wait = self.config.max_batch_delay_s - (time.monotonic() - oldest)
         if wait > 0:
             await asyncio.sleep(wait)
-        replanned = self._plan()
-        assert replanned is not None  # nothing can dequeue in between but this loop
-        return replanned
+        return self._plan()
 
     def _plan(self) -> _Planned | None:
         """Take requests whose tasks are resident, round-robin across tenants, up to the batch size."""

@@ -233,5 +233,8 @@ def test_metrics_and_request_ids(client, backbone):
     ):
         assert name in text, name
     assert 'route="/v1/tasks/{task_id}/classify"' in text  # template, never the task id
-    assert 'vpt_tenant_requests_total{route="/v1/tasks/{task_id}/classify",status="200",tenant="default"}' in text
+    assert (
+        'vpt_tenant_requests_total{route="/v1/tasks/{task_id}/classify",status="200",tenant="default"}'
+        in text
+    )
     assert 'route="/v1/tasks/m/classify"' not in text

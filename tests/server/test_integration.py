@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 
 import httpx
 import pytest
@@ -200,3 +201,22 @@ def test_sigterm_with_requests_in_flight_loses_none(tmp_path, backbone):
         assert proc.proc.wait(30) == 0, proc.log()
     finally:
         proc.stop()
+
+
+def test_client_disconnect_frees_its_queued_work(tmp_path, backbone):
+    # A 3 s batching delay holds a lone request in the queue; its client gives up after 0.3 s.
+    proc = ServerProcess(tmp_path, backbone=BACKBONE_SPEC, max_batch_delay_ms=3000).wait_ready()
+    try:
+        upload(proc.url, "t", artifact_bytes(backbone, P=1, mode="shallow", C=2, seed=0))
+        files = [("images", (f"{i}.png", png_bytes(i))) for i in range(3)]
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{proc.url}/v1/tasks/t/classify", files=files, timeout=httpx.Timeout(5, read=0.3))
+        depth = None
+        for _ in range(100):
+            depth = metric(httpx.get(f"{proc.url}/metrics").text, "vpt_queue_depth_images")
+            if depth == 0:
+                break
+            time.sleep(0.01)
+        assert depth == 0  # freed long before the 3 s delay would have dispatched it
+    finally:
+        assert proc.stop() == 0, proc.log()
