@@ -42,9 +42,18 @@ class InvalidTaskId(ServingError):
 class Unauthorized(ServingError):
     type, status = "unauthorized", 401
 
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
+
 
 class Forbidden(ServingError):
     type, status = "forbidden", 403
+
+
+class QuotaExceeded(ServingError):
+    """A tenant quota (tasks, artifact bytes) would be exceeded."""
+
+    type, status = "quota_exceeded", 403
 
 
 class TaskNotFound(ServingError):

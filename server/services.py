@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from prompt_store.artifact import ArtifactLimits, read_metadata, validate_for_backbone
 from prompt_store.base import PromptStore
@@ -14,8 +17,10 @@ from server.engine.bank import TaskTooLarge
 from server.engine.engine import Engine, pick_device, pick_dtype
 from server.metrics import Metrics, TaskStats
 from server.preprocess import Preprocessor
+from server.ratelimit import RateLimiter
 from server.scheduler.scheduler import Scheduler, SchedulerConfig
 from server.settings import Settings
+from server.tenants import TenantRegistry, TenantsFileError, keygen_line
 from vpt.hub import Backbone, load_backbone
 from vpt.transforms import ImageLimits
 
@@ -30,7 +35,9 @@ class Services:
     scheduler: Scheduler
     preprocess: Preprocessor
     metrics: Metrics
+    tenants: TenantRegistry | None = None  # None = open mode
     task_stats: TaskStats = field(default_factory=TaskStats)
+    rate_limiter: RateLimiter = field(default_factory=RateLimiter)
     draining: bool = False
 
     @classmethod
@@ -39,6 +46,7 @@ class Services:
     ) -> Services:
         """Load the backbone (in a thread: downloads and weight conversion are slow), open the store,
         warm up, start the scheduler."""
+        tenants = open_tenants(settings)  # first: a misconfiguration fails before any slow work
         device = pick_device(settings.device)
         dtype = pick_dtype(settings.dtype, device)
         backbone: Backbone = await asyncio.to_thread(
@@ -59,6 +67,8 @@ class Services:
             max_classes=settings.max_classes,
             bank_bytes=settings.bank_bytes,
             compile=settings.compile,
+            fault_oom_over=settings.fault_oom_over,
+            fault_fail_every=settings.fault_fail_every,
         )
         for item in settings.pinned_tasks:
             engine.bank.pin(*item.split("/", 1))
@@ -92,7 +102,7 @@ class Services:
             ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels),
             settings.decode_threads,
         )
-        return cls(settings, engine, store, scheduler, preprocess, metrics)
+        return cls(settings, engine, store, scheduler, preprocess, metrics, tenants=tenants)
 
     @property
     def ready(self) -> bool:
@@ -115,6 +125,57 @@ class Services:
         await self.scheduler.close()
         self.preprocess.close()
         self.store.close()
+
+
+def open_tenants(settings: Settings) -> TenantRegistry | None:
+    """The tenant registry, or None in open mode (refused on a non-loopback bind unless forced).
+
+    With neither a tenants file nor open mode, a tenants file with one admin tenant is created and its
+    key printed once, so the embedded defaults are secure and still usable out of the box.
+    """
+    if settings.open_mode:
+        if not _is_loopback(settings.host) and not settings.open_mode_force:
+            raise SystemExit(
+                f"refusing open mode (no API keys) on non-loopback host {settings.host!r}: "
+                "use a tenants file, or set VPT_OPEN_MODE_FORCE=true if you really mean it"
+            )
+        log.warning(
+            "\n%s\nOPEN MODE: no API keys are checked; every caller is the admin of tenant %r. "
+            "For local development only.\n%s",
+            "!" * 78,
+            settings.default_tenant,
+            "!" * 78,
+        )
+        return None
+    path = Path(settings.tenants_file)
+    if not path.exists():
+        key, toml = keygen_line("admin", "admin")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write("# Created by vpt-serve on first start. Add tenants with `vpt keygen --tenant NAME`.\n")
+            f.write(toml)
+        log.warning(
+            "\n%s\nCreated %s with an admin tenant. Its API key (shown only now, store it safely):\n\n"
+            "    %s\n\n%s",
+            "=" * 78,
+            path,
+            key,
+            "=" * 78,
+        )
+    try:
+        return TenantRegistry.from_file(path)
+    except TenantsFileError as e:
+        raise SystemExit(str(e)) from None
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def artifact_limits(settings: Settings) -> ArtifactLimits:

@@ -76,8 +76,20 @@ class Settings(BaseSettings):
     max_artifact_bytes: int = Field(64 * 1024 * 1024, ge=1, description="Bytes of one task artifact")
     max_top_k: int = Field(100, ge=1, description="Largest top_k a request may ask for")
 
-    # --- tenancy (issue D) ---------------------------------------------------------------------------
-    default_tenant: str = Field("default", description="Tenant used for requests without keys (open mode)")
+    # --- tenancy ---------------------------------------------------------------------------------------
+    tenants_file: str = Field(
+        "./data/tenants.toml",
+        description="Tenants, roles, key hashes and quotas (TOML). Created with one admin key if missing",
+    )
+    open_mode: bool = Field(
+        False, description="No API keys: every caller is the admin of default_tenant (dev only)"
+    )
+    open_mode_force: bool = Field(False, description="Allow open mode on a non-loopback bind")
+    default_tenant: str = Field("default", description="The tenant open-mode callers act as")
+
+    # --- fault injection (tests only) -------------------------------------------------------------------
+    fault_oom_over: int = Field(0, ge=0, description="Test hook: batches over N images raise out-of-memory")
+    fault_fail_every: int = Field(0, ge=0, description="Test hook: every N-th batch raises an engine error")
 
     @field_validator("pinned_tasks")
     @classmethod

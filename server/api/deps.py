@@ -5,20 +5,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from fastapi import Depends, Path, Request
+from fastapi import Depends, Path, Query, Request
 
 from prompt_store.base import InvalidId
 from prompt_store.ids import check_id
-from server.errors import InvalidTaskId, Unavailable
+from server.errors import Forbidden, InvalidRequest, InvalidTaskId, Overloaded, Unauthorized, Unavailable
 from server.services import Services
+from server.tenants import Tenant
 
 
 @dataclass(frozen=True)
 class Principal:
-    """Who is calling: the tenant whose tasks they see, and their role."""
+    """Who is calling and on whose tasks they act."""
 
-    tenant: str
-    role: Literal["admin", "tenant"]
+    tenant: str  # the tenant whose tasks this request reads and writes
+    role: Literal["admin", "tenant"]  # the caller's role
+    caller: str  # the authenticated tenant (differs from `tenant` when an admin acts for another)
+    quotas: Tenant | None  # the acting tenant's quotas; None in open mode (server limits only)
 
 
 def get_services(request: Request) -> Services:
@@ -31,11 +34,48 @@ def get_services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-def get_principal(request: Request, services: ServicesDep) -> Principal:
-    # Open mode: every caller acts as the default tenant. Issue D adds API keys and roles.
-    principal = Principal(tenant=services.settings.default_tenant, role="admin")
-    request.state.tenant = principal.tenant  # for the access log and per-tenant metrics
-    return principal
+def get_principal(
+    request: Request,
+    services: ServicesDep,
+    tenant: Annotated[
+        str | None,
+        Query(description="Admins only: act on this tenant's tasks instead of their own", max_length=64),
+    ] = None,
+) -> Principal:
+    """Authenticate `Authorization: Bearer <key>`, apply the caller's rate limit, pick the tenant."""
+    registry = services.tenants
+    if registry is None:  # open mode
+        caller: Tenant | None = None
+        name, role = services.settings.default_tenant, "admin"
+    else:
+        registry.maybe_reload()
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        if not scheme:
+            raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise Unauthorized("the Authorization header must be 'Bearer <key>'")
+        caller = registry.authenticate(key.strip())
+        if caller is None:
+            raise Unauthorized("invalid API key")
+        name, role = caller.name, caller.role
+        wait = services.rate_limiter.acquire(caller.name, caller.rate_per_s, caller.burst)
+        if wait > 0:
+            services.metrics.rejected("rate_limited")
+            raise Overloaded(
+                f"tenant {caller.name!r} is over its rate of {caller.rate_per_s:g} requests/s",
+                retry_after=wait,
+            )
+    acting, quotas = name, caller
+    if tenant is not None and tenant != name:
+        if role != "admin":
+            raise Forbidden("only admins may act on another tenant's tasks (the 'tenant' parameter)")
+        try:
+            acting = check_id(tenant, "tenant")
+        except InvalidId as e:
+            raise InvalidRequest(str(e)) from None
+        quotas = registry.get(acting) if registry is not None else None
+    request.state.tenant = acting  # for the access log and per-tenant metrics
+    return Principal(tenant=acting, role=role, caller=name, quotas=quotas)  # type: ignore[arg-type]
 
 
 PrincipalDep = Annotated[Principal, Depends(get_principal)]

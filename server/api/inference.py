@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query, Request
 
 from server.api.bodies import read_images
 from server.api.common import ERRORS, unless_disconnected
-from server.api.deps import PrincipalDep, ServicesDep, TaskId
+from server.api.deps import Principal, PrincipalDep, ServicesDep, TaskId
 from server.api.schemas import ClassifyJSON, ClassifyResponse, EmbedResponse, Prediction, Timings
 from server.errors import InvalidRequest
 from server.scheduler.types import Result
@@ -40,8 +40,9 @@ IMAGE_BODY: dict[str, Any] = {
 
 
 async def _run(
-    request: Request, services: Services, tenant: str, task_id: str, output: str, top_k: int | None
+    request: Request, services: Services, principal: Principal, task_id: str, output: str, top_k: int | None
 ) -> tuple[Result, Timings]:
+    tenant, quotas = principal.tenant, principal.quotas
     s = services.settings
     t0 = time.perf_counter()
     blobs, body_k = await read_images(request, max_body=s.max_body_bytes, max_images=s.max_images_per_request)
@@ -55,7 +56,14 @@ async def _run(
         result = await unless_disconnected(
             request,
             services.scheduler.submit(
-                tenant, task_id, images, output=output, top_k=k, timeout_s=s.request_timeout_s
+                tenant,
+                task_id,
+                images,
+                output=output,
+                top_k=k,
+                timeout_s=s.request_timeout_s,
+                weight=quotas.weight if quotas else 1.0,
+                tenant_max_queued=quotas.max_queued_images if quotas else None,
             ),  # type: ignore[arg-type]
         )
     except Exception:
@@ -88,7 +96,7 @@ async def classify(
 ) -> ClassifyResponse:
     """Images as multipart field `images` (one or more files), a raw image body, or JSON
     `{"images": ["<base64>", ...], "top_k": 5}`. Every image of the request runs on one task version."""
-    result, timings = await _run(request, services, principal.tenant, task_id, "classify", top_k)
+    result, timings = await _run(request, services, principal, task_id, "classify", top_k)
     assert result.predictions is not None
     preds = [
         [Prediction(label=p.label, index=p.index, score=p.score) for p in row] for row in result.predictions
@@ -107,6 +115,6 @@ async def embed(
     task_id: TaskId, request: Request, services: ServicesDep, principal: PrincipalDep
 ) -> EmbedResponse:
     """Same bodies as classify; returns the final-norm CLS feature (D floats) per image."""
-    result, timings = await _run(request, services, principal.tenant, task_id, "embed", None)
+    result, timings = await _run(request, services, principal, task_id, "embed", None)
     assert result.features is not None
     return EmbedResponse(task_id=task_id, version=result.version, features=result.features, timings=timings)

@@ -7,7 +7,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 import server
 from server.api.common import ERRORS
-from server.api.deps import ServicesDep
+from server.api.deps import PrincipalDep, ServicesDep
 from server.api.schemas import BackboneInfo, BankInfo, InfoResponse, Limits
 
 router = APIRouter(tags=["system"])
@@ -16,7 +16,8 @@ router = APIRouter(tags=["system"])
 @router.get(
     "/v1/info", response_model=InfoResponse, responses=ERRORS, summary="Backbone, preprocessing, limits"
 )
-async def info(services: ServicesDep) -> InfoResponse:
+async def info(services: ServicesDep, _: PrincipalDep) -> InfoResponse:
+    """Needs any valid API key (it reveals the backbone and the limits, nothing per tenant)."""
     bb, cfg, s = services.engine.backbone, services.engine.cfg, services.settings
     stats = services.engine.bank.stats()
     return InfoResponse(

@@ -7,11 +7,12 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
 
-from prompt_store.base import NotFound, TaskInfo
+from prompt_store.base import NotFound, PromptStore, TaskInfo
 from server.api.bodies import read_artifact
 from server.api.common import ERRORS
 from server.api.deps import PrincipalDep, ServicesDep, TaskId
 from server.api.schemas import RollbackRequest, TaskList, TaskOut, TaskUsage, VersionOut
+from server.errors import QuotaExceeded
 from server.services import Services
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
@@ -32,6 +33,18 @@ ARTIFACT_BODY: dict[str, Any] = {
         },
     }
 }
+
+
+def count_tasks(store: PromptStore, tenant: str, stop_at: int) -> int:
+    """The tenant's task count (paging through the listing, stopping once `stop_at` is reached)."""
+    n, cursor = 0, None
+    while n < stop_at:
+        page = store.list_tasks(tenant, 1000, cursor)
+        n += len(page.items)
+        cursor = page.next_cursor
+        if cursor is None:
+            break
+    return n
 
 
 def task_out(services: Services, info: TaskInfo, *, usage: bool = True) -> TaskOut:
@@ -72,7 +85,11 @@ async def upload(
 ) -> TaskOut:
     """Validated against the running backbone (fingerprint, shapes, limits) before it is stored.
     201 when the task is new, 200 for a new version of an existing task."""
-    data = await read_artifact(request, max_bytes=services.settings.max_artifact_bytes)
+    quotas = principal.quotas
+    max_bytes = services.settings.max_artifact_bytes
+    if quotas is not None:
+        max_bytes = min(max_bytes, quotas.max_artifact_bytes)
+    data = await read_artifact(request, max_bytes=max_bytes)
     store, tenant = services.store, principal.tenant
 
     def put() -> tuple[bool, TaskInfo]:
@@ -81,6 +98,12 @@ async def upload(
             existed = True
         except NotFound:
             existed = False
+        if (
+            not existed
+            and quotas is not None
+            and count_tasks(store, tenant, quotas.max_tasks) >= quotas.max_tasks
+        ):
+            raise QuotaExceeded(f"tenant {tenant!r} already has its maximum of {quotas.max_tasks} tasks")
         store.put(tenant, task_id, data, validator=services.validate_upload)
         return existed, store.info(tenant, task_id)
 

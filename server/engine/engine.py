@@ -82,8 +82,13 @@ class Engine:
         max_classes: int,
         bank_bytes: int | None = None,
         compile: bool = False,
+        fault_oom_over: int = 0,
+        fault_fail_every: int = 0,
     ) -> None:
         self.backbone = backbone
+        # Test hooks (issue D, faults): simulate device OOM on large batches / a failing batch.
+        self._fault_oom_over, self._fault_fail_every = fault_oom_over, fault_fail_every
+        self._launched = 0
         self.cfg = backbone.cfg
         self.model = backbone.model
         self.device = self.model.pos_embed.device
@@ -117,8 +122,17 @@ class Engine:
         """Copy a validated task into a bank slot (engine thread)."""
         return self.bank.install(key, artifact)
 
+    def _inject_faults(self, batch: EngineBatch) -> None:
+        self._launched += 1
+        if self._fault_oom_over and len(batch.slots) > self._fault_oom_over:
+            raise torch.OutOfMemoryError(f"injected: batch of {len(batch.slots)} > {self._fault_oom_over}")
+        if self._fault_fail_every and self._launched % self._fault_fail_every == 0:
+            raise RuntimeError(f"injected engine failure on batch {self._launched}")
+
     @torch.inference_mode()
     def launch(self, batch: EngineBatch) -> _Pending:
+        if self._fault_oom_over or self._fault_fail_every:
+            self._inject_faults(batch)
         started = time.perf_counter()
         cuda = self.device.type == "cuda"
         images = batch.images.to(self.device, non_blocking=cuda)
@@ -158,6 +172,11 @@ class Engine:
             return EngineResult(scores=None, indices=None, features=pending.out[0], compute_s=elapsed)
         scores, indices = pending.out
         return EngineResult(scores=scores, indices=indices, features=None, compute_s=elapsed)
+
+    def release_cached_memory(self) -> None:
+        """After an out-of-memory error: give cached blocks back before retrying smaller batches."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def run(self, batch: EngineBatch) -> EngineResult:
         return self.collect(self.launch(batch))

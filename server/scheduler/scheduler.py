@@ -1,7 +1,8 @@
 """Continuous cross-task batching (asyncio front, engine in worker threads).
 
-- Requests wait in per-tenant FIFO queues; a batch is filled round-robin across tenants, one request
-  per tenant per round, so one tenant's burst cannot starve the others (issue D refines the weights).
+- Requests wait in per-tenant FIFO queues; a batch is filled by weighted fair selection across tenants
+  (`FairQueues`), so one tenant's burst cannot starve the others, and per-tenant queue bounds turn a
+  flood into 429s for the flooding tenant only.
 - Batching is continuous: a batch is dispatched as soon as the engine can take one; while it computes,
   the queues grow and the next batch is filled from everything waiting (optionally waiting up to
   `max_batch_delay_s` for a fuller batch when the engine is idle).
@@ -19,7 +20,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,7 +29,8 @@ import torch
 
 from prompt_store.base import PromptStore
 from server.engine.engine import Engine, EngineBatch, EngineResult, Output
-from server.errors import DeadlineExceeded, Overloaded, ServingError, Unavailable
+from server.errors import DeadlineExceeded, InvalidRequest, Overloaded, ServingError, Unavailable
+from server.scheduler.fair import FairQueues
 from server.scheduler.residency import Failed, Ready, Residency
 from server.scheduler.types import Prediction, Request, Result
 
@@ -84,9 +85,7 @@ class Scheduler:
             version_ttl_s=config.version_ttl_s,
             observe_load=self.hooks.task_load,
         )
-        self._queues: dict[str, deque[Request]] = {}
-        self._rr: deque[str] = deque()  # tenants with queued work, in round-robin order
-        self._queued_images = 0
+        self._fq = FairQueues()
         self._in_flight = 0
         self._event = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
@@ -102,7 +101,10 @@ class Scheduler:
 
     @property
     def queued_images(self) -> int:
-        return self._queued_images
+        return self._fq.total_images
+
+    def tenant_queued_images(self, tenant: str) -> int:
+        return self._fq.queued_images(tenant)
 
     @property
     def in_flight(self) -> int:
@@ -120,9 +122,12 @@ class Scheduler:
         output: Output = "classify",
         top_k: int = 5,
         timeout_s: float = 30.0,
+        weight: float = 1.0,
+        tenant_max_queued: int | None = None,
     ) -> Result:
         """Queue one request (n images of one task) and wait for its result.
 
+        `weight` is the tenant's share under contention; `tenant_max_queued` bounds its queued images.
         Cancelling the awaiting coroutine (client gone) removes the request from its queue.
         """
         if not self._accepting:
@@ -130,13 +135,18 @@ class Scheduler:
             raise Unavailable("server is shutting down")
         n = int(images.shape[0])
         if n > self.config.max_batch_size:
-            raise Overloaded(f"{n} images exceed the max batch size {self.config.max_batch_size}")
-        if self._queued_images + n > self.config.max_queue_images:
+            raise InvalidRequest(f"{n} images exceed the max batch size {self.config.max_batch_size}")
+        if tenant_max_queued is not None and self._fq.queued_images(tenant) + n > tenant_max_queued:
+            self.hooks.rejected("tenant_queue_full")
+            raise Overloaded(
+                f"tenant {tenant!r} has {self._fq.queued_images(tenant)} images queued (limit {tenant_max_queued})"
+            )
+        if self._fq.total_images + n > self.config.max_queue_images:
             self.hooks.rejected("queue_full")
-            raise Overloaded(f"server queue is full ({self._queued_images} images waiting)")
+            raise Overloaded(f"server queue is full ({self._fq.total_images} images waiting)")
         fut: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         req = Request(tenant, task_id, images, output, top_k, time.monotonic() + timeout_s, fut)
-        self._enqueue(req)
+        self._enqueue(req, weight)
         try:
             return await asyncio.wait_for(asyncio.shield(fut), timeout=timeout_s + 1.0)
         except asyncio.TimeoutError:
@@ -150,7 +160,7 @@ class Scheduler:
         """Stop accepting; wait until queued and in-flight work is done (graceful shutdown)."""
         self._accepting = False
         deadline = time.monotonic() + timeout_s
-        while (self._queued_images or self._in_flight) and time.monotonic() < deadline:
+        while (self._fq or self._in_flight) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
 
     async def close(self) -> None:
@@ -160,39 +170,26 @@ class Scheduler:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task
         await self.residency.close()
-        for q in self._queues.values():
-            for r in q:
-                if not r.done:
-                    r.future.set_exception(Unavailable("server is shutting down"))
-        self._queues.clear()
+        for r in list(self._fq.all_requests()):
+            self._fq.remove(r)
+            if not r.done:
+                r.future.set_exception(Unavailable("server is shutting down"))
         for ex in (self._engine_ex, self._collect_ex, self._loader_ex):
             ex.shutdown(wait=True, cancel_futures=True)
 
     # --- queues -------------------------------------------------------------------------------------
 
-    def _enqueue(self, req: Request) -> None:
-        q = self._queues.get(req.tenant)
-        if q is None:
-            q = self._queues[req.tenant] = deque()
-        if req.tenant not in self._rr:
-            self._rr.append(req.tenant)
-        q.append(req)
-        self._queued_images += req.n
+    def _enqueue(self, req: Request, weight: float) -> None:
+        self._fq.push(req, weight)
         req.future.add_done_callback(lambda f, r=req: self._on_request_done(r))
         self._wake()
 
     def _on_request_done(self, req: Request) -> None:
         # A request cancelled (client gone, timeout) while still queued gives back its place at once.
-        q = self._queues.get(req.tenant)
-        if q is not None and req in q:
-            q.remove(req)
-            self._remove(req)
+        self._fq.remove(req)
 
     def _wake(self) -> None:
         self._event.set()
-
-    def _remove(self, req: Request) -> None:
-        self._queued_images -= req.n
 
     # --- the loop -----------------------------------------------------------------------------------
 
@@ -216,10 +213,10 @@ class Scheduler:
                 await asyncio.wait_for(self._event.wait(), timeout)
 
     def _next_deadline_in(self) -> float | None:
-        if not self._queued_images:
+        if not self._fq:
             return None
         now = time.monotonic()
-        soonest = min((r.deadline for q in self._queues.values() for r in q), default=now + 1)
+        soonest = min((r.deadline for r in self._fq.all_requests()), default=now + 1)
         return max(0.001, min(soonest - now, 0.05))
 
     async def _maybe_wait_for_more(self, planned: _Planned) -> _Planned | None:
@@ -232,36 +229,39 @@ class Scheduler:
         return self._plan()
 
     def _plan(self) -> _Planned | None:
-        """Take requests whose tasks are resident, round-robin across tenants, up to the batch size."""
+        """Fill a batch with requests whose tasks are resident, least-served tenant (by weight) first."""
         cap = self.config.max_batch_size
         taken: list[tuple[Request, int]] = []
         size = 0
         only_task: tuple[str, str] | None = None
         output: Output | None = None
         now = time.monotonic()
-        progress = True
-        while size < cap and progress and self._rr:
-            progress = False
-            for _ in range(len(self._rr)):
-                tenant = self._rr[0]
-                self._rr.rotate(-1)
-                req, slot = self._take(tenant, now, cap - size, only_task, output)
-                if req is None:
-                    continue
-                taken.append((req, slot))
-                size += req.n
-                progress = True
-                output = req.output
-                if self.config.batching == "per_task":
-                    only_task = req.task
-                if size >= cap:
-                    break
-            self._rr = deque(t for t in self._rr if self._queues.get(t))
+        exhausted: set[str] = set()  # tenants with nothing runnable for this batch
+        while size < cap:
+            candidates = [t for t in self._fq.tenants_by_priority() if t not in exhausted]
+            if not candidates:
+                break
+            tenant = candidates[0]
+            req, slot = self._take(tenant, now, cap - size, only_task, output)
+            if req is None:
+                exhausted.add(tenant)
+                continue
+            self._fq.take(req)
+            taken.append((req, slot))
+            size += req.n
+            output = req.output
+            if self.config.batching == "per_task":
+                only_task = req.task
         if not taken:
             return None
+        for _, slot in taken:
+            self.engine.bank.acquire(slot, 1)
+        return _Planned(taken, self._engine_batch(taken))
+
+    def _engine_batch(self, taken: list[tuple[Request, int]]) -> EngineBatch:
         infos, slots, imgs = [], [], []
         for req, slot in taken:
-            info = self.engine.bank.acquire(slot, 1)
+            info = self.engine.bank.info(slot)
             infos += [info] * req.n
             slots += [slot] * req.n
             imgs.append(req.images)
@@ -269,18 +269,13 @@ class Scheduler:
         if self.engine.device.type == "cuda":
             images = images.pin_memory()
         top_k = max(r.top_k for r, _ in taken)
-        assert output is not None
-        return _Planned(taken, EngineBatch(images, slots, infos, output, top_k))
+        return EngineBatch(images, slots, infos, taken[0][0].output, top_k)
 
     def _unplan(self, planned: _Planned) -> None:
-        """Put planned requests back at the front of their queues (keeps FIFO order)."""
+        """Put planned requests back at the front of their queues (keeps FIFO order and charges)."""
         for req, slot in reversed(planned.requests):
             self.engine.bank.release(slot, 1)
-            q = self._queues.setdefault(req.tenant, deque())
-            if req.tenant not in self._rr:
-                self._rr.append(req.tenant)
-            q.appendleft(req)
-            self._queued_images += req.n
+            self._fq.push_front(req)
 
     def _take(
         self,
@@ -291,17 +286,12 @@ class Scheduler:
         output: Output | None,
     ) -> tuple[Request | None, int]:
         """First request of this tenant that can run now; fails expired or unloadable ones on the way."""
-        q = self._queues.get(tenant)
-        if not q:
-            return None, -1
-        for req in list(q):
+        for req in self._fq.requests(tenant):
             if req.done:  # cancelled by its client, or already failed
-                q.remove(req)
-                self._remove(req)
+                self._fq.remove(req)
                 continue
             if now > req.deadline:
-                q.remove(req)
-                self._remove(req)
+                self._fq.remove(req)
                 self.hooks.rejected("deadline")
                 req.future.set_exception(DeadlineExceeded("request expired in the queue"))
                 continue
@@ -312,18 +302,16 @@ class Scheduler:
                 self._fail_task(req.task, state.error)
                 continue
             if isinstance(state, Ready):
-                q.remove(req)
-                self._remove(req)
                 return req, state.slot
             # Waiting: its task is loading; later requests of this tenant (other tasks) may go first.
         return None, -1
 
     def _fail_task(self, task: tuple[str, str], error: ServingError) -> None:
         """Fail every queued request for a task (not found, invalid artifact, store down)."""
-        q = self._queues.get(task[0], deque())
-        for req in [r for r in q if r.task == task]:
-            q.remove(req)
-            self._remove(req)
+        for req in self._fq.requests(task[0]):
+            if req.task != task:
+                continue
+            self._fq.remove(req)
             if not req.done:
                 req.future.set_exception(error)
 
@@ -335,13 +323,30 @@ class Scheduler:
             req.dispatched = now
             self.hooks.queue_wait(now - req.enqueued)
 
+        async def execute(part: list[tuple[Request, int]], batch: EngineBatch) -> None:
+            try:
+                pending = await loop.run_in_executor(self._engine_ex, self.engine.launch, batch)
+                result = await loop.run_in_executor(self._collect_ex, self.engine.collect, pending)
+            except torch.OutOfMemoryError:
+                if len(part) == 1:
+                    raise
+                # Out of device memory: retry the two halves one after the other.
+                log.warning("out of memory on a batch of %d images; splitting it", batch.images.shape[0])
+                self.hooks.rejected("oom_split")
+                await loop.run_in_executor(self._engine_ex, self.engine.release_cached_memory)
+                half = len(part) // 2
+                for sub in (part[:half], part[half:]):
+                    await execute(sub, self._engine_batch(sub))
+                return
+            self._deliver(part, batch, result)
+
         async def run() -> None:
             try:
-                pending = await loop.run_in_executor(self._engine_ex, self.engine.launch, planned.batch)
-                result = await loop.run_in_executor(self._collect_ex, self.engine.collect, pending)
-                self._deliver(planned, result)
+                await execute(planned.requests, planned.batch)
             except Exception as e:
+                # Only this batch's requests fail; the next batch runs as usual.
                 log.exception("batch of %d images failed", planned.batch.images.shape[0])
+                self.hooks.rejected("engine_error")
                 for req, _ in planned.requests:
                     if not req.done:
                         req.future.set_exception(Unavailable(f"inference failed: {type(e).__name__}"))
@@ -356,12 +361,12 @@ class Scheduler:
         self._batches.add(task)  # keep a reference until done (asyncio holds only weak ones)
         task.add_done_callback(self._batches.discard)
 
-    def _deliver(self, planned: _Planned, result: EngineResult) -> None:
-        B = planned.batch.images.shape[0]
-        self.hooks.batch(B, result.compute_s, len({r.task for r, _ in planned.requests}))
+    def _deliver(self, part: list[tuple[Request, int]], batch: EngineBatch, result: EngineResult) -> None:
+        B = batch.images.shape[0]
+        self.hooks.batch(B, result.compute_s, len({r.task for r, _ in part}))
         row = 0
-        for req, _ in planned.requests:
-            info = planned.batch.infos[row]
+        for req, _ in part:
+            info = batch.infos[row]
             rows = slice(row, row + req.n)
             row += req.n
             if req.done:

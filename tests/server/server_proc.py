@@ -30,6 +30,7 @@ class ServerProcess:
         self.log_path = tmp / f"server-{self.port}.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("VPT_")}
         env.update({"VPT_HOST": "127.0.0.1", "VPT_PORT": str(self.port), "VPT_STORE": str(tmp / "store")})
+        settings.setdefault("open_mode", "true")  # tests that need keys pass tenants_file and open_mode=false
         env.update({f"VPT_{k.upper()}": str(v) for k, v in settings.items()})
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(

@@ -32,6 +32,7 @@ def client(tmp_path_factory):
         max_images_per_request=8,
         max_body_bytes=2_000_000,
         access_log=False,
+        open_mode=True,
     )
     with TestClient(create_app(settings)) as c:
         yield c
