@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -15,6 +18,7 @@ from server.api.middleware import RequestContext
 from server.metrics import Metrics
 from server.services import Services
 from server.settings import Settings
+from server.tenants import TenantRegistry
 
 
 def create_app(settings: Settings, *, store: PromptStore | None = None) -> FastAPI:
@@ -24,6 +28,8 @@ def create_app(settings: Settings, *, store: PromptStore | None = None) -> FastA
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         services = await Services.start(settings, store=store, metrics=metrics)
         app.state.services = services
+        if services.tenants is not None:
+            _reload_on_sighup(services.tenants)
         try:
             yield
         finally:
@@ -42,3 +48,10 @@ def create_app(settings: Settings, *, store: PromptStore | None = None) -> FastA
     for router in (inference.router, tasks.router, system.router):
         app.include_router(router)
     return app
+
+
+def _reload_on_sighup(registry: TenantRegistry) -> None:
+    """`kill -HUP` re-reads the tenants file (it is also re-read when its mtime changes)."""
+    # Not the main thread (in-process tests) or no signals (Windows): mtime polling remains.
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, registry.reload)
