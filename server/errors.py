@@ -90,6 +90,12 @@ class Unavailable(ServingError):
         super().__init__(message, headers={"Retry-After": str(max(1, round(retry_after)))})
 
 
+class CorruptArtifact(ServingError):
+    """A stored version fails its checksum or validation: only this task is affected."""
+
+    type, status = "corrupt_artifact", 503
+
+
 class StoreUnavailable(ServingError):
     type, status = "store_unavailable", 503
 

@@ -19,6 +19,7 @@ _STORE_MAP: dict[type[Exception], type[errors.ServingError]] = {
     store.InvalidId: errors.InvalidTaskId,
     store.NotFound: errors.TaskNotFound,
     store.StoreUnavailable: errors.StoreUnavailable,
+    store.CorruptArtifact: errors.CorruptArtifact,
     store.Conflict: errors.Unavailable,
 }
 

@@ -20,11 +20,12 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 from prompt_store.artifact import ArtifactError, load_artifact, validate_for_backbone
+from prompt_store.base import CorruptArtifact as StoreCorrupt
 from prompt_store.base import NotFound, PromptStore
 from prompt_store.base import StoreUnavailable as StoreDown
 from server.engine.bank import BankFull, SlotInfo, TaskKey, TaskTooLarge
 from server.engine.engine import Engine
-from server.errors import InvalidArtifact, ServingError, StoreUnavailable, TaskNotFound
+from server.errors import CorruptArtifact, InvalidArtifact, ServingError, StoreUnavailable, TaskNotFound
 
 log = logging.getLogger(__name__)
 
@@ -171,12 +172,18 @@ class Residency:
             raise TaskNotFound(f"task {key.task_id!r} version {key.version} not found") from None
         except StoreDown as e:
             raise StoreUnavailable(f"prompt store unavailable: {e}") from None
+        except StoreCorrupt as e:
+            raise CorruptArtifact(
+                f"task {key.task_id!r} version {key.version} is corrupt in the store: {e}"
+            ) from None
         try:
             artifact = load_artifact(data)
             validate_for_backbone(artifact, self.engine.signature)
             self.engine.bank.check_fits(artifact)
         except ArtifactError as e:
-            raise InvalidArtifact(f"stored task {key.task_id!r} is invalid: {e}", field=e.field) from None
+            raise CorruptArtifact(
+                f"stored task {key.task_id!r} version {key.version} is invalid: {e}"
+            ) from None
         except TaskTooLarge as e:
             raise InvalidArtifact(str(e)) from None
         return artifact
