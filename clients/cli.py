@@ -1,0 +1,347 @@
+"""The `vpt` command line (console script `vpt = clients.cli:main`).
+
+Subcommands register themselves through `COMMANDS`: each entry is a function that adds one
+sub-parser and sets `func` (called with the parsed namespace, returns the exit status). Heavy imports
+(torch, the trainer) happen inside the command that needs them, so `vpt --help` and HTTP-only
+commands start fast.
+
+Commands here: `train` (docs/training.md: the VPT paper's recipe, Jia et al., ECCV 2022,
+arXiv 2203.12119) and `import-official` (prompts trained with KMnP/vpt).
+Exit status: 0 ok, 1 a failure reported on one line (bad data, refused file, server error), 2 usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+from urllib.parse import quote
+
+Register = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
+
+
+class CliError(Exception):
+    """A failure to report as one line on stderr (exit status 1), without a traceback."""
+
+
+# ------------------------------------------------------------------------------------------ upload
+def upload_artifact(
+    url: str, task_id: str, data: bytes, api_key: str | None, *, timeout: float = 60.0
+) -> dict[str, Any]:
+    """PUT the artifact bytes to `{url}/v1/tasks/{task_id}`; returns the server's JSON reply.
+
+    An error reply `{"error": {"type", "message"}}` becomes a one-line `CliError`.
+    """
+    import httpx  # here: only uploading commands need it
+
+    headers = {"Content-Type": "application/octet-stream"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    target = f"{url.rstrip('/')}/v1/tasks/{quote(task_id, safe='')}"
+    try:
+        resp = httpx.put(target, content=data, headers=headers, timeout=timeout)
+    except httpx.HTTPError as e:
+        raise CliError(f"upload to {target} failed: {type(e).__name__}: {e}") from None
+    try:
+        payload = resp.json()
+    except ValueError:
+        payload = None
+    if resp.is_success:
+        return payload if isinstance(payload, dict) else {"status": resp.status_code}
+    err = payload.get("error") if isinstance(payload, dict) else None
+    if isinstance(err, dict):
+        raise CliError(f"upload rejected: HTTP {resp.status_code} {err.get('type')}: {err.get('message')}")
+    body = resp.text.strip().replace("\n", " ")[:200]
+    raise CliError(f"upload rejected: HTTP {resp.status_code}: {body or resp.reason_phrase}")
+
+
+def _add_upload_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("upload (optional)")
+    g.add_argument("--upload", metavar="URL", help="server base URL: PUT the artifact to URL/v1/tasks/ID")
+    g.add_argument("--task", metavar="ID", help="task id to upload as (required with --upload)")
+    g.add_argument("--api-key", metavar="K", help="bearer token (default: $VPT_API_KEY)")
+
+
+def _maybe_upload(args: argparse.Namespace, data: bytes) -> None:
+    if not args.upload:
+        return
+    key = args.api_key or os.environ.get("VPT_API_KEY")
+    reply = upload_artifact(args.upload, args.task, data, key)
+    print(json.dumps(reply, indent=2, ensure_ascii=False))
+
+
+def _check_upload_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.upload and not args.task:
+        p.error("--upload needs --task ID")
+    if args.task and not args.upload:
+        p.error("--task is only used with --upload URL")
+
+
+# ------------------------------------------------------------------------------------------ train
+def _fraction(text: str) -> float:
+    v = float(text)
+    if not 0 <= v < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {v}")
+    return v
+
+
+def _add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a VPT task (prompts + head) on a frozen backbone and write an artifact",
+        description="Train a VPT task with the paper's recipe (SGD momentum 0.9, cosine schedule with "
+        "linear warm-up, lr = base lr x batch/256; prompts and head only, backbone frozen in eval mode). "
+        "See docs/training.md.",
+    )
+    p.add_argument(
+        "--backbone", required=True, metavar="SPEC", help="random:<preset>[@seed], hf-hub:<repo>, or a path"
+    )
+    p.add_argument(
+        "--data", required=True, metavar="DIR|CSV", help="ImageFolder directory or CSV of path,label"
+    )
+    p.add_argument("--out", required=True, metavar="FILE", help="artifact to write (.safetensors)")
+    p.add_argument("--mode", choices=("deep", "shallow", "linear"), default="deep", help="default: deep")
+    p.add_argument(
+        "--prompt-length", type=int, default=10, metavar="P", help="prompt tokens per layer (default 10)"
+    )
+    p.add_argument("--epochs", type=int, default=100, help="default 100 (the paper)")
+    p.add_argument("--batch-size", type=int, default=128, help="default 128 (the paper's FGVC configs)")
+    p.add_argument(
+        "--lr", type=float, default=None, help="base lr at batch 256 (scaled by batch/256); default 1.0"
+    )
+    p.add_argument("--weight-decay", type=float, default=None, help="default 1e-4")
+    p.add_argument(
+        "--warmup-epochs", type=int, default=None, help="linear warm-up epochs (default: epochs/10)"
+    )
+    p.add_argument("--prompt-dropout", type=float, default=None, help="default 0.1 for deep, 0 otherwise")
+    val = p.add_mutually_exclusive_group()
+    val.add_argument(
+        "--val-split",
+        type=_fraction,
+        default=0.1,
+        help="fraction held out per class (default 0.1; 0 = none)",
+    )
+    val.add_argument("--val-dir", metavar="DIR|CSV", help="separate validation images (same labels)")
+    p.add_argument(
+        "--lr-grid",
+        type=float,
+        nargs="*",
+        metavar="LR",
+        help="grid-search these base lrs (no values: the paper's grid)",
+    )
+    p.add_argument(
+        "--wd-grid",
+        type=float,
+        nargs="*",
+        metavar="WD",
+        help="grid-search these weight decays (no values: the paper's)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    p.add_argument(
+        "--workers", type=int, default=None, help="DataLoader workers (default: 0 on CPU, up to 8 on GPU)"
+    )
+    p.add_argument(
+        "--img-size",
+        type=int,
+        default=None,
+        help="input side; must match the server's (default: the backbone's)",
+    )
+    p.add_argument(
+        "--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="stored tensor dtype"
+    )
+    p.add_argument(
+        "--cache-mb", type=int, default=2048, help="memory for decoded images; beyond it, decode per access"
+    )
+    p.add_argument("--name", help="display name stored in the artifact")
+    p.add_argument("--description", help="free text stored in the artifact")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    _add_upload_flags(p)
+    p.set_defaults(func=_cmd_train, _parser=p)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    _check_upload_args(args._parser, args)
+    from vpt.train.job import SAVE_DTYPES, default_workers, resolve_device, train_from_paths
+    from vpt.train.loop import RunOptions
+    from vpt.train.recipe import PAPER_LR_GRID, PAPER_WD_GRID, Recipe
+
+    grid = None
+    if args.lr_grid is not None or args.wd_grid is not None:
+        if args.val_split == 0 and args.val_dir is None:
+            args._parser.error("a grid search needs validation data (--val-split > 0 or --val-dir)")
+        # A grid flag without values means the paper's grid; so does the flag not given at all.
+        grid = (args.lr_grid or list(PAPER_LR_GRID), args.wd_grid or list(PAPER_WD_GRID))
+    device = resolve_device(args.device)
+    try:
+        recipe = Recipe(
+            mode=args.mode,
+            prompt_length=args.prompt_length,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            base_lr=args.lr if args.lr is not None else Recipe.base_lr,
+            weight_decay=args.weight_decay if args.weight_decay is not None else Recipe.weight_decay,
+            warmup_epochs=args.warmup_epochs if args.warmup_epochs is not None else args.epochs // 10,
+            prompt_dropout=args.prompt_dropout,
+            seed=args.seed,
+        )
+    except ValueError as e:
+        args._parser.error(str(e))
+    opts = RunOptions(
+        device=device,
+        workers=args.workers if args.workers is not None else default_workers(device),
+        save_dtype=SAVE_DTYPES[args.dtype],
+        progress=not args.quiet,
+    )
+
+    def on_grid_run(run: Any) -> None:
+        res = f"val {100 * run.val_accuracy:.2f}%" if run.status == "ok" else run.status
+        print(
+            f"grid: base lr {run.base_lr:g} wd {run.weight_decay:g} → {res} ({run.seconds:.1f}s)",
+            file=sys.stderr,
+        )
+
+    out = train_from_paths(
+        backbone_spec=args.backbone,
+        data=args.data,
+        recipe=recipe,
+        opts=opts,
+        out=args.out,
+        val_dir=args.val_dir,
+        val_split=args.val_split,
+        img_size=args.img_size,
+        grid=grid,
+        cache_bytes=args.cache_mb << 20,
+        name=args.name,
+        description=args.description,
+        on_grid_run=None if args.quiet else on_grid_run,
+    )
+    from vpt.train.report import format_report
+
+    print(format_report(out.summary))
+    print(f"wrote {args.out}")
+    _maybe_upload(args, out.data)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ import-official
+def _add_import_official(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "import-official",
+        help="convert prompts trained with the official VPT code (KMnP/vpt) into an artifact",
+        description="Read an official per-epoch prompt file (prompt_epN.pth) or model checkpoint with "
+        "torch.load(weights_only=True) and write a task artifact validated against --backbone. "
+        "See docs/training.md.",
+    )
+    p.add_argument("file", metavar="FILE", help="prompt_epN.pth or a model state dict")
+    p.add_argument(
+        "--backbone", required=True, metavar="SPEC", help="the backbone the prompts were trained on"
+    )
+    p.add_argument("--out", required=True, metavar="FILE", help="artifact to write (.safetensors)")
+    labels = p.add_mutually_exclusive_group()
+    labels.add_argument(
+        "--labels", metavar="FILE|a,b,c", help="class names: a file (one per line or JSON) or a list"
+    )
+    labels.add_argument(
+        "--num-classes", type=int, help="check the head has this many classes; labels '0'..'C-1'"
+    )
+    p.add_argument(
+        "--head", metavar="FILE", help="head weights when FILE has none (head.last_layer.weight/bias)"
+    )
+    p.add_argument(
+        "--mode", choices=("deep", "shallow", "linear"), help="expected mode (refused if the file differs)"
+    )
+    p.add_argument("--img-size", type=int, default=None, help="input side; must match the server's")
+    p.add_argument(
+        "--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="stored tensor dtype"
+    )
+    p.add_argument("--name", help="display name stored in the artifact")
+    p.add_argument("--description", help="free text stored in the artifact")
+    _add_upload_flags(p)
+    p.set_defaults(func=_cmd_import_official, _parser=p)
+
+
+def _cmd_import_official(args: argparse.Namespace) -> int:
+    _check_upload_args(args._parser, args)
+    from pathlib import Path
+
+    from prompt_store.artifact import load_artifact, save_artifact, validate_for_backbone
+    from vpt.hub import load_backbone
+    from vpt.official import official_to_artifact, read_head, read_official
+    from vpt.train.job import SAVE_DTYPES, signature, write_bytes_atomic
+
+    task = read_official(args.file)
+    head = read_head(args.head) if args.head else None
+    bb = load_backbone(args.backbone, img_size=args.img_size)
+    sig = signature(bb)
+    artifact = official_to_artifact(
+        task,
+        sig,
+        labels=args.labels,
+        num_classes=args.num_classes,
+        head=head,
+        mode=args.mode,
+        name=args.name,
+        description=args.description,
+        source=Path(args.file).name,
+    )
+    data = save_artifact(artifact, SAVE_DTYPES[args.dtype])
+    validate_for_backbone(load_artifact(data), sig)
+    write_bytes_atomic(Path(args.out), data)
+    L, P, D = artifact.prompts.shape
+    print(
+        f"imported {task.kind} {args.file}: VPT-{task.mode}, prompts ({L}, {P}, {D}), "
+        f"{artifact.num_classes} classes; wrote {args.out} ({len(data):,} bytes)"
+    )
+    _maybe_upload(args, data)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ main
+# Other subcommands (classify, upload, tasks, info, keygen) add their register function here.
+COMMANDS: list[Register] = [_add_train, _add_import_official]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vpt", description="Visual Prompt Tuning: train, import and serve tasks."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for register in COMMANDS:
+        register(sub)
+    return parser
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """Domain errors that deserve one line, not a traceback (imported lazily, as the commands are)."""
+    errors: list[type[BaseException]] = [CliError]
+    for mod, name in (
+        ("vpt.train.data", "DatasetError"),
+        ("vpt.train.loop", "TrainingDiverged"),
+        ("vpt.official", "OfficialImportError"),
+        ("vpt.checkpoint", "CheckpointError"),
+        ("prompt_store.errors", "ArtifactError"),
+    ):
+        module = sys.modules.get(mod)
+        if module is not None:
+            errors.append(getattr(module, name))
+    return tuple(errors)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except Exception as e:
+        if isinstance(e, _expected_errors()):
+            print(f"vpt {args.command}: error: {e}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
