@@ -1,0 +1,408 @@
+"""Engine benchmark: img/s of `server.engine.Engine` by batch size, prompt length and VPT mode, and
+mixed-task batches vs batching per task under Zipf popularity (the Punica/S-LoRA idea applied to VPT).
+
+What is timed is `Engine.run(EngineBatch)` — the call the scheduler makes: uint8 images on the host →
+normalise → per-sample prompt gather and insertion → ViT → per-sample head → softmax → top-k on the
+host. No HTTP, no decoding, no queueing (benchmarks/load.py measures those).
+
+Mixed vs per task (ANCHORS.md: 10.3x on an H200 with ViT-B/16, deep P=50, 1000 tasks): one set of
+`--zipf-requests` single-image requests drawn with Zipf(s) popularity over N tasks is run twice on the
+same engine in the same process: (a) mixed — batches of up to `--zipf-batch` images in arrival order,
+whatever their tasks; (b) per task — the same requests grouped by task, one batch per task (what a
+server that can only broadcast one task's prompts must do). The ratio of the two is printed, and the
+mixed results are checked against the per-task ones (the batch-invariance DESIGN.md promises).
+
+    .venv/bin/python -m benchmarks.engine                              # CPU, small preset, ~1-2 min
+    .venv/bin/python -m benchmarks.engine --device cuda --preset vit_base_patch16_224 --dtype bfloat16
+    .venv/bin/python -m benchmarks.engine --quick                      # smoke run (seconds)
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from collections import OrderedDict
+from typing import Any
+
+import torch
+
+from benchmarks.common import (
+    expected_distinct,
+    format_table,
+    int_list,
+    machine_info,
+    make_artifact,
+    median,
+    percentile,
+    random_images,
+    str_list,
+    sync,
+    timed_runs,
+    write_json,
+    zipf_sample,
+)
+from server.engine.bank import TaskKey
+from server.engine.engine import Engine, EngineBatch, EngineResult, pick_device, pick_dtype
+from vpt.hub import Backbone, load_backbone
+
+CPU_DEFAULTS = {
+    "preset": "vit_test_small",
+    "batch_sizes": "1,8,32,64,128",
+    "prompt_lengths": "0,10,50",
+    "tasks": 100,
+    "latency_sizes": "1,8",
+    "zipf_batch": 64,  # the server's default VPT_MAX_BATCH_SIZE; on CPU bigger batches only lose cache
+}
+GPU_DEFAULTS = {
+    "preset": "vit_base_patch16_224",
+    "batch_sizes": "1,8,32,128,256,512",
+    "prompt_lengths": "0,10,50",
+    "tasks": 1000,
+    "latency_sizes": "1,8",
+    "zipf_batch": 0,  # one mixed batch of all the requests, as in ANCHORS.md
+}
+
+
+# --- building -------------------------------------------------------------------------------------------
+def build_engine(
+    spec: str,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    bank_slots: int,
+    max_prompt_length: int,
+    max_classes: int,
+    compile: bool = False,
+) -> tuple[Backbone, Engine]:
+    backbone = load_backbone(spec, device=device, dtype=dtype)
+    engine = Engine(
+        backbone,
+        bank_slots=bank_slots,
+        max_prompt_length=max_prompt_length,
+        max_classes=max_classes,
+        compile=compile,
+    )
+    return backbone, engine
+
+
+def install_tasks(
+    engine: Engine,
+    backbone: Backbone,
+    *,
+    n: int,
+    prompt_length: int,
+    mode: str,
+    num_classes: int,
+    tag: str,
+    dtype: torch.dtype = torch.float32,
+) -> list[int]:
+    """Install n random tasks (evicting earlier ones LRU when the bank is full); returns their slots."""
+    slots = []
+    for i in range(n):
+        art = make_artifact(
+            backbone, prompt_length=prompt_length, mode=mode, num_classes=num_classes, seed=i, dtype=dtype
+        )
+        slots.append(engine.install(TaskKey("bench", f"{tag}-{i}", 1), art))
+    sync(engine.device)
+    return slots
+
+
+def make_batch(engine: Engine, images: torch.Tensor, slots: list[int], top_k: int = 5) -> EngineBatch:
+    """What the scheduler hands the engine: host images (pinned on CUDA) + slot per sample."""
+    if engine.device.type == "cuda":
+        images = images.pin_memory()
+    return EngineBatch(images, list(slots), [engine.bank.info(s) for s in slots], "classify", top_k)
+
+
+# --- measurements ---------------------------------------------------------------------------------------
+def throughput(engine: Engine, batch: EngineBatch, *, min_time: float, warmup: int = 2) -> dict[str, float]:
+    """Steady-state img/s of one batch run back to back (median batch time)."""
+    for _ in range(warmup):
+        engine.run(batch)
+    cpu0 = time.process_time()
+    times = timed_runs(lambda: engine.run(batch), min_time=min_time)
+    cpu = time.process_time() - cpu0
+    B = len(batch.slots)
+    t = median(times)
+    # CPU ms per image (all threads of this process): the cost a server pays per image for the engine,
+    # less sensitive than wall time to other jobs on a shared machine.
+    return {"img_s": B / t, "ms_per_batch": t * 1000, "cpu_ms_per_img": cpu / (B * len(times)) * 1000,
+            "runs": len(times)}  # fmt: skip
+
+
+def mixed_batch(
+    engine: Engine, slots: list[int], B: int, images: torch.Tensor, rng: random.Random
+) -> EngineBatch:
+    """B samples of tasks drawn uniformly from `slots` (each batch mixes up to B tasks)."""
+    picks = [rng.choice(slots) for _ in range(B)]
+    return make_batch(engine, images[:B], picks)
+
+
+def zipf_compare(
+    engine: Engine,
+    slots: list[int],
+    *,
+    requests: int,
+    s: float,
+    max_batch: int,
+    min_time: float,
+    seed: int,
+) -> dict[str, Any]:
+    """Same requests, same engine: mixed batches vs one batch per task (Zipf(s) popularity)."""
+    rng = random.Random(seed)
+    tasks = zipf_sample(len(slots), s, requests, rng)  # task index per request, in arrival order
+    images = random_images(requests, engine.cfg.img_size, seed)  # (R, 3, S, S)
+
+    mixed = [(list(range(i, min(i + max_batch, requests))), None) for i in range(0, requests, max_batch)]
+    groups: OrderedDict[int, list[int]] = OrderedDict()  # task → request rows, tasks in first-arrival order
+    for row, t in enumerate(tasks):
+        groups.setdefault(t, []).append(row)
+    per_task = [
+        (rows[i : i + max_batch], t) for t, rows in groups.items() for i in range(0, len(rows), max_batch)
+    ]
+
+    def plan(chunks: list[tuple[list[int], int | None]]) -> list[tuple[list[int], EngineBatch]]:
+        idx = [
+            (rows, make_batch(engine, images[rows], [slots[tasks[r]] for r in rows])) for rows, _ in chunks
+        ]
+        return idx
+
+    mixed_plan, per_task_plan = plan(mixed), plan(per_task)
+
+    def run_all(p: list[tuple[list[int], EngineBatch]]) -> list[tuple[list[int], EngineResult]]:
+        return [(rows, engine.run(b)) for rows, b in p]
+
+    # Warm both shapes, then alternate the two so drift on a shared machine hits both alike.
+    run_all(mixed_plan)
+    run_all(per_task_plan)
+    t_mixed: list[float] = []
+    t_per_task: list[float] = []
+    start = time.perf_counter()
+    while len(t_mixed) < 3 or time.perf_counter() - start < min_time:
+        t_mixed += timed_runs(lambda: run_all(mixed_plan), min_time=0, min_runs=1)
+        t_per_task += timed_runs(lambda: run_all(per_task_plan), min_time=0, min_runs=1)
+
+    # Batch invariance: each request's scores are the same whichever batch it rode in.
+    got_m, got_p = torch.zeros(requests, 5), torch.zeros(requests, 5)
+    for rows, res in run_all(mixed_plan):
+        assert res.scores is not None
+        got_m[rows, : res.scores.shape[1]] = res.scores.float()
+    for rows, res in run_all(per_task_plan):
+        assert res.scores is not None
+        got_p[rows, : res.scores.shape[1]] = res.scores.float()
+    sizes = [len(rows) for rows, _ in per_task]
+    tm, tp = median(t_mixed), median(t_per_task)
+    return {
+        "tasks": len(slots),
+        "zipf_s": s,
+        "requests": requests,
+        "max_batch": max_batch,
+        "distinct_tasks": len(groups),
+        "expected_distinct_tasks": round(expected_distinct(len(slots), s, requests), 1),
+        "mixed_batches": len(mixed),
+        "per_task_batches": len(per_task),
+        "per_task_batch_sizes": {
+            "max": max(sizes),
+            "median": median(sizes),
+            "singletons": sum(1 for x in sizes if x == 1),
+        },
+        "mixed_img_s": requests / tm,
+        "per_task_img_s": requests / tp,
+        "ratio": tp / tm,
+        "runs": len(t_mixed),
+        "max_abs_score_diff": float((got_m - got_p).abs().max()),
+    }
+
+
+def latency(engine: Engine, slots: list[int], sizes: list[int], *, min_time: float) -> list[dict[str, Any]]:
+    """Engine-side latency of small batches (host images in → top-k on the host)."""
+    rng = random.Random(1)
+    images = random_images(max(sizes), engine.cfg.img_size, 1)
+    rows = []
+    for B in sizes:
+        batch = mixed_batch(engine, slots, B, images, rng)
+        for _ in range(3):
+            engine.run(batch)
+        times = timed_runs(lambda b=batch: engine.run(b), min_time=min_time, min_runs=10)
+        rows.append(
+            {
+                "batch": B,
+                "p50_ms": percentile(times, 50) * 1000,
+                "p99_ms": percentile(times, 99) * 1000,
+                "runs": len(times),
+            }
+        )
+    return rows
+
+
+# --- main -----------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.engine", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--preset", help="random-weight backbone preset (vpt/config.py); default by device")
+    p.add_argument("--backbone", help="full backbone spec instead of --preset (e.g. a checkpoint path)")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
+    p.add_argument("--compile", action="store_true", help="torch.compile the backbone (Engine(compile=True))")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    p.add_argument("--batch-sizes", help="comma list; default by device")
+    p.add_argument("--prompt-lengths", help="comma list (0 = no prompts: plain ViT + head)")
+    p.add_argument("--modes", default="shallow,deep")
+    p.add_argument("--tasks", type=int, help="tasks in the bank (sweep and Zipf); default by device")
+    p.add_argument("--classes", type=int, default=100, help="classes per task head")
+    p.add_argument("--zipf-s", type=float, default=1.1)
+    p.add_argument("--zipf-requests", type=int, default=256)
+    p.add_argument("--zipf-batch", type=int, default=0,
+                   help="max batch, both ways (default: 64 on CPU, all requests in one batch on GPU)")  # fmt: skip
+    p.add_argument("--zipf-mode", default="deep")
+    p.add_argument("--zipf-prompt-length", type=int, default=50)
+    p.add_argument("--latency-sizes", help="batch sizes for the latency table; default 1,8")
+    p.add_argument("--min-time", type=float, default=0.5, help="seconds per measured point (at least)")
+    p.add_argument("--skip", default="", help="comma list of sections to skip: sweep,zipf,latency")
+    p.add_argument("--json", default="benchmarks/results/engine.json", help="where to write the results")
+    p.add_argument("--quick", action="store_true", help="smoke sizes: seconds, not minutes")
+    args = p.parse_args(argv)
+    device = pick_device(args.device)
+    d = GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
+    if args.quick:
+        d = {"preset": "vit_test_tiny", "batch_sizes": "1,8", "prompt_lengths": "0,4", "tasks": 8,
+             "latency_sizes": "1", "zipf_batch": 0}  # fmt: skip
+        args.min_time = min(args.min_time, 0.05)
+        args.zipf_requests = min(args.zipf_requests, 32)
+        args.zipf_prompt_length = min(args.zipf_prompt_length, 4)
+        args.classes = min(args.classes, 10)
+    args.preset = args.preset or d["preset"]
+    args.batch_sizes = int_list(args.batch_sizes or d["batch_sizes"])
+    args.prompt_lengths = int_list(args.prompt_lengths or d["prompt_lengths"])
+    args.latency_sizes = int_list(args.latency_sizes or d["latency_sizes"])
+    args.tasks = args.tasks or d["tasks"]
+    args.modes = str_list(args.modes)
+    args.skip = set(str_list(args.skip))
+    args.zipf_batch = args.zipf_batch or d["zipf_batch"] or args.zipf_requests
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    spec = args.backbone or f"random:{args.preset}@0"
+    max_p = max([*args.prompt_lengths, args.zipf_prompt_length, 1])
+    t0 = time.perf_counter()
+    backbone, engine = build_engine(
+        spec,
+        device=device,
+        dtype=dtype,
+        bank_slots=args.tasks,
+        max_prompt_length=max_p,
+        max_classes=args.classes,
+        compile=args.compile,
+    )
+    engine.warmup((1, min(8, max(args.batch_sizes))))
+    cfg = backbone.cfg
+    print(
+        f"# engine benchmark: {spec} (D={cfg.embed_dim}, depth {cfg.depth}, {cfg.img_size}px, "
+        f"{cfg.num_patches} patches) on {device} {str(dtype).removeprefix('torch.')}"
+        f"{' compiled' if args.compile else ''}, torch threads {torch.get_num_threads()}, "
+        f"load avg {machine_info()['loadavg_1m']:.1f} (set up in {time.perf_counter() - t0:.1f}s)",
+        flush=True,
+    )
+    out: dict[str, Any] = {
+        "benchmark": "engine",
+        "machine": machine_info(device),
+        "config": {k: sorted(v) if isinstance(v, set) else v for k, v in vars(args).items()},
+        "backbone": {"spec": spec, "embed_dim": cfg.embed_dim, "depth": cfg.depth, "img_size": cfg.img_size,
+                     "num_patches": cfg.num_patches, "dtype": str(dtype).removeprefix("torch.")},
+    }  # fmt: skip
+    rng = random.Random(0)
+    images = random_images(max([*args.batch_sizes, *args.latency_sizes]), cfg.img_size, 0)
+
+    if "sweep" not in args.skip:
+        rows: list[dict[str, Any]] = []
+        plain: dict[int, float] = {}
+        combos = [(m, P) for P in args.prompt_lengths for m in (["none"] if P == 0 else args.modes)]
+        for mode, P in combos:
+            slots = install_tasks(
+                engine,
+                backbone,
+                n=args.tasks,
+                prompt_length=P,
+                mode="shallow" if mode == "none" else mode,
+                num_classes=args.classes,
+                tag=f"{mode}{P}",
+            )
+            for B in args.batch_sizes:
+                r = throughput(engine, mixed_batch(engine, slots, B, images, rng), min_time=args.min_time)
+                if P == 0:
+                    plain[B] = r["img_s"]
+                row = {"mode": mode, "P": P, "batch": B, **r}
+                row["vs_no_prompt"] = r["img_s"] / plain[B] if B in plain else float("nan")
+                rows.append(row)
+                print(f"  {mode:>7} P={P:<3} B={B:<4} {r['img_s']:10.1f} img/s", flush=True)
+        out["sweep"] = rows
+        print(
+            format_table(
+                rows,
+                ["mode", "P", "batch", "img_s", "ms_per_batch", "vs_no_prompt"],
+                f"img/s, mixed batches over {args.tasks} tasks (tasks drawn uniformly per sample)",
+            )
+        )
+
+    slots: list[int] = []
+    if {"zipf", "latency"} - args.skip:
+        slots = install_tasks(
+            engine,
+            backbone,
+            n=args.tasks,
+            prompt_length=args.zipf_prompt_length,
+            mode=args.zipf_mode,
+            num_classes=args.classes,
+            tag="zipf",
+        )
+    if "zipf" not in args.skip:
+        z = zipf_compare(
+            engine,
+            slots,
+            requests=args.zipf_requests,
+            s=args.zipf_s,
+            max_batch=args.zipf_batch,
+            min_time=max(args.min_time * 4, 0.1),
+            seed=0,
+        )
+        out["zipf"] = z
+        print(
+            format_table(
+                [
+                    {"batching": "mixed", "batches": z["mixed_batches"], "img_s": z["mixed_img_s"]},
+                    {"batching": "per task", "batches": z["per_task_batches"], "img_s": z["per_task_img_s"]},
+                ],
+                ["batching", "batches", "img_s"],
+                f"Zipf({z['zipf_s']}) over {z['tasks']} tasks, {z['requests']} requests "
+                f"({z['distinct_tasks']} distinct tasks), {args.zipf_mode} P={args.zipf_prompt_length}, "
+                f"max batch {z['max_batch']}",
+            )
+        )
+        print(
+            f"\nmixed / per-task = {z['ratio']:.2f}x  (max |score diff| mixed vs per-task "
+            f"{z['max_abs_score_diff']:.1e})"
+        )
+    if "latency" not in args.skip:
+        lat = latency(engine, slots, args.latency_sizes, min_time=args.min_time)
+        out["latency"] = lat
+        print(
+            format_table(
+                lat,
+                ["batch", "p50_ms", "p99_ms", "runs"],
+                f"engine latency ({args.zipf_mode} P={args.zipf_prompt_length})",
+            )
+        )
+    write_json(args.json, out)
+    print(f"\nresults: {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

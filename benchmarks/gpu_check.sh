@@ -1,0 +1,161 @@
+#!/usr/bin/env bash
+# GPU check (issue H, point 4): the GPU tests and benchmarks in one go, under 8 minutes, one summary table.
+#
+#   bash benchmarks/gpu_check.sh            # on a CUDA machine: ViT-B/16 bf16, 1000 tasks, deep P=50
+#   bash benchmarks/gpu_check.sh --smoke    # tiny CPU sizes (also what runs when CUDA is absent)
+#
+# Steps (each under its own `timeout`; the budgets sum to 460 s, so the script ends within 8 minutes):
+#   1. pytest -m gpu                        GPU tests, if the suite defines the marker
+#   2. engine, eager                         img/s by batch (mixed, 1000 tasks), Zipf mixed vs per task,
+#                                            batch-1/8 latency
+#   3. engine, torch.compile                 same backbone compiled: batch 256/512 + batch-1/8 latency
+#   4. load, JPEG uploads                    open-loop HTTP sweep against vpt-serve (mixed) and the naive
+#                                            endpoint, 1 JPEG per request; then mixed with 8 per request
+#                                            (multipart) so the Python load generator is not the limit
+# Results: $OUT_DIR (default benchmarks/results/gpu) — JSON per step, logs, summary.md.
+# Extra engine flags (e.g. a CUDA-graphs switch once the engine has one): ENGINE_EXTRA="--flag ...".
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-.venv/bin/python}
+[ -x "$PY" ] || PY=python3
+OUT=${OUT_DIR:-benchmarks/results/gpu}
+ENGINE_EXTRA=${ENGINE_EXTRA:-}
+SMOKE=0
+[ "${1:-}" = "--smoke" ] && SMOKE=1
+if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    [ "$SMOKE" = 1 ] || echo "no CUDA device: running the CPU smoke path instead" >&2
+    SMOKE=1
+fi
+mkdir -p "$OUT"
+: > "$OUT/steps.tsv"
+T0=$(date +%s)
+
+# step NAME BUDGET_S CMD...: run with a time limit, log to $OUT/NAME.log, record status and seconds.
+step() {
+    local name=$1 budget=$2 start rc
+    shift 2
+    start=$(date +%s)
+    echo "== $name (budget ${budget}s): $*" >&2
+    timeout --kill-after=10 "$budget" "$@" > "$OUT/$name.log" 2>&1
+    rc=$?
+    local status=ok
+    [ $rc -eq 0 ] || status="fail rc=$rc"
+    [ $rc -eq 124 ] && status="timeout"
+    printf '%s\t%s\t%s\n' "$name" "$status" "$(( $(date +%s) - start ))" >> "$OUT/steps.tsv"
+    [ $rc -eq 0 ] || tail -n 20 "$OUT/$name.log" >&2
+}
+
+if [ "$SMOKE" = 1 ]; then
+    DEV=(--device cpu --threads 1)
+    ENGINE_SIZES=(--quick)
+    COMPILE_SIZES=()
+    LOAD=(--quick --configs mixed,naive --image-format jpeg)
+    LOAD_MULTI=(--quick --configs mixed --image-format jpeg --images-per-request 4 --rates 10 --cold-preset none)
+else
+    DEV=(--device cuda --preset vit_base_patch16_224 --dtype bfloat16)
+    ENGINE_SIZES=(--tasks 1000 --modes deep --prompt-lengths 0,50 --batch-sizes 1,8,32,128,256,512
+                  --zipf-mode deep --zipf-prompt-length 50 --zipf-requests 256 --latency-sizes 1,8
+                  --min-time 0.5)
+    COMPILE_SIZES=(--tasks 1000 --modes deep --prompt-lengths 50 --batch-sizes 256,512 --skip zipf
+                   --zipf-prompt-length 50 --latency-sizes 1,8 --min-time 0.5)
+    # 200 tasks (bf16 artifacts, ~1 MB each) keep the uploads to seconds; the engine steps use 1000.
+    LOAD_COMMON=(--device cuda --preset vit_base_patch16_224 --image-format jpeg --image-px 256
+                 --mode deep --prompt-length 50 --classes 100 --max-batch 256
+                 --duration 4 --timeout 5 --max-outstanding 1024 --stop-after-saturated 1)
+    LOAD=("${LOAD_COMMON[@]}" --tasks 200 --configs mixed,naive --rates 1000,3000,6000)
+    LOAD_MULTI=("${LOAD_COMMON[@]}" --tasks 100 --configs mixed --images-per-request 8 --rates 600,1200
+                --cold-preset none)
+fi
+
+# 1. GPU tests (only if the suite declares a `gpu` marker).
+if "$PY" -m pytest --markers 2>/dev/null | grep -q '^@pytest.mark.gpu'; then
+    if [ "$SMOKE" = 1 ]; then
+        printf 'pytest_gpu\tskipped (no CUDA)\t0\n' >> "$OUT/steps.tsv"
+    else
+        step pytest_gpu 60 "$PY" -m pytest -m gpu -q -p no:cacheprovider
+    fi
+else
+    printf 'pytest_gpu\tskipped (no gpu marker)\t0\n' >> "$OUT/steps.tsv"
+fi
+
+# 2-3. Engine, eager then compiled.
+# shellcheck disable=SC2086
+step engine_eager 100 "$PY" -m benchmarks.engine "${DEV[@]}" "${ENGINE_SIZES[@]}" $ENGINE_EXTRA \
+    --json "$OUT/engine_eager.json"
+if [ "$SMOKE" = 1 ]; then
+    printf 'engine_compile\tskipped (smoke)\t0\n' >> "$OUT/steps.tsv"
+else
+    # shellcheck disable=SC2086
+    step engine_compile 120 "$PY" -m benchmarks.engine "${DEV[@]}" "${COMPILE_SIZES[@]}" --compile $ENGINE_EXTRA \
+        --json "$OUT/engine_compile.json"
+fi
+
+# 4. HTTP load with JPEG uploads.
+step load_jpeg 130 "$PY" -m benchmarks.load "${LOAD[@]}" --json "$OUT/load_jpeg.json" --plot "$OUT/load_jpeg.png"
+step load_multi 50 "$PY" -m benchmarks.load "${LOAD_MULTI[@]}" --json "$OUT/load_multi.json" --plot none
+
+# Summary table (markdown) from whatever JSON the steps produced.
+"$PY" - "$OUT" "$(( $(date +%s) - T0 ))" <<'PYEOF' | tee "$OUT/summary.md"
+import json, sys
+from pathlib import Path
+
+out, wall = Path(sys.argv[1]), sys.argv[2]
+
+
+def load(name):
+    p = out / f"{name}.json"
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+rows = []
+
+
+def add(measure, value, target=""):
+    rows.append((measure, value, target))
+
+
+eager, comp, load_j, load_m = (load(n) for n in ("engine_eager", "engine_compile", "load_jpeg", "load_multi"))
+machine = next((d["machine"] for d in (eager, comp, load_j) if d), {})
+for tag, d in (("eager", eager), ("compile", comp)):
+    if not d:
+        continue
+    for r in d.get("sweep", []):
+        if r["P"] > 0 and r["batch"] in (256, 512):
+            add(f"engine {tag} {r['mode']} P={r['P']} batch {r['batch']}", f"{r['img_s']:,.0f} img/s",
+                ">= 11,000 img/s" if r["batch"] == 256 else "")
+        if r["P"] == 0 and r["batch"] == 256:
+            add(f"engine {tag} no prompts batch 256", f"{r['img_s']:,.0f} img/s")
+    z = d.get("zipf")
+    if z:
+        add(f"engine {tag} Zipf({z['zipf_s']}) {z['tasks']} tasks, {z['requests']} req: mixed vs per task",
+            f"{z['mixed_img_s']:,.0f} vs {z['per_task_img_s']:,.0f} img/s ({z['ratio']:.1f}x)")
+    for r in d.get("latency", []):
+        add(f"engine {tag} latency batch {r['batch']} (p50 / p99)", f"{r['p50_ms']:.2f} / {r['p99_ms']:.2f} ms",
+            "<= 1.5 ms" if r["batch"] == 1 else "")
+for d in (load_j, load_m):
+    if not d:
+        continue
+    c = d["config"]
+    tag = f"{c['images_per_request']} {c['image_format'].upper()}/request, {c['tasks']} tasks"
+    s = d["summary"]
+    for cfg, v in s.get("peak_img_s", {}).items():
+        add(f"HTTP {cfg}, {tag}: peak", f"{v:,.0f} img/s")
+    if "http_vs_raw_engine" in s:
+        add(f"HTTP mixed / raw engine at batch {s['raw_engine_img_s_at_batch']['batch']} ({tag})",
+            f"{s['http_vs_raw_engine']:.2f}", ">= 0.85")
+    if "mixed_vs_naive" in s:
+        add(f"HTTP mixed / naive ({tag})", f"{s['mixed_vs_naive']:.1f}x")
+    if "cold_load_ms_per_MB_max" in s:
+        add("cold load from local store, worst artifact", f"{s['cold_load_ms_per_MB_max']:.2f} ms/MB", "<= 2 ms/MB")
+print(f"## GPU check — {machine.get('gpu', 'no GPU (CPU smoke)')}, torch {machine.get('torch', '?')}, "
+      f"{machine.get('when', '')}, {wall}s\n")
+print("| step | status | s |\n|---|---|---|")
+for line in (out / "steps.tsv").read_text().splitlines():
+    print("| " + " | ".join(line.split("\t")) + " |")
+print("\n| measure | value | target |\n|---|---|---|")
+for m, v, t in rows:
+    print(f"| {m} | {v} | {t} |")
+PYEOF
+# Non-zero when any step failed, so a CI job or a person notices.
+! grep -qP '\t(fail|timeout)' "$OUT/steps.tsv"
