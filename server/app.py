@@ -7,8 +7,11 @@ import contextlib
 import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
 
 import server
 from prompt_store.base import PromptStore
@@ -19,6 +22,8 @@ from server.metrics import Metrics
 from server.services import Services
 from server.settings import Settings
 from server.tenants import TenantRegistry
+
+STATIC_DIR = Path(__file__).parent / "static"  # the browser playground (clients, issue F): no build step
 
 
 def create_app(settings: Settings, *, store: PromptStore | None = None) -> FastAPI:
@@ -47,6 +52,14 @@ def create_app(settings: Settings, *, store: PromptStore | None = None) -> FastA
     install_error_handlers(app)
     for router in (inference.router, tasks.router, system.router):
         app.include_router(router)
+    # The playground: `/` and `/static/*` only, so no API route is shadowed. It needs no key to load;
+    # its API calls carry the key the user types.
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def playground() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html")
+
     return app
 
 

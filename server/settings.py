@@ -31,6 +31,11 @@ class Settings(BaseSettings):
         None, description="Override the input size (positional embedding is resized)"
     )
     compile: bool = Field(False, description="torch.compile the backbone (slower start, faster steady state)")
+    torch_threads: int = Field(
+        0,
+        ge=0,
+        description="CPU threads for torch; 0 = auto (all cores but one on CPU, torch's default on GPU)",
+    )
     hf_cache_dir: str | None = Field(
         None, description="Where hf-hub: backbones are cached (default: HF_HOME)"
     )

@@ -98,7 +98,9 @@ async def read_images(request: Request, *, max_body: int, max_images: int) -> tu
 def _json_images(body: bytes) -> tuple[list[bytes], int | None]:
     try:
         payload = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except RecursionError:
+        raise InvalidRequest("malformed JSON body: nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, and over-long integers (Python >= 3.11)
         raise InvalidRequest(f"malformed JSON body: {e}") from None
     if not isinstance(payload, dict) or not isinstance(payload.get("images"), list):
         raise InvalidRequest('JSON body must be an object with an "images" list of base64 strings')

@@ -35,6 +35,8 @@ def to_serving_error(exc: Exception) -> errors.ServingError:
         return exc
     if isinstance(exc, store.InvalidArtifact):
         return errors.InvalidArtifact(str(exc), field=exc.field)
+    if isinstance(exc, store.InvalidId) and exc.field != "task_id":
+        return errors.InvalidRequest(str(exc))  # a bad ?cursor= or tenant is not a bad task id
     for src, dst in _STORE_MAP.items():
         if isinstance(exc, src):
             return dst(str(exc))
@@ -56,10 +58,20 @@ def install_error_handlers(app: FastAPI) -> None:
             parts.append(f"{loc}: {e.get('msg')}" if loc else str(e.get("msg")))
         return error_response(422, "invalid_request", "; ".join(parts) or "invalid request")
 
-    async def http(_: Request, exc: Exception) -> JSONResponse:
+    async def http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
         type_ = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return error_response(exc.status_code, type_, str(exc.detail), getattr(exc, "headers", None))
+        message = str(exc.detail)
+        # The router's bare "Not Found" / "Method Not Allowed": say what was asked (an encoded "/" in a
+        # task id, e.g. `..%2Fx`, is decoded before routing and lands here). The path is client text:
+        # shown as a repr, cut short.
+        path = request.url.path
+        shown = repr(path) if len(path) <= 100 else repr(path[:100]) + "..."
+        if exc.status_code == 404 and message == "Not Found":
+            message = f"no route matches {request.method} {shown}"
+        elif exc.status_code == 405 and message == "Method Not Allowed":
+            message = f"{request.method} is not allowed on {shown}"
+        return error_response(exc.status_code, type_, message, getattr(exc, "headers", None))
 
     app.add_exception_handler(errors.ServingError, domain)
     app.add_exception_handler(store.StoreError, domain)

@@ -107,6 +107,7 @@ class PromptBank:
         self._lru: OrderedDict[int, None] = OrderedDict()  # resident slots, least recently used first
         self._free = list(range(S - 1, -1, -1))
         self._pinned: set[tuple[str, str]] = set()
+        self._extent: dict[int, tuple[int, int, int]] = {}  # slot → (L_p, P, C) last written
         self.hits = self.misses = self.evictions = self.loads = 0
 
     # --- lookups (event loop) -------------------------------------------------------------------
@@ -264,10 +265,15 @@ class PromptBank:
         L_p, P, _ = a.prompts.shape
         C = a.num_classes
         dev, dt = self.device, self.dtype
-        # Zero first: padding past P and C must be zeros (masked anyway, but keeps slots deterministic).
-        self.prompts[slot].zero_()
-        self.head_weight[slot].zero_()
-        self.head_bias[slot].zero_()
+        # Padding past P and C must be zeros (masked anyway, but keeps slots deterministic): clear only
+        # what the slot's previous task wrote, not the whole slot (MBs for ViT-B).
+        old_L, old_P, old_C = self._extent.get(slot, (0, 0, 0))
+        if old_P:
+            self.prompts[slot, :old_L, :old_P].zero_()
+        if old_C:
+            self.head_weight[slot, :old_C].zero_()
+            self.head_bias[slot, :old_C].zero_()
+        self._extent[slot] = (L_p, P, C)
         if P:
             self.prompts[slot, :L_p, :P].copy_(a.prompts.to(dt), non_blocking=dev.type == "cuda")
         self.head_weight[slot, :C].copy_(a.head_weight.to(dt), non_blocking=dev.type == "cuda")

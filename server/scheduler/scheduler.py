@@ -325,8 +325,11 @@ class Scheduler:
 
         async def execute(part: list[tuple[Request, int]], batch: EngineBatch) -> None:
             try:
-                pending = await loop.run_in_executor(self._engine_ex, self.engine.launch, batch)
-                result = await loop.run_in_executor(self._collect_ex, self.engine.collect, pending)
+                if self.engine.device.type == "cuda":
+                    pending = await loop.run_in_executor(self._engine_ex, self.engine.launch, batch)
+                    result = await loop.run_in_executor(self._collect_ex, self.engine.collect, pending)
+                else:  # CPU computes inside launch: one thread hop instead of two
+                    result = await loop.run_in_executor(self._engine_ex, self.engine.run, batch)
             except torch.OutOfMemoryError:
                 if len(part) == 1:
                     raise
