@@ -6,8 +6,13 @@ sub-parser and sets `func` (called with the parsed namespace, returns the exit s
 commands start fast.
 
 Commands here: `train` (docs/training.md: the VPT paper's recipe, Jia et al., ECCV 2022,
-arXiv 2203.12119) and `import-official` (prompts trained with KMnP/vpt).
-Exit status: 0 ok, 1 a failure reported on one line (bad data, refused file, server error), 2 usage.
+arXiv 2203.12119), `import-official` (prompts trained with KMnP/vpt) and `keygen` (an API key and its
+tenants-file entry). The commands that talk to a server over the SDK (`classify`, `upload`, `tasks`,
+`info`) are in `clients/cli_remote.py`.
+
+Exit status (`EXIT_*`, also in `vpt --help`): 0 ok, 1 an error reported on one line (the server refused
+the request, bad data, a failed training run), 2 usage, 3 connection failure, 4 not found, 5 not
+authorised, 6 server busy or unavailable after retries, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -20,11 +25,37 @@ from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import quote
 
+from clients import errors as sdk_errors
+from clients.cli_remote import REMOTE_COMMANDS, add_connection_options
+
 Register = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
 
 
 class CliError(Exception):
     """A failure to report as one line on stderr (exit status 1), without a traceback."""
+
+
+EXIT_OK = 0  # done
+EXIT_ERROR = 1  # the server refused the request (4xx/5xx), or a local step failed (bad data, training)
+EXIT_USAGE = 2  # bad arguments, or input files that do not exist (argparse's own status)
+EXIT_CONNECTION = 3  # the server could not be reached, or the connection failed or timed out
+EXIT_NOT_FOUND = 4  # 404: no such task (or version) for this tenant
+EXIT_AUTH = 5  # 401 missing/invalid API key, 403 forbidden (e.g. --tenant without the admin role)
+EXIT_BUSY = 6  # 429/503/504 still answered after the SDK's retries: try again later
+EXIT_INTERRUPTED = 130  # Ctrl-C
+
+EXIT_HELP = """exit status:
+  0  ok
+  1  error: the server refused the request, or a local step failed (one line on stderr)
+  2  usage: bad arguments, or files that do not exist
+  3  connection failure: the server could not be reached (refused, timeout)
+  4  not found: no such task (or version) for this tenant
+  5  not authorised: missing or invalid API key, or an action your role may not take
+  6  busy or unavailable: overloaded/draining/timed out after retries; try again later
+
+environment:
+  VPT_URL      server base URL (default http://127.0.0.1:8000)
+  VPT_API_KEY  API key (Authorization: Bearer <key>)"""
 
 
 # ------------------------------------------------------------------------------------------ upload
@@ -62,7 +93,10 @@ def _add_upload_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("upload (optional)")
     g.add_argument("--upload", metavar="URL", help="server base URL: PUT the artifact to URL/v1/tasks/ID")
     g.add_argument("--task", metavar="ID", help="task id to upload as (required with --upload)")
-    g.add_argument("--api-key", metavar="K", help="bearer token (default: $VPT_API_KEY)")
+    # SUPPRESS: the global `vpt --api-key K train ...` is not overwritten by this option's default.
+    g.add_argument(
+        "--api-key", metavar="K", default=argparse.SUPPRESS, help="bearer token (default: $VPT_API_KEY)"
+    )
 
 
 def _maybe_upload(args: argparse.Namespace, data: bytes) -> None:
@@ -300,24 +334,90 @@ def _cmd_import_official(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------ keygen
+def _add_keygen(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "keygen",
+        help="make an API key and the tenants-file lines for it",
+        description="Generate a new API key for a tenant. The key is printed once (only its SHA-256 goes "
+        "into the tenants file, VPT_TENANTS_FILE, default ./data/tenants.toml); the server re-reads the "
+        "file when it changes. No server is contacted.",
+        epilog="example: vpt keygen --tenant acme",
+    )
+    p.add_argument("--tenant", required=True, metavar="NAME", help="tenant name: [a-z0-9][a-z0-9._-]{0,63}")
+    p.add_argument(
+        "--role",
+        choices=("tenant", "admin"),
+        default="tenant",
+        help="tenant: its own tasks only (default); admin: any tenant's tasks via --tenant",
+    )
+    p.add_argument("--json", action="store_true", help='print {"tenant", "role", "key", "toml"}')
+    p.set_defaults(func=_cmd_keygen, _parser=p)
+
+
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    from prompt_store.ids import ID_PATTERN
+
+    if ID_PATTERN.fullmatch(args.tenant) is None:  # checked before the slow import below
+        args._parser.error(f"invalid tenant name {args.tenant!r}: use [a-z0-9][a-z0-9._-]{{0,63}}")
+    from server.tenants import keygen_line  # imported here: it pulls in the store (and torch)
+
+    key, toml = keygen_line(args.tenant, args.role)
+    if args.json:
+        print(json.dumps({"tenant": args.tenant, "role": args.role, "key": key, "toml": toml}))
+        return 0
+    print(f"API key for tenant {args.tenant!r} ({args.role}); it is shown only now, store it safely:\n")
+    print(f"    {key}\n")
+    print("Add these lines to the tenants file (VPT_TENANTS_FILE, default ./data/tenants.toml);")
+    print(f"if {args.tenant!r} is already there, add the hash to its `keys` list instead:\n")
+    print(toml, end="")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------ main
-# Other subcommands (classify, upload, tasks, info, keygen) add their register function here.
-COMMANDS: list[Register] = [_add_train, _add_import_official]
+COMMANDS: list[Register] = [*REMOTE_COMMANDS, _add_train, _add_import_official, _add_keygen]
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Wraps prose paragraphs; keeps as written a paragraph whose later lines are indented (a table)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        out = []
+        for para in text.split("\n\n"):
+            lines = para.splitlines()
+            if any(line.startswith(" ") for line in lines[1:]):
+                out.append("\n".join(indent + line for line in lines))
+            else:
+                out.append(super()._fill_text(para, width, indent))
+        return "\n\n".join(out)
+
+
+def _finish_help(p: argparse.ArgumentParser) -> None:
+    """Every command's --help ends with the exit statuses (recursively: `vpt tasks list --help` too)."""
+    p.formatter_class = _HelpFormatter
+    if p.epilog is None or "exit status" not in p.epilog:
+        p.epilog = f"{p.epilog}\n\n{EXIT_HELP}" if p.epilog else EXIT_HELP
+    for action in p._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _finish_help(child)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="vpt", description="Visual Prompt Tuning: train, import and serve tasks."
+        prog="vpt", description="Visual Prompt Tuning: train, import and serve tasks; talk to a vpt-serve."
     )
+    add_connection_options(parser, suppress=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for register in COMMANDS:
         register(sub)
+    _finish_help(parser)
     return parser
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
     """Domain errors that deserve one line, not a traceback (imported lazily, as the commands are)."""
-    errors: list[type[BaseException]] = [CliError]
+    errors: list[type[BaseException]] = [CliError, OSError]
     for mod, name in (
         ("vpt.train.data", "DatasetError"),
         ("vpt.train.loop", "TrainingDiverged"),
@@ -331,16 +431,54 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+def exit_status(e: BaseException) -> int | None:
+    """The exit status for an error worth one line, or None for a bug (shown with its traceback)."""
+    if isinstance(e, sdk_errors.ConnectionFailed):
+        return EXIT_CONNECTION
+    if isinstance(e, sdk_errors.NotFound):
+        return EXIT_NOT_FOUND
+    if isinstance(e, sdk_errors.Unauthorized | sdk_errors.Forbidden):
+        return EXIT_AUTH
+    if isinstance(
+        e,
+        sdk_errors.Overloaded
+        | sdk_errors.Unavailable
+        | sdk_errors.StoreUnavailable
+        | sdk_errors.DeadlineExceeded,
+    ):
+        return EXIT_BUSY
+    if isinstance(e, sdk_errors.VPTError):
+        return EXIT_ERROR
+    httpx = sys.modules.get("httpx")
+    if httpx is not None and isinstance(e, httpx.TransportError):  # read timeout, dropped connection
+        return EXIT_CONNECTION
+    if isinstance(e, _expected_errors()):
+        return EXIT_ERROR
+    return None
+
+
+def _message(e: BaseException) -> str:
+    httpx = sys.modules.get("httpx")
+    if httpx is not None and isinstance(e, httpx.TransportError):
+        return f"connection failed: {type(e).__name__}: {e}"
+    return str(e)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    prog = getattr(args, "_parser", parser).prog  # "vpt tasks list", "vpt train", ...
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Exception as e:
-        if isinstance(e, _expected_errors()):
-            print(f"vpt {args.command}: error: {e}", file=sys.stderr)
-            return 1
-        raise
+        status = exit_status(e)
+        if status is None:
+            raise
+        print(f"{prog}: error: {_message(e)}", file=sys.stderr)
+        return status
 
 
 if __name__ == "__main__":

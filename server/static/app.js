@@ -148,10 +148,7 @@ async function loadTasks() {
 
 // ---------------------------------------------------------------------------------------- connect
 async function connect() {
-  if (!state.key) {
-    setStatus("no key", "warn");
-    return;
-  }
+  // Without a key, try anyway: a server in open mode (VPT_OPEN_MODE, development) needs none.
   setStatus("connecting…");
   try {
     const { data: info } = await api("GET", "/v1/info");
@@ -161,6 +158,10 @@ async function connect() {
     $("message").hidden = true; // an earlier "invalid key" no longer applies
   } catch (e) {
     state.version = null;
+    if (e.status === 401 && !state.key) {
+      setStatus("enter an API key", "warn");
+      return;
+    }
     setStatus(e.status === 401 ? "invalid key" : "error", "error");
     say(e.message, "error");
   }
@@ -173,6 +174,7 @@ function renderPredictions(result, roundTripMs) {
   for (const p of result.predictions[0]) {
     const row = el("li", "prediction");
     const label = el("span", "label", p.label);
+    label.title = p.label; // long labels are cut with an ellipsis
     const bar = el("span", "bar");
     const fill = el("span", "fill");
     fill.style.width = `${Math.max(0.5, p.score * 100).toFixed(1)}%`;
@@ -262,7 +264,7 @@ function init() {
     state.key = "";
     $("api-key").value = "";
     state.version = null;
-    setStatus("not connected");
+    setStatus("enter an API key", "warn");
     say("Key removed from this browser.");
   });
   $("refresh").addEventListener("click", () => loadTasks().catch((e) => say(e.message, "error")));
