@@ -63,6 +63,10 @@ class FairQueues:
         """Backlogged tenants, the least served (by weight) first."""
         return sorted((t for t, q in self._queues.items() if q), key=lambda t: self._vtime[t])
 
+    def queue(self, tenant: str) -> deque[Request] | tuple[()]:
+        """The tenant's live queue, oldest first (do not modify while iterating)."""
+        return self._queues.get(tenant) or ()
+
     def requests(self, tenant: str) -> Iterator[Request]:
         """A snapshot of the tenant's queue, oldest first (safe to remove while iterating)."""
         return iter(list(self._queues.get(tenant, ())))

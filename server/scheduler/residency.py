@@ -25,11 +25,19 @@ from prompt_store.base import NotFound, PromptStore
 from prompt_store.base import StoreUnavailable as StoreDown
 from server.engine.bank import BankFull, SlotInfo, TaskKey, TaskTooLarge
 from server.engine.engine import Engine
-from server.errors import CorruptArtifact, InvalidArtifact, ServingError, StoreUnavailable, TaskNotFound
+from server.errors import (
+    CorruptArtifact,
+    InvalidArtifact,
+    Overloaded,
+    ServingError,
+    StoreUnavailable,
+    TaskNotFound,
+)
 
 log = logging.getLogger(__name__)
 
 Task = tuple[str, str]
+BANK_FULL_WAIT_S = 10.0  # how long a load waits for a free slot before its requests get 429
 
 
 @dataclass
@@ -147,12 +155,15 @@ class Residency:
         t0 = time.perf_counter()
         try:
             artifact = await loop.run_in_executor(self._loader, self._fetch, key)
+            give_up = time.monotonic() + BANK_FULL_WAIT_S
             while True:
                 try:
                     await loop.run_in_executor(self._engine_ex, self.engine.install, key, artifact)
                     break
-                except BankFull:
+                except BankFull as e:
                     # Every slot is busy with in-flight work: try again once some of it completes.
+                    if time.monotonic() > give_up:
+                        raise Overloaded(f"cannot load task {key.task_id!r}: {e}", retry_after=5) from None
                     await asyncio.sleep(0.005)
             self._observe_load(time.perf_counter() - t0)
         except ServingError as e:

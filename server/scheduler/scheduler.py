@@ -91,6 +91,7 @@ class Scheduler:
         self._loop_task: asyncio.Task[None] | None = None
         self._batches: set[asyncio.Task[None]] = set()
         self._accepting = False
+        self._closing = False
         self.batches_run = 0
 
     # --- public API ---------------------------------------------------------------------------------
@@ -148,7 +149,7 @@ class Scheduler:
         req = Request(tenant, task_id, images, output, top_k, time.monotonic() + timeout_s, fut)
         self._enqueue(req, weight)
         try:
-            return await asyncio.wait_for(asyncio.shield(fut), timeout=timeout_s + 1.0)
+            return await asyncio.wait_for(asyncio.shield(fut), timeout=timeout_s)
         except asyncio.TimeoutError:
             raise DeadlineExceeded(f"request did not finish within {timeout_s:.1f}s") from None
         finally:
@@ -165,6 +166,8 @@ class Scheduler:
 
     async def close(self) -> None:
         self._accepting = False
+        self._closing = True
+        self._wake()
         if self._loop_task:
             self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -194,30 +197,35 @@ class Scheduler:
     # --- the loop -----------------------------------------------------------------------------------
 
     async def _run(self) -> None:
-        while True:
+        # The `_closing` flag, not only cancellation, ends the loop: on Python < 3.12 `wait_for` can
+        # swallow a cancel that arrives as the event fires, and close() would then wait forever.
+        while not self._closing:
             self._event.clear()
-            if self._in_flight < self.config.pipeline_depth:
-                planned = self._plan()
-                if planned is not None:
-                    if (
-                        self.config.max_batch_delay_s > 0
-                        and self._in_flight == 0
-                        and planned.batch.images.shape[0] < self.config.max_batch_size
-                    ):
-                        planned = await self._maybe_wait_for_more(planned)
-                    if planned is not None:  # None: its requests were cancelled while it waited
-                        self._dispatch(planned)
+            try:
+                if self._in_flight < self.config.pipeline_depth and await self._step():
                     continue
-            timeout = self._next_deadline_in()
+            except Exception:
+                # A bug here must not stop serving: log it and keep scheduling.
+                log.exception("scheduler step failed")
+            # Every state change (enqueue, cancel, load done, batch done) sets the event; the timeout
+            # is only a safety net. Deadlines need no timer: `submit` times out on its own.
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._event.wait(), timeout)
+                await asyncio.wait_for(self._event.wait(), 0.5)
 
-    def _next_deadline_in(self) -> float | None:
-        if not self._fq:
-            return None
-        now = time.monotonic()
-        soonest = min((r.deadline for r in self._fq.all_requests()), default=now + 1)
-        return max(0.001, min(soonest - now, 0.05))
+    async def _step(self) -> bool:
+        """Plan and dispatch one batch; False when nothing can run now."""
+        planned = self._plan()
+        if planned is None:
+            return False
+        if (
+            self.config.max_batch_delay_s > 0
+            and self._in_flight == 0
+            and planned.batch.images.shape[0] < self.config.max_batch_size
+        ):
+            planned = await self._maybe_wait_for_more(planned)
+        if planned is not None:  # None: its requests were cancelled while it waited
+            self._dispatch(planned)
+        return True
 
     async def _maybe_wait_for_more(self, planned: _Planned) -> _Planned | None:
         """Engine idle, batch not full: give it `max_batch_delay_s` to fill up, then replan."""
@@ -285,26 +293,38 @@ class Scheduler:
         only_task: tuple[str, str] | None,
         output: Output | None,
     ) -> tuple[Request | None, int]:
-        """First request of this tenant that can run now; fails expired or unloadable ones on the way."""
-        for req in self._fq.requests(tenant):
-            if req.done:  # cancelled by its client, or already failed
-                self._fq.remove(req)
-                continue
-            if now > req.deadline:
-                self._fq.remove(req)
-                self.hooks.rejected("deadline")
-                req.future.set_exception(DeadlineExceeded("request expired in the queue"))
+        """First request of this tenant that can run now; fails expired or unloadable ones on the way.
+
+        Walks the tenant's queue in place (no copy) and resolves each task at most once per walk, so a
+        long queue waiting on one cold task costs one dictionary lookup per request."""
+        dead: list[Request] = []
+        failed: dict[tuple[str, str], ServingError] = {}
+        waiting: set[tuple[str, str]] = set()
+        found: tuple[Request | None, int] = (None, -1)
+        for req in self._fq.queue(tenant):
+            if req.done or now > req.deadline:  # cancelled by its client, failed, or expired
+                dead.append(req)
                 continue
             if req.n > room or (only_task and req.task != only_task) or (output and req.output != output):
                 continue
-            state = self.residency.resolve(req.task)
-            if isinstance(state, Failed):
-                self._fail_task(req.task, state.error)
+            if req.task in waiting or req.task in failed:
                 continue
+            state = self.residency.resolve(req.task)
             if isinstance(state, Ready):
-                return req, state.slot
-            # Waiting: its task is loading; later requests of this tenant (other tasks) may go first.
-        return None, -1
+                found = (req, state.slot)
+                break
+            if isinstance(state, Failed):
+                failed[req.task] = state.error
+            else:  # its task is loading; later requests of this tenant (other tasks) may go first
+                waiting.add(req.task)
+        for req in dead:
+            self._fq.remove(req)
+            if not req.done:
+                self.hooks.rejected("deadline")
+                req.future.set_exception(DeadlineExceeded("request expired in the queue"))
+        for task, error in failed.items():
+            self._fail_task(task, error)
+        return found
 
     def _fail_task(self, task: tuple[str, str], error: ServingError) -> None:
         """Fail every queued request for a task (not found, invalid artifact, store down)."""
