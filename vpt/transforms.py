@@ -16,11 +16,12 @@ from __future__ import annotations
 import io
 import random
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vpt.config import ViTConfig
 
@@ -61,6 +62,8 @@ def decode_image(data: bytes, limits: ImageLimits | None = None) -> Image.Image:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageDecodeError(f"image rejected as a decompression bomb: {e}") from None
+    except UnidentifiedImageError:  # its message would show the repr of our BytesIO, not the cause
+        raise ImageDecodeError("unrecognised image format (send JPEG, PNG, WebP, GIF or BMP)") from None
     except Exception as e:  # Pillow raises many types (OSError, SyntaxError, ValueError, struct.error...)
         raise ImageDecodeError(f"cannot decode image: {e}") from None
 
@@ -83,13 +86,41 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+# An image of aspect ratio r becomes size x (r * size) pixels when its shorter side is resized, before
+# the crop: a 1 x 2,000,000 PNG (8 KB, 2 Mpixels, under any pixel limit) would be resampled to
+# 36 x 72,000,000 — 7.8 GB. Up to this ratio the whole image is resized, then cropped (bit-exact
+# torchvision semantics); beyond it only the region that lands in the crop is resampled (Pillow's
+# `box`), which equals resize-then-crop up to rounding (±1) and costs at most one crop's worth.
+MAX_EXACT_ASPECT = 8.0
+
+
+def _resized_size(w: int, h: int, size: int) -> tuple[int, int]:
+    # Same rounding as torchvision's Resize(int): the longer side is int(size * long / short).
+    if min(w, h) == size:
+        return w, h
+    return (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+
+
 def _resize_shorter(img: Image.Image, size: int) -> Image.Image:
     w, h = img.size
-    if min(w, h) == size:
+    new = _resized_size(w, h, size)
+    if new == (w, h):
         return img
-    # Same rounding as torchvision's Resize(int): the longer side is int(size * long / short).
-    new = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
     return img.resize(new, Image.Resampling.BILINEAR, reducing_gap=None)
+
+
+def _resize_then_crop(
+    img: Image.Image, size: int, crop: int, corner: Callable[[int, int], tuple[int, int]]
+) -> Image.Image:
+    """Resize the shorter side to `size`, then take the `crop` square at `corner(resized_w, resized_h)`."""
+    w, h = img.size
+    nw, nh = _resized_size(w, h, size)
+    left, top = corner(nw, nh)
+    if max(w, h) <= MAX_EXACT_ASPECT * min(w, h):
+        return _resize_shorter(img, size).crop((left, top, left + crop, top + crop))
+    sx, sy = w / nw, h / nh  # resized pixel → source pixel
+    box = (left * sx, top * sy, (left + crop) * sx, (top + crop) * sy)
+    return img.resize((crop, crop), Image.Resampling.BILINEAR, box=box, reducing_gap=None)
 
 
 def _to_uint8_tensor(img: Image.Image) -> torch.Tensor:
@@ -99,20 +130,22 @@ def _to_uint8_tensor(img: Image.Image) -> torch.Tensor:
 
 def eval_transform(img: Image.Image, cfg: ViTConfig) -> torch.Tensor:
     """RGB image → uint8 (3, img_size, img_size): resize shorter side, centre crop (the server's path)."""
-    img = _resize_shorter(to_rgb(img), max(cfg.resize_size, cfg.img_size))
-    w, h = img.size
     s = cfg.img_size
-    left, top = round((w - s) / 2.0), round((h - s) / 2.0)
-    return _to_uint8_tensor(img.crop((left, top, left + s, top + s)))
+
+    def centre(w: int, h: int) -> tuple[int, int]:
+        return round((w - s) / 2.0), round((h - s) / 2.0)
+
+    return _to_uint8_tensor(_resize_then_crop(to_rgb(img), max(cfg.resize_size, s), s, centre))
 
 
 def train_transform(img: Image.Image, cfg: ViTConfig, rng: random.Random) -> torch.Tensor:
     """RGB image → uint8 (3, img_size, img_size): resize shorter side, random crop, random h-flip."""
-    img = _resize_shorter(to_rgb(img), max(cfg.resize_size, cfg.img_size))
-    w, h = img.size
     s = cfg.img_size
-    left, top = rng.randint(0, w - s), rng.randint(0, h - s)
-    img = img.crop((left, top, left + s, top + s))
+
+    def random_corner(w: int, h: int) -> tuple[int, int]:
+        return rng.randint(0, w - s), rng.randint(0, h - s)
+
+    img = _resize_then_crop(to_rgb(img), max(cfg.resize_size, s), s, random_corner)
     if rng.random() < 0.5:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return _to_uint8_tensor(img)
