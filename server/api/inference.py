@@ -49,7 +49,9 @@ async def _run(
     k = top_k if top_k is not None else (body_k or 5)
     if k > s.max_top_k:
         raise InvalidRequest(f"top_k {k} exceeds the limit of {s.max_top_k}")
-    images = await services.preprocess(blobs)
+    max_queued = quotas.max_queued_images if quotas else None
+    with services.scheduler.admit(tenant, len(blobs), max_queued):  # refuse before decoding
+        images = await services.preprocess(blobs)
     services.metrics.images_decoded.inc(len(blobs))
     t1 = time.perf_counter()
     try:
@@ -63,7 +65,7 @@ async def _run(
                 top_k=k,
                 timeout_s=s.request_timeout_s,
                 weight=quotas.weight if quotas else 1.0,
-                tenant_max_queued=quotas.max_queued_images if quotas else None,
+                tenant_max_queued=max_queued,
             ),  # type: ignore[arg-type]
         )
     except Exception:

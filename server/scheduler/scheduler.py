@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
@@ -86,6 +86,8 @@ class Scheduler:
             observe_load=self.hooks.task_load,
         )
         self._fq = FairQueues()
+        self._decoding: dict[str, int] = {}  # images admitted and being decoded, per tenant
+        self._decoding_total = 0
         self._in_flight = 0
         self._event = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
@@ -137,14 +139,7 @@ class Scheduler:
         n = int(images.shape[0])
         if n > self.config.max_batch_size:
             raise InvalidRequest(f"{n} images exceed the max batch size {self.config.max_batch_size}")
-        if tenant_max_queued is not None and self._fq.queued_images(tenant) + n > tenant_max_queued:
-            self.hooks.rejected("tenant_queue_full")
-            raise Overloaded(
-                f"tenant {tenant!r} has {self._fq.queued_images(tenant)} images queued (limit {tenant_max_queued})"
-            )
-        if self._fq.total_images + n > self.config.max_queue_images:
-            self.hooks.rejected("queue_full")
-            raise Overloaded(f"server queue is full ({self._fq.total_images} images waiting)")
+        self._check_room(tenant, n, tenant_max_queued)
         fut: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         req = Request(tenant, task_id, images, output, top_k, time.monotonic() + timeout_s, fut)
         self._enqueue(req, weight)
@@ -156,6 +151,33 @@ class Scheduler:
             if not fut.done():
                 fut.cancel()  # frees its place; _take skips cancelled requests
             self._wake()
+
+    @contextlib.contextmanager
+    def admit(self, tenant: str, n: int, tenant_max_queued: int | None) -> Iterator[None]:
+        """Hold room for `n` images while the caller decodes them, so a request the queue bounds
+        would refuse is refused before any decode work (a flood must not cost decode CPU)."""
+        self._check_room(tenant, n, tenant_max_queued, self._decoding.get(tenant, 0), self._decoding_total)
+        self._decoding[tenant] = self._decoding.get(tenant, 0) + n
+        self._decoding_total += n
+        try:
+            yield
+        finally:
+            self._decoding[tenant] -= n
+            self._decoding_total -= n
+            if not self._decoding[tenant]:
+                del self._decoding[tenant]
+
+    def _check_room(
+        self, tenant: str, n: int, tenant_max_queued: int | None, tenant_extra: int = 0, total_extra: int = 0
+    ) -> None:
+        held = self._fq.queued_images(tenant) + tenant_extra
+        if tenant_max_queued is not None and held + n > tenant_max_queued:
+            self.hooks.rejected("tenant_queue_full")
+            raise Overloaded(f"tenant {tenant!r} has {held} images waiting (limit {tenant_max_queued})")
+        total = self._fq.total_images + total_extra
+        if total + n > self.config.max_queue_images:
+            self.hooks.rejected("queue_full")
+            raise Overloaded(f"server queue is full ({total} images waiting)")
 
     async def drain(self, timeout_s: float = 30.0) -> None:
         """Stop accepting; wait until queued and in-flight work is done (graceful shutdown)."""

@@ -8,7 +8,7 @@
 - Memory: the server's RSS (from /proc/<pid>/status) before and after a 20 s flood stays within
   `RSS_BOUND_MB`, with no upward trend during the flood.
 - Admission before decode: a request that its tenant's queue bound will refuse must be refused before
-  its images are decoded (today it is not: see `test_queue_bound_is_checked_before_decoding`).
+  its images are decoded (`Scheduler.admit`).
 
 The load generator is a minimal asyncio HTTP/1.1 client (~0.1 ms of CPU per request; httpx costs ~1
 ms), because client and server share this machine's two cores. Every loop is bounded in time.
@@ -423,17 +423,13 @@ def test_bounded_queue_429_and_deadline_504(tmp_path):
         assert proc.stop() == 0, proc.log()[-3000:]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="reported: server/api/inference.py decodes a request's images before scheduler.submit "
-    "checks the tenant's queue bound, so refused requests cost full decode CPU in the shared pool",
-)
 def test_queue_bound_is_checked_before_decoding(tmp_path):
     keys = {"a": generate_key()}
     (tmp_path / "tenants.toml").write_text(
         tenants_toml(keys, a={"rate_per_s": 100000.0, "max_queued_images": BATCH})
     )
-    # A 2 s batching delay holds the first request in the queue, so the tenant's bound is full.
+    # A 2 s batching delay holds a first request of BATCH - 1 images in the queue (a full batch
+    # would be dispatched at once), so any further 8-image request is over the tenant's bound.
     proc = ServerProcess(
         tmp_path,
         backbone=BACKBONE,
@@ -463,11 +459,13 @@ def test_queue_bound_is_checked_before_decoding(tmp_path):
 
         async def scenario() -> list[int]:
             holder = RawClient(proc.port)
-            first = asyncio.create_task(holder.post("/v1/tasks/t/classify", json_images(BATCH), headers))
+            first = asyncio.create_task(holder.post("/v1/tasks/t/classify", json_images(BATCH - 1), headers))
             for _ in range(100):  # until the first request sits in the queue
                 await asyncio.sleep(0.02)
-                if "vpt_queue_depth_images 8.0" in httpx.get(f"{proc.url}/metrics").text:
+                if f"vpt_queue_depth_images {BATCH - 1}.0" in httpx.get(f"{proc.url}/metrics").text:
                     break
+            else:
+                raise AssertionError("the first request never sat in the queue")
             before = decoded()
             clients = [RawClient(proc.port) for _ in range(10)]
             rejected = await asyncio.gather(
