@@ -302,10 +302,10 @@ def _cmd_import_official(args: argparse.Namespace) -> int:
     _check_upload_args(args._parser, args)
     from pathlib import Path
 
-    from prompt_store.artifact import load_artifact, save_artifact, validate_for_backbone
+    from prompt_store.artifact import atomic_write, load_artifact, save_artifact, validate_for_backbone
     from vpt.hub import load_backbone
     from vpt.official import official_to_artifact, read_head, read_official
-    from vpt.train.job import SAVE_DTYPES, signature, write_bytes_atomic
+    from vpt.train.job import SAVE_DTYPES, signature
 
     task = read_official(args.file)
     head = read_head(args.head) if args.head else None
@@ -324,7 +324,7 @@ def _cmd_import_official(args: argparse.Namespace) -> int:
     )
     data = save_artifact(artifact, SAVE_DTYPES[args.dtype])
     validate_for_backbone(load_artifact(data), sig)
-    write_bytes_atomic(Path(args.out), data)
+    atomic_write(args.out, data)
     L, P, D = artifact.prompts.shape
     print(
         f"imported {task.kind} {args.file}: VPT-{task.mode}, prompts ({L}, {P}, {D}), "

@@ -68,6 +68,7 @@ __all__ = [
     "ArtifactMetadata",
     "BackboneSignature",
     "TaskArtifact",
+    "atomic_write",
     "load_artifact",
     "read_artifact",
     "read_metadata",
@@ -444,9 +445,16 @@ def write_artifact(
     A reader (or a crash) sees the old file or the new one, never a torn one. Directory fsync and
     versioning are the store's business.
     """
-    data = save_artifact(artifact, dtype, limits=limits)
+    atomic_write(path, save_artifact(artifact, dtype, limits=limits))
+
+
+def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write `data` to `path` via a temp file in the same directory, fsynced, then renamed, so a reader
+    (or a crash) sees the old file or the new one, never a torn one. Creates missing parent folders."""
     path = os.fspath(path)
-    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    parent = os.path.dirname(path) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
     try:
         with open(tmp, "wb") as f:
             f.write(data)

@@ -123,8 +123,7 @@ class Services:
         try:
             self.engine.bank.check_fits_shape(P, meta.num_classes)
         except TaskTooLarge as e:
-            field_name = "prompts" if "prompt" in str(e) else "head.weight"
-            raise ArtifactError(field_name, str(e)) from None
+            raise ArtifactError(e.field, str(e)) from None
 
     async def stop(self) -> None:
         self.draining = True

@@ -14,9 +14,8 @@ writes happen only in `install`, which the engine calls from its worker thread.
 from __future__ import annotations
 
 import threading
-import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -28,7 +27,11 @@ class BankFull(RuntimeError):
 
 
 class TaskTooLarge(ValueError):
-    """The task exceeds the bank's per-slot limits (prompt length or classes)."""
+    """The task exceeds the bank's per-slot limits; `field` is the artifact tensor that is too big."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 @dataclass(frozen=True)
@@ -56,7 +59,6 @@ class SlotInfo:
     nbytes: int  # bytes of the task's real (unpadded) tensors in the bank dtype
     refs: int = 0  # requests bound to this slot and not yet finished
     stale: bool = False  # task deleted or superseded: free when refs drops to 0
-    loaded_at: float = field(default_factory=time.time)
 
 
 @dataclass
@@ -153,20 +155,19 @@ class PromptBank:
         with self._lock:
             self._pinned.add((tenant, task_id))
 
-    def unpin(self, tenant: str, task_id: str) -> None:
-        with self._lock:
-            self._pinned.discard((tenant, task_id))
-
     def check_fits(self, artifact: TaskArtifact) -> None:
         self.check_fits_shape(artifact.prompt_length, artifact.num_classes)
 
     def check_fits_shape(self, prompt_length: int, num_classes: int) -> None:
         if prompt_length > self.max_prompt_length:
             raise TaskTooLarge(
-                f"prompt length {prompt_length} exceeds this server's limit {self.max_prompt_length}"
+                "prompts",
+                f"prompt length {prompt_length} exceeds this server's limit {self.max_prompt_length}",
             )
         if num_classes > self.max_classes:
-            raise TaskTooLarge(f"{num_classes} classes exceed this server's limit {self.max_classes}")
+            raise TaskTooLarge(
+                "head.weight", f"{num_classes} classes exceed this server's limit {self.max_classes}"
+            )
 
     def install(self, key: TaskKey, artifact: TaskArtifact) -> int:
         """Write a task into a free (or the least recently used evictable) slot; returns the slot.

@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
@@ -106,15 +106,9 @@ class Scheduler:
     def queued_images(self) -> int:
         return self._fq.total_images
 
-    def tenant_queued_images(self, tenant: str) -> int:
-        return self._fq.queued_images(tenant)
-
     @property
     def in_flight(self) -> int:
         return self._in_flight
-
-    def run_in_engine_thread(self, fn: Callable[..., object], *args: object) -> asyncio.Future[object]:
-        return asyncio.get_running_loop().run_in_executor(self._engine_ex, fn, *args)
 
     async def submit(
         self,

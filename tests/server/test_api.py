@@ -155,7 +155,7 @@ def test_upload_validated_against_server_limits(client, backbone, make, field):
     if field is None:
         assert r.status_code in (200, 201)
     else:
-        assert_error(r, 422, "invalid_artifact")
+        assert_error(r, 422, "invalid_artifact", field)  # the message names the tensor that is too big
 
 
 def test_upload_rejects_foreign_backbone_and_garbage(client, backbone):

@@ -22,6 +22,7 @@ import torch
 from prompt_store.artifact import (
     BackboneSignature,
     TaskArtifact,
+    atomic_write,
     load_artifact,
     save_artifact,
     validate_for_backbone,
@@ -100,21 +101,6 @@ def build_artifact(
     artifact = load_artifact(data)  # what the server will see (proves the bytes read back)
     validate_for_backbone(artifact, signature(backbone))
     return artifact, data
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Temp file in the same directory, fsync, rename: never a torn artifact at `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def run_training(
@@ -199,5 +185,5 @@ def train_from_paths(
         description=description,
         on_grid_run=on_grid_run,
     )
-    write_bytes_atomic(Path(out), output.data)
+    atomic_write(out, output.data)
     return output
