@@ -14,6 +14,11 @@ atomically and version files are immutable once named, so a reader sees the old 
 The kernel drops a dead process's flock, so a SIGKILLed writer never wedges a task, and anything it
 left behind is garbage that the next writer of that task removes while holding the lock.
 
+The store never recreates its own directories after opening: if `<root>/tenants` vanishes (the
+volume went away, someone removed it), every operation raises StoreUnavailable instead of reading the
+store as empty or writing into a fresh tree; a task's missing manifest means NotFound only while that
+directory exists.
+
 POSIX only (fcntl.flock, directory fsync). Several hosts may share the directory only over a file
 system with working flock and atomic rename (local disks, NFSv4); see docs/store.md.
 """
@@ -94,11 +99,21 @@ class LocalStore(PromptStore):
         if not self._tenants_dir.is_dir() or not os.access(self._tenants_dir, os.W_OK | os.X_OK):
             raise StoreUnavailable(f"store directory {self._tenants_dir} is missing or not writable")
 
+    def _check_present(self) -> None:
+        """StoreUnavailable unless the tenants directory made at open is still there.
+
+        Called when something is missing, to tell "no such task" (the store is there) from "the store
+        itself is gone" — which must not read as an empty store, nor be recreated by a write.
+        """
+        with _io_errors(f"checking store directory {self._tenants_dir}"):
+            if not self._tenants_dir.is_dir():
+                raise StoreUnavailable(f"store directory {self._tenants_dir} is missing")
+
     # ----------------------------------------------------------------------------------- writes
     def _put(self, tenant: str, task_id: str, data: bytes, sha256: str) -> VersionInfo:
         task_dir = self._task_dir(tenant, task_id)
         with _io_errors(f"writing {tenant}/{task_id}"):
-            _make_dirs(task_dir)
+            _make_dirs(task_dir, base=self._tenants_dir)
             with self._locked(task_dir):
                 previous = self._read_manifest(task_dir, tenant, task_id)
                 self._tidy(task_dir, previous)
@@ -117,6 +132,7 @@ class LocalStore(PromptStore):
     def _delete(self, tenant: str, task_id: str) -> None:
         task_dir = self._task_dir(tenant, task_id)
         if not task_dir.is_dir():
+            self._check_present()
             raise NotFound(tenant, task_id)
         with _io_errors(f"deleting {tenant}/{task_id}"), self._locked(task_dir):
             manifest = self._read_manifest(task_dir, tenant, task_id)
@@ -128,6 +144,7 @@ class LocalStore(PromptStore):
     def _set_current(self, tenant: str, task_id: str, version: int) -> VersionInfo:
         task_dir = self._task_dir(tenant, task_id)
         if not task_dir.is_dir():
+            self._check_present()
             raise NotFound(tenant, task_id)
         with _io_errors(f"updating {tenant}/{task_id}"), self._locked(task_dir):
             manifest = self._read_manifest(task_dir, tenant, task_id)
@@ -196,23 +213,33 @@ class LocalStore(PromptStore):
     # ------------------------------------------------------------------------------------ reads
     def _load_manifest(self, tenant: str, task_id: str) -> Manifest | None:
         with _io_errors(f"reading {tenant}/{task_id}"):
-            return self._read_manifest(self._task_dir(tenant, task_id), tenant, task_id)
+            manifest = self._read_manifest(self._task_dir(tenant, task_id), tenant, task_id)
+        if manifest is None:
+            self._check_present()
+        return manifest
 
     def _read_version(self, tenant: str, task_id: str, version: int) -> bytes | None:
         with _io_errors(f"reading {tenant}/{task_id} v{version}"):
             try:
                 return _read_file(self._task_dir(tenant, task_id) / version_name(version))
             except FileNotFoundError:
-                return None
+                pass
+        self._check_present()
+        return None
 
     def _task_ids(self, tenant: str, after: str | None) -> list[str]:
         ids = _child_ids(self._tenants_dir / tenant / "tasks")
+        if not ids:
+            self._check_present()
         if after is not None:
             ids = [t for t in ids if listing_key(t) > listing_key(after)]
         return sorted(ids, key=listing_key)
 
     def _tenant_ids(self) -> list[str]:
-        return sorted(_child_ids(self._tenants_dir))
+        ids = _child_ids(self._tenants_dir)
+        if not ids:
+            self._check_present()
+        return sorted(ids)
 
     # ---------------------------------------------------------------------------------- helpers
     def _task_dir(self, tenant: str, task_id: str) -> Path:
@@ -271,11 +298,16 @@ def _write_durably(directory: Path, name: str, data: bytes) -> None:
     _fsync_dir(directory)
 
 
-def _make_dirs(path: Path) -> None:
-    """mkdir -p that fsyncs the parent of every directory it creates (so the new entry survives power loss)."""
+def _make_dirs(path: Path, base: Path | None = None) -> None:
+    """mkdir -p that fsyncs the parent of every directory it creates (so the new entry survives power loss).
+
+    With `base`, only directories below it are created: a missing `base` is StoreUnavailable.
+    """
     if path.is_dir():
         return
-    _make_dirs(path.parent)
+    if path == base:
+        raise StoreUnavailable(f"store directory {base} is missing")
+    _make_dirs(path.parent, base)
     try:
         os.mkdir(path)
     except FileExistsError:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from prompt_store.base import Conflict, CorruptArtifact, StoreUnavailable
+from prompt_store.base import Conflict, CorruptArtifact, NotFound, StoreUnavailable
 from prompt_store.local import LocalStore
 
 Make = Callable[..., bytes]
@@ -180,3 +180,69 @@ def test_io_errors_are_store_unavailable(tmp_path: Path, make_artifact: Make) ->
     shutil.rmtree(root)  # e.g. the volume went away underneath a running server
     with pytest.raises(StoreUnavailable):
         store.ping()
+
+
+@pytest.mark.parametrize("how", ["removed", "emptied", "replaced-by-file"])
+def test_vanished_store_is_unavailable_and_never_recreated(
+    tmp_path: Path, make_artifact: Make, how: str
+) -> None:
+    """The store's directory going away (unmounted volume, rm -rf) is an outage, not an empty store:
+    every operation raises StoreUnavailable (not NotFound / an empty page), and no write recreates it."""
+    root = tmp_path / "s"
+    store = LocalStore(root)
+    store.put("acme", "cats", make_artifact(0))
+    shutil.rmtree(root)
+    if how == "emptied":  # e.g. the mount point is left behind, empty
+        root.mkdir()
+    elif how == "replaced-by-file":
+        root.write_bytes(b"not a directory")
+    calls: dict[str, Callable[[], object]] = {
+        "list": lambda: store.list_tasks("acme"),
+        "list-other-tenant": lambda: store.list_tasks("beta"),
+        "tenants": store.tenants,
+        "get": lambda: store.get("acme", "cats"),
+        "get-version": lambda: store.get("acme", "cats", 1),
+        "get-never-stored": lambda: store.get("acme", "dogs"),
+        "info": lambda: store.info("acme", "cats"),
+        "current-version": lambda: store.current_version("acme", "cats"),
+        "put": lambda: store.put("acme", "cats", make_artifact(1)),
+        "put-new-tenant": lambda: store.put("beta", "dogs", make_artifact(1)),
+        "delete": lambda: store.delete("acme", "cats"),
+        "set-current": lambda: store.set_current("acme", "cats", 1),
+        "sweep": store.sweep,
+        "ping": store.ping,
+    }
+    for name, call in calls.items():
+        with pytest.raises(StoreUnavailable):
+            call()
+            pytest.fail(f"{name} did not raise")
+    if how == "removed":
+        assert not root.exists()
+    elif how == "emptied":
+        assert os.listdir(root) == []
+    else:
+        assert root.read_bytes() == b"not a directory"
+
+
+def test_missing_task_or_tenant_is_not_found_while_the_store_is_there(
+    tmp_path: Path, make_artifact: Make
+) -> None:
+    """The counterpart: with the store present, missing tenants and tasks are NotFound / empty, and a
+    new tenant's directories are created under the existing tenants directory."""
+    store = LocalStore(tmp_path / "s")
+    assert store.list_tasks("nobody").items == () and store.tenants() == []
+    for call in (
+        lambda: store.get("nobody", "cats"),
+        lambda: store.info("nobody", "cats"),
+        lambda: store.delete("nobody", "cats"),
+        lambda: store.set_current("nobody", "cats", 1),
+    ):
+        with pytest.raises(NotFound):
+            call()
+    store.put("acme", "cats", make_artifact(0))
+    shutil.rmtree(task_dir(tmp_path / "s"))  # one task's directory gone: that task is simply missing
+    with pytest.raises(NotFound):
+        store.get("acme", "cats")
+    assert store.list_tasks("acme").items == ()
+    store.put("beta", "dogs", make_artifact(1))
+    assert store.tenants() == ["beta"]

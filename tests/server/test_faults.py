@@ -170,20 +170,7 @@ def _break_local_store(root: Path, how: str) -> None:
         root.write_bytes(b"not a directory")
 
 
-@pytest.mark.parametrize(
-    "how",
-    [
-        "replaced-by-file",
-        pytest.param(
-            "removed",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="LocalStore reports a vanished root as 'task not found' (resident tasks are "
-                "dropped: 404) and recreates it on upload (201); reported to the store owner",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("how", ["replaced-by-file", "removed"])
 def test_local_store_gone_resident_tasks_keep_serving_uploads_503(tmp_path, backbone, how):
     with TestClient(create_app(settings(tmp_path))) as client:
         assert put(client, "hot", artifact_bytes(backbone, P=2, mode="deep", C=3, seed=1)).status_code == 201
@@ -203,6 +190,11 @@ def test_local_store_gone_resident_tasks_keep_serving_uploads_503(tmp_path, back
             503,
             "store_unavailable",
         )
+        assert_error(client.get("/v1/tasks"), 503, "store_unavailable")  # not an empty listing
+        assert_error(client.get("/v1/tasks/hot"), 503, "store_unavailable")  # not "not found"
+        assert_error(classify(client, "never-stored"), 503, "store_unavailable")
+        if how == "removed":
+            assert not (tmp_path / "store").exists()  # nothing recreated the store's tree
         assert classify(client, "hot").status_code == 200
 
 
