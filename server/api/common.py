@@ -1,4 +1,5 @@
-"""Shared pieces of the routers: error response docs, and awaiting work while watching the client."""
+"""Shared pieces of the routers: error response docs, the id rule's schema, and awaiting work while
+watching the client."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 
+from prompt_store.ids import ID_MAX_LEN, ID_PATTERN
 from server.api.schemas import ErrorResponse
 
 T = TypeVar("T")
@@ -17,6 +19,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     for code, desc in {
         400: "Invalid input (image, id, body)",
         401: "Missing or invalid API key",
+        403: "`tenant` used without the admin role, or (uploads) the tenant's task quota is full",
         404: "No such task for this tenant",
         413: "Body or image too large",
         415: "Unsupported Content-Type",
@@ -26,6 +29,18 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         504: "Deadline exceeded",
     }.items()
 }
+
+
+def id_rule_schema(schema: dict[str, Any]) -> None:
+    """`json_schema_extra` for a tenant / task id / cursor parameter: declares the id rule
+    (`prompt_store.ids`) on its string schema (also inside an optional's `anyOf`).
+
+    Declared, not enforced by FastAPI: the route checks the rule itself and answers 400 (FastAPI's own
+    `pattern=` would answer 422 first, with a less specific error).
+    """
+    for s in schema.get("anyOf", [schema]):
+        if s.get("type") == "string":
+            s.update(pattern=f"^{ID_PATTERN.pattern}$", maxLength=ID_MAX_LEN)
 
 
 async def until_disconnect(request: Request) -> None:

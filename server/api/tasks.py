@@ -8,8 +8,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request, Response
 
 from prompt_store.base import NotFound, PromptStore, TaskInfo
+from prompt_store.ids import ID_MAX_LEN
 from server.api.bodies import read_artifact
-from server.api.common import ERRORS
+from server.api.common import ERRORS, id_rule_schema
 from server.api.deps import PrincipalDep, ServicesDep, TaskId
 from server.api.schemas import RollbackRequest, TaskList, TaskOut, TaskUsage, VersionOut
 from server.errors import QuotaExceeded
@@ -118,7 +119,14 @@ async def list_tasks(
     services: ServicesDep,
     principal: PrincipalDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    cursor: Annotated[str | None, Query(max_length=256)] = None,
+    cursor: Annotated[
+        str | None,
+        Query(
+            description="`next_cursor` of the previous page (a task id)",
+            max_length=ID_MAX_LEN,
+            json_schema_extra=id_rule_schema,
+        ),
+    ] = None,
 ) -> TaskList:
     page = await asyncio.to_thread(services.store.list_tasks, principal.tenant, limit, cursor)
     return TaskList(

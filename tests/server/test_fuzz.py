@@ -3,7 +3,8 @@
 Every operation is fuzzed three ways, with a tenant's API key (so the auth, tenant and rate-limit paths
 run too):
 - positive: schema-valid requests (random ids, queries, bodies);
-- negative: schema-violating requests (wrong types, out-of-range values, missing bodies);
+- negative: schema-violating requests (wrong types, out-of-range values, missing bodies, and — the
+  bearer scheme being declared — a missing Authorization header: such cases go without a key);
 - real-task: schema-valid requests against a task that exists, so bodies reach the decoder, the
   artifact validator and the scheduler.
 
@@ -19,7 +20,6 @@ printed at the end of the module.
 from __future__ import annotations
 
 import collections
-import copy
 import os
 
 import pytest
@@ -29,7 +29,7 @@ from schemathesis import GenerationMode
 from schemathesis import checks as st_checks
 from schemathesis.python import asgi as st_asgi
 
-from prompt_store.ids import ID_PATTERN
+from prompt_store.ids import ID_MAX_LEN, ID_PATTERN
 from server.app import create_app
 from server.settings import Settings
 from server.tenants import generate_key, hash_key
@@ -63,72 +63,6 @@ def _settings(tmp) -> Settings:
     )
 
 
-# --- OpenAPI gaps in routes owned elsewhere ------------------------------------------------------
-# Each is reported to the route owners; until fixed, the fuzzer runs against the corrected schema
-# (so it still checks everything else), and `test_openapi_gaps_are_still_open` fails as soon as one is
-# fixed in the app, so this list cannot go stale.
-
-
-def _params(spec: dict, name: str) -> list[dict]:
-    return [
-        p
-        for ops in spec["paths"].values()
-        for op in ops.values()
-        for p in op.get("parameters", [])
-        if p["name"] == name
-    ]
-
-
-def _string_schema(p: dict) -> dict:
-    s = p["schema"]
-    return next((a for a in s.get("anyOf", []) if a.get("type") == "string"), s)
-
-
-GAPS = {
-    # deps.task_id_param: the id rule is enforced (400 invalid_task_id) but not declared, so every
-    # schema-valid id like "Conflict" is "rejected valid data". Declare it without enforcing it in
-    # FastAPI (which would turn 400 into 422): Path(..., json_schema_extra={"pattern": ..., "maxLength": 64}).
-    "task_id-pattern": (
-        lambda spec: all(_string_schema(p).get("pattern") for p in _params(spec, "task_id")),
-        lambda spec: [
-            _string_schema(p).update(pattern=ID_RULE, maxLength=64) for p in _params(spec, "task_id")
-        ],
-    ),
-    # deps.get_principal `tenant` query and tasks.list_tasks `cursor` query: same id rule, undeclared.
-    "tenant-pattern": (
-        lambda spec: all(_string_schema(p).get("pattern") for p in _params(spec, "tenant")),
-        lambda spec: [_string_schema(p).update(pattern=ID_RULE) for p in _params(spec, "tenant")],
-    ),
-    "cursor-pattern": (
-        lambda spec: all(_string_schema(p).get("pattern") for p in _params(spec, "cursor")),
-        lambda spec: [
-            _string_schema(p).update(pattern=ID_RULE, maxLength=64) for p in _params(spec, "cursor")
-        ],
-    ),
-    # common.ERRORS documents no 403, yet `?tenant=` from a non-admin answers 403 forbidden and a full
-    # task quota 403 quota_exceeded.
-    "403-documented": (
-        lambda spec: all(
-            "403" in op["responses"]
-            for path, ops in spec["paths"].items()
-            if path.startswith("/v1/")
-            for op in ops.values()
-        ),
-        lambda spec: [
-            op["responses"].setdefault("403", copy.deepcopy(op["responses"]["401"]))
-            for path, ops in spec["paths"].items()
-            if path.startswith("/v1/")
-            for op in ops.values()
-        ],
-    ),
-}
-
-
-def _patch_gaps(spec: dict) -> None:
-    for _, patch in GAPS.values():
-        patch(spec)
-
-
 def _app_schema() -> dict:
     """The schema as the app builds it (building the app loads nothing; the lifespan does)."""
     return create_app(Settings(backbone=BACKBONE_SPEC, store="unused", open_mode=True)).openapi()
@@ -148,7 +82,6 @@ def fuzz(tmp_path_factory):
     """The app with its lifespan run by schemathesis' own ASGI client (one event loop for every call:
     a second client, e.g. Starlette's TestClient, would start a second lifespan on another loop)."""
     app = create_app(_settings(tmp_path_factory.mktemp("fuzz")))
-    _patch_gaps(app.openapi())  # FastAPI caches the dict it serves: patch it in place
     try:
         with st_asgi.get_client(app) as client:
             yield client, schemathesis.openapi.from_asgi("/openapi.json", app)
@@ -212,7 +145,12 @@ def test_fuzz(fuzz, backbone, label, variant):
     )
     def run(case):
         REQUESTS[label] += 1
-        case.call_and_validate(headers=headers, checks=checks)
+        sent = headers
+        if mode is GenerationMode.NEGATIVE and "authorization" not in {k.lower() for k in case.headers or {}}:
+            # The declared bearer scheme makes the header required: a negative case may drop it, and
+            # then it must be refused (401), not repaired with our key.
+            sent = {}
+        case.call_and_validate(headers=sent, checks=checks)
 
     if SEED is not None:
         run = seed(int(SEED))(run)
@@ -229,8 +167,33 @@ def test_fuzz(fuzz, backbone, label, variant):
         assert r.status_code == 200, r.text
 
 
-@pytest.mark.xfail(strict=True, reason="OpenAPI gaps reported to the route owners (see GAPS)")
-@pytest.mark.parametrize("gap", list(GAPS))
-def test_openapi_gaps_are_still_open(gap):
-    is_fixed, _ = GAPS[gap]
-    assert is_fixed(_app_schema()), f"OpenAPI gap {gap!r} is open"
+def _params(spec: dict, name: str) -> list[dict]:
+    return [
+        p
+        for ops in spec["paths"].values()
+        for op in ops.values()
+        for p in op.get("parameters", [])
+        if p["name"] == name
+    ]
+
+
+def _string_schema(p: dict) -> dict:
+    s = p["schema"]
+    return next((a for a in s.get("anyOf", []) if a.get("type") == "string"), s)
+
+
+def test_openapi_declares_what_the_server_enforces():
+    """What the server enforces is declared, so the fuzzer's schema-valid requests are ones it accepts:
+    the id rule on `task_id`, `tenant` and `cursor` (checked by the routes: 400; a `tenant` or `cursor`
+    over 64 characters: 422), and 403 (`tenant` from a non-admin, a full task quota)."""
+    spec = _app_schema()
+    for name in ("task_id", "tenant", "cursor"):
+        params = _params(spec, name)
+        assert params, name
+        for p in params:
+            s = _string_schema(p)
+            assert (s.get("pattern"), s.get("maxLength")) == (ID_RULE, ID_MAX_LEN), (name, s)
+    for path, ops in spec["paths"].items():
+        for method, op in ops.items():
+            if path.startswith("/v1/"):
+                assert "403" in op["responses"], f"{method.upper()} {path}"
