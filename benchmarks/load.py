@@ -119,11 +119,6 @@ def start_server(config: str, args: argparse.Namespace, work: Path, store: Path)
                "--port", str(port), "--device", args.device]  # fmt: skip
     else:
         cmd = [sys.executable, "-m", "server"]
-        if args.switch_interval:
-            # What-if knob (docs/benchmarks.md, GIL convoy): the same server with a shorter GIL switch
-            # interval, without touching server code.
-            cmd = [sys.executable, "-c", f"import runpy, sys; sys.setswitchinterval({args.switch_interval}); "
-                   "runpy.run_module('server', run_name='__main__')"]  # fmt: skip
         env.update(
             {
                 "VPT_HOST": "127.0.0.1",
@@ -408,8 +403,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--server-threads", type=int, default=-1,
                    help="OMP_NUM_THREADS (torch intra-op threads) of the servers and the raw engine; "
                         "0 = library default; default 1 on CPU (see docs/benchmarks.md), 0 on GPU")  # fmt: skip
-    p.add_argument("--switch-interval", type=float, default=0.0,
-                   help="what-if: run vpt-serve with sys.setswitchinterval(X) (default: Python's 0.005 s)")  # fmt: skip
     p.add_argument(
         "--server-env", action="append", default=[], metavar="VPT_X=V", help="extra vpt-serve setting"
     )

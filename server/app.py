@@ -17,7 +17,7 @@ import server
 from prompt_store.base import PromptStore
 from server.api import inference, system, tasks
 from server.api.errors import install_error_handlers
-from server.api.middleware import RequestContext
+from server.api.middleware import RateGate, RequestContext
 from server.metrics import Metrics
 from server.services import Services
 from server.settings import Settings
@@ -48,6 +48,7 @@ def create_app(settings: Settings, *, store: PromptStore | None = None) -> FastA
         lifespan=lifespan,
     )
     metrics = Metrics()  # built here so the middleware and the services share one registry
+    app.add_middleware(RateGate)  # inside RequestContext: its refusals are logged and counted too
     app.add_middleware(RequestContext, metrics=metrics, enabled_log=settings.access_log)
     install_error_handlers(app)
     for router in (inference.router, tasks.router, system.router):

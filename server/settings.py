@@ -36,6 +36,12 @@ class Settings(BaseSettings):
         ge=0,
         description="CPU threads for torch; 0 = auto (all cores but one on CPU, torch's default on GPU)",
     )
+    gil_switch_interval_ms: float = Field(
+        0.1,
+        gt=0,
+        description="Python's GIL switch interval in the server (Python's default, 5 ms, makes the engine "
+        "thread wait for the event loop between torch ops)",
+    )
     hf_cache_dir: str | None = Field(
         None, description="Where hf-hub: backbones are cached (default: HF_HOME)"
     )
@@ -63,6 +69,11 @@ class Settings(BaseSettings):
     max_queue_images: int = Field(4096, ge=1, description="Images queued across tenants before 429")
     batching: Literal["mixed", "per_task"] = Field("mixed", description="per_task = baseline for benchmarks")
     pipeline_depth: int = Field(0, ge=0, description="Batches in flight; 0 = auto (2 on CUDA, 1 on CPU)")
+    preempt: bool = Field(
+        True,
+        description="CPU: a less-served tenant's new request may run between two blocks of another "
+        "tenant's running batch (it waits one block, not one batch)",
+    )
     request_timeout_s: float = Field(30.0, gt=0, description="Deadline of a request; 504 after it")
     decode_threads: int = Field(0, ge=0, description="Image decode threads; 0 = number of CPUs")
 

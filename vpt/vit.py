@@ -13,6 +13,8 @@ The architecture and parameter names follow timm's `VisionTransformer` (pre-norm
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -53,12 +55,23 @@ class VisionTransformer(nn.Module):
         cls = self.cls_token.expand(x.shape[0], -1, -1)  # (B, 1, D)
         return torch.cat([cls, x], dim=1) + self.pos_embed
 
-    def forward_features(self, x: Tensor, prompts: PromptBatch | None = None) -> Tensor:
-        """images (B, 3, H, W) → (B, 1 + P + N, D) after the final norm; P = prompts.max_len (or 0)."""
+    def forward_features(
+        self,
+        x: Tensor,
+        prompts: PromptBatch | None = None,
+        between_blocks: Callable[[], None] | None = None,
+    ) -> Tensor:
+        """images (B, 3, H, W) → (B, 1 + P + N, D) after the final norm; P = prompts.max_len (or 0).
+
+        `between_blocks()` is called after every block but the last: a serving scheduler's point to
+        run other work before this batch continues (it must not touch this batch's tensors)."""
         x = self.embed(x)
+        last = len(self.blocks) - 1
         if prompts is None or prompts.max_len == 0:
-            for blk in self.blocks:
+            for i, blk in enumerate(self.blocks):
                 x = blk(x)
+                if between_blocks is not None and i < last:
+                    between_blocks()
             return self.norm(x)
 
         P = prompts.max_len
@@ -72,6 +85,8 @@ class VisionTransformer(nn.Module):
                     new = torch.where(prompts.deep[:, None, None], new, x[:, 1 : 1 + P])
                 x = torch.cat([x[:, :1], new, x[:, 1 + P :]], dim=1)
             x = blk(x, key_mask)
+            if between_blocks is not None and i < last:
+                between_blocks()
         return self.norm(x)
 
     @staticmethod

@@ -9,13 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from fastapi import Depends, Path, Query, Request
+from fastapi import Depends, Path, Query, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from prompt_store.base import InvalidId
-from prompt_store.ids import check_id
+from prompt_store.ids import ID_MAX_LEN, ID_PATTERN, check_id
+from server.api.common import id_rule_schema
 from server.errors import Forbidden, InvalidRequest, InvalidTaskId, Overloaded, Unauthorized, Unavailable
 from server.services import Services
-from server.tenants import Tenant
+from server.tenants import Tenant, TenantRegistry
 
 
 @dataclass(frozen=True)
@@ -38,37 +40,35 @@ async def get_services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
+BEARER = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer <key>`")
+
+
 async def get_principal(
     request: Request,
     services: ServicesDep,
     tenant: Annotated[
         str | None,
-        Query(description="Admins only: act on this tenant's tasks instead of their own", max_length=64),
+        Query(
+            description="Admins only: act on this tenant's tasks instead of their own",
+            max_length=ID_MAX_LEN,
+            json_schema_extra=id_rule_schema,
+        ),
     ] = None,
+    _scheme: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)] = None,
 ) -> Principal:
-    """Authenticate `Authorization: Bearer <key>`, apply the caller's rate limit, pick the tenant."""
+    """Authenticate `Authorization: Bearer <key>`, apply the caller's rate limit, pick the tenant.
+
+    `_scheme` only declares the bearer scheme in OpenAPI (it never refuses): `authenticate` checks the
+    header itself, with an error that says what is wrong."""
     registry = services.tenants
     if registry is None:  # open mode
         caller: Tenant | None = None
         name, role = services.settings.default_tenant, "admin"
     else:
-        registry.maybe_reload()
-        scheme, _, key = request.headers.get("authorization", "").partition(" ")
-        if not scheme:
-            raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
-        if scheme.lower() != "bearer" or not key.strip():
-            raise Unauthorized("the Authorization header must be 'Bearer <key>'")
-        caller = registry.authenticate(key.strip())
-        if caller is None:
-            raise Unauthorized("invalid API key")
+        caller = authenticate(registry, request.headers.get("authorization", ""))
         name, role = caller.name, caller.role
-        wait = services.rate_limiter.acquire(caller.name, caller.rate_per_s, caller.burst)
-        if wait > 0:
-            services.metrics.rejected("rate_limited")
-            raise Overloaded(
-                f"tenant {caller.name!r} is over its rate of {caller.rate_per_s:g} requests/s",
-                retry_after=wait,
-            )
+        if request.scope.get("state", {}).get("rate_charged") != name:  # not done by RateGate
+            charge_rate(services, caller)
     acting, quotas = name, caller
     if tenant is not None and tenant != name:
         if role != "admin":
@@ -85,8 +85,39 @@ async def get_principal(
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
 
 
+def authenticate(registry: TenantRegistry, authorization: str) -> Tenant:
+    """The tenant an `Authorization: Bearer <key>` header belongs to, or Unauthorized."""
+    registry.maybe_reload()
+    scheme, _, key = authorization.partition(" ")
+    if not scheme:
+        raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise Unauthorized("the Authorization header must be 'Bearer <key>'")
+    caller = registry.authenticate(key.strip())
+    if caller is None:
+        raise Unauthorized("invalid API key")
+    return caller
+
+
+def charge_rate(services: Services, caller: Tenant) -> None:
+    """Take one request from the caller's token bucket, or Overloaded (429 + Retry-After)."""
+    wait = services.rate_limiter.acquire(caller.name, caller.rate_per_s, caller.burst)
+    if wait > 0:
+        services.metrics.rejected("rate_limited")
+        raise Overloaded(
+            f"tenant {caller.name!r} is over its rate of {caller.rate_per_s:g} requests/s", retry_after=wait
+        )
+
+
 async def task_id_param(
-    task_id: Annotated[str, Path(description="Task id: [a-z0-9][a-z0-9._-]{0,63}", examples=["birds-v2"])],
+    task_id: Annotated[
+        str,
+        Path(
+            description=f"Task id: {ID_PATTERN.pattern}",
+            examples=["birds-v2"],
+            json_schema_extra=id_rule_schema,
+        ),
+    ],
 ) -> str:
     try:
         return check_id(task_id, "task_id")

@@ -1,4 +1,4 @@
-"""Pure ASGI middleware: request ids, JSON access log, latency metrics.
+"""Pure ASGI middleware: request ids, JSON access log, latency metrics; the rate-limit gate.
 
 Pure ASGI (not BaseHTTPMiddleware) so the route still sees `http.disconnect` from the client and can
 free a disconnected client's queued work.
@@ -15,6 +15,9 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.api.deps import authenticate, charge_rate
+from server.api.errors import error_response
+from server.errors import Overloaded, Unauthorized
 from server.metrics import Metrics
 
 access_log = logging.getLogger("vpt.access")
@@ -76,3 +79,40 @@ class RequestContext:
                         }
                     )
                 )
+
+
+class RateGate:
+    """ASGI middleware: refuse a rate-limited API request before routing.
+
+    A flooding tenant's requests are mostly refused by its rate limit. Refused inside FastAPI (routing,
+    dependency resolution, exception handlers) each cost ~0.4 ms of event-loop CPU, which the engine
+    thread and other tenants' requests wait for (GIL); here a refusal costs a header lookup, a key
+    hash and a token bucket. Only requests with a valid key are charged here; everything else (no
+    key, bad key, open mode) goes on to the routes, whose dependencies answer it as before and charge
+    the bucket only if this gate did not (`state.rate_charged`).
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        services = getattr(scope["app"].state, "services", None) if "app" in scope else None
+        if scope["type"] == "http" and scope["path"].startswith("/v1/") and services is not None:
+            registry = services.tenants
+            authorization = dict(scope.get("headers") or []).get(b"authorization")
+            if registry is not None and authorization is not None:
+                try:
+                    caller = authenticate(registry, authorization.decode("latin-1"))
+                except Unauthorized:
+                    caller = None
+                if caller is not None:
+                    state = scope.setdefault("state", {})
+                    state["tenant"] = caller.name  # for the access log and per-tenant metrics
+                    try:
+                        charge_rate(services, caller)
+                    except Overloaded as e:
+                        response = error_response(e.status, e.type, e.message, e.headers)
+                        await response(scope, receive, send)
+                        return
+                    state["rate_charged"] = caller.name
+        await self.app(scope, receive, send)

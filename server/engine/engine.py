@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -104,6 +105,7 @@ class Engine:
             byte_budget=bank_bytes,
         )
         self._features = self.model.forward_features
+        self.compiled = compile
         if compile:
             # dynamic=True: batch size and prompt length vary from batch to batch.
             self._features = torch.compile(self.model.forward_features, dynamic=True)
@@ -130,7 +132,9 @@ class Engine:
             raise RuntimeError(f"injected engine failure on batch {self._launched}")
 
     @torch.inference_mode()
-    def launch(self, batch: EngineBatch) -> _Pending:
+    def launch(self, batch: EngineBatch, between_blocks: Callable[[], None] | None = None) -> _Pending:
+        """Start a batch (on CPU: compute it). `between_blocks` runs after each transformer block but
+        the last (the scheduler's preemption point on CPU; ignored when the model is compiled)."""
         if self._fault_oom_over or self._fault_fail_every:
             self._inject_faults(batch)
         started = time.perf_counter()
@@ -141,7 +145,10 @@ class Engine:
         lengths = [i.prompt_length for i in batch.infos]
         deep = [i.deep for i in batch.infos]
         prompts = PromptBatch.build(self.bank.prompts, index, lengths, deep)
-        feats = self.model.pool(self._features(x, prompts))  # (B, D)
+        if between_blocks is not None and not self.compiled:
+            feats = self.model.pool(self.model.forward_features(x, prompts, between_blocks))
+        else:
+            feats = self.model.pool(self._features(x, prompts))  # (B, D)
         if batch.output == "embed":
             out: tuple[torch.Tensor, ...] = (feats.float().to("cpu", non_blocking=cuda),)
         else:
@@ -178,8 +185,8 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def run(self, batch: EngineBatch) -> EngineResult:
-        return self.collect(self.launch(batch))
+    def run(self, batch: EngineBatch, between_blocks: Callable[[], None] | None = None) -> EngineResult:
+        return self.collect(self.launch(batch, between_blocks))
 
     def warmup(self, batch_sizes: tuple[int, ...] = (1, 8)) -> None:
         """Run the plain backbone once per batch size (kernel selection, compile, allocator)."""

@@ -1,10 +1,11 @@
 """Per-tenant queues with weighted fair selection (start-time fair queuing over images).
 
-Each tenant has a FIFO queue and a virtual time: the images it has been served divided by its weight.
-The next request always comes from the backlogged tenant with the smallest virtual time, so under
-contention tenants get engine images in proportion to their weights, whatever their offered load. A
-tenant that becomes backlogged starts at the smallest virtual time among the backlogged ones (no credit
-is banked while idle), as in SFQ (Goyal et al., 1996) / deficit round-robin (Shreedhar & Varghese).
+Each tenant has a FIFO queue and a virtual time: the images it has been served divided by its weight
+(the start tag of its next request). The next request always comes from the backlogged tenant with the
+smallest virtual time, so under contention tenants get engine images in proportion to their weights,
+whatever their offered load. A tenant that becomes backlogged starts at the system virtual time, the
+start tag of the request served last (no credit is banked while idle) — SFQ (Goyal et al., 1996). So a
+light tenant's new request ranks at or before the heavy tenant's next one, whose start tag is past it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ class FairQueues:
         self._weight: dict[str, float] = {}
         self._images: dict[str, int] = {}  # queued images per tenant
         self.total_images = 0
+        self.clock = 0.0  # system virtual time: the start tag of the request taken last
 
     def __bool__(self) -> bool:
         return self.total_images > 0
@@ -33,8 +35,7 @@ class FairQueues:
         t = req.tenant
         q = self._queues.get(t)
         if not q:
-            floor = min((self._vtime[o] for o, oq in self._queues.items() if oq), default=0.0)
-            self._vtime[t] = max(self._vtime.get(t, 0.0), floor)
+            self._vtime[t] = max(self._vtime.get(t, 0.0), self.clock)
             q = self._queues[t] = deque()
         self._weight[t] = weight
         q.append(req)
@@ -57,7 +58,12 @@ class FairQueues:
     def take(self, req: Request) -> None:
         """`req` goes into a batch: dequeue it and charge its tenant."""
         self.remove(req)
+        self.clock = self._vtime[req.tenant]
         self._vtime[req.tenant] += req.n / self._weight.get(req.tenant, 1.0)
+
+    def start_tag(self, tenant: str) -> float:
+        """The virtual time at which the tenant's next request starts (lower runs first)."""
+        return self._vtime.get(tenant, 0.0)
 
     def tenants_by_priority(self) -> list[str]:
         """Backlogged tenants, the least served (by weight) first."""

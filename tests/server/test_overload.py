@@ -10,8 +10,9 @@
 - Admission before decode: a request that its tenant's queue bound will refuse must be refused before
   its images are decoded (`Scheduler.admit`).
 
-The load generator is a minimal asyncio HTTP/1.1 client (~0.1 ms of CPU per request; httpx costs ~1
-ms), because client and server share this machine's two cores. Every loop is bounded in time.
+The load generator is a minimal asyncio HTTP/1.1 client (`tests/server/rawhttp.py`), because client and
+server share this machine's two cores; the fair-share flood runs in a process of its own so that its
+event loop cannot delay B's measurements. Every loop is bounded in time.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import base64
 import io
 import json
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +35,7 @@ from PIL import Image
 
 from server.tenants import generate_key, hash_key
 from tests.server.helpers import artifact_bytes
+from tests.server.rawhttp import Flood, RawClient, flood
 from tests.server.server_proc import ServerProcess
 from vpt.hub import load_backbone
 
@@ -68,46 +72,6 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError("no VmRSS")
-
-
-class RawClient:
-    """Keep-alive HTTP/1.1 POSTs over asyncio streams; returns (status, headers, body)."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
-
-    async def post(
-        self, path: str, body: bytes, headers: dict[str, str]
-    ) -> tuple[int, dict[str, str], bytes]:
-        reader, writer = (
-            self._idle.pop() if self._idle else await asyncio.open_connection("127.0.0.1", self.port)
-        )
-        try:
-            head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-            writer.write(
-                f"POST {path} HTTP/1.1\r\nhost: 127.0.0.1\r\n{head}content-length: {len(body)}\r\n\r\n".encode()
-                + body
-            )
-            status = int((await reader.readline()).split(b" ", 2)[1])
-            hdrs: dict[str, str] = {}
-            while (line := await reader.readline()) not in (b"\r\n", b""):
-                k, _, v = line.partition(b":")
-                hdrs[k.strip().lower().decode()] = v.strip().decode()
-            data = await reader.readexactly(int(hdrs.get("content-length", "0")))
-        except BaseException:
-            writer.close()
-            raise
-        if hdrs.get("connection", "").lower() == "close":
-            writer.close()
-        else:
-            self._idle.append((reader, writer))
-        return status, hdrs, data
-
-    def close(self) -> None:
-        for _, w in self._idle:
-            w.close()
-        self._idle.clear()
 
 
 @dataclass
@@ -151,52 +115,6 @@ async def steady(
         await asyncio.sleep(max(0.0, start + i / rate - time.monotonic()))
         tasks.append(asyncio.create_task(one()))
     await asyncio.gather(*tasks)
-    return out
-
-
-@dataclass
-class Flood:
-    sent: int = 0
-    outcomes: dict[str, int] = field(default_factory=dict)
-    retry_after_missing: int = 0
-    started: float = 0.0
-    stopped: float = 0.0
-
-    def count(self, key: str) -> None:
-        self.outcomes[key] = self.outcomes.get(key, 0) + 1
-
-
-async def flood(
-    port: int, path: str, body: bytes, headers: dict[str, str], rate: float, stop: asyncio.Event
-) -> Flood:
-    """Open-loop requests at `rate` until `stop`; each on a pooled connection (new ones as needed)."""
-    out, pool, tasks = Flood(started=time.monotonic()), [], []
-
-    async def one() -> None:
-        client = pool.pop() if pool else RawClient(port)
-        try:
-            status, hdrs, data = await asyncio.wait_for(client.post(path, body, headers), 60)
-        except (OSError, asyncio.IncompleteReadError, IndexError, asyncio.TimeoutError) as e:
-            client.close()
-            out.count(f"connection: {type(e).__name__}")  # the server closed a connection it did not read
-            return
-        pool.append(client)
-        if status == 429:
-            reason = "rate" if "requests/s" in data.decode(errors="replace") else "queue"
-            out.count(f"429 {reason}")
-            if int(hdrs.get("retry-after", "0")) < 1:
-                out.retry_after_missing += 1
-        else:
-            out.count(str(status))
-
-    while not stop.is_set():
-        await asyncio.sleep(max(0.0, out.started + out.sent / rate - time.monotonic()))
-        tasks.append(asyncio.create_task(one()))
-        out.sent += 1
-    out.stopped = time.monotonic()
-    await asyncio.gather(*tasks)
-    for c in pool:
-        c.close()
     return out
 
 
@@ -277,24 +195,32 @@ def start(tmp: Path) -> ServerProcess:
 
 
 @pytest.mark.slow
-def test_fair_share_under_a_10x_flood(server):
+def test_fair_share_under_a_10x_flood(server, tmp_path):
     path = "/v1/tasks/t/classify"
     a_body, b_body = json_images(BATCH, seed=100), json_images(1, seed=7)
     b_rate, seconds = 20.0, 6.0
+    (tmp_path / "a.json").write_bytes(a_body)
 
     async def scenario():
         cap = await capacity(server.port, a_body, auth("probe"), BATCH, 2.5)
         b = RawClient(server.port)
         await steady(b, path, b_body, auth("b"), b_rate, 1.0)  # warm B's connection and task
         solo = await steady(b, path, b_body, auth("b"), b_rate, seconds)
-        stop = asyncio.Event()
         a_rate = 10 * cap / BATCH  # requests/s: 10x capacity in images
-        a_task = asyncio.create_task(flood(server.port, path, a_body, auth("a"), a_rate, stop))
+        # A's flood runs in its own process: in this one, its event loop would delay B's requests
+        # and responses and that lag would be counted as the server's.
+        a_proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tests.server.rawhttp", "--port", str(server.port), "--path", path,
+            "--body", str(tmp_path / "a.json"), "--key", KEYS["a"], "--rate", f"{a_rate:.1f}",
+            "--seconds", str(seconds + 2.0), stdout=subprocess.PIPE, cwd=Path(__file__).parents[2],
+        )  # fmt: skip
+        stop = asyncio.Event()
         ready_task = asyncio.create_task(watch_ready(server.url, stop))
         await asyncio.sleep(1.0)  # A's queue is full and its rate exhausted before B is measured
         under = await steady(b, path, b_body, auth("b"), b_rate, seconds)
+        out, _ = await a_proc.communicate()
         stop.set()
-        a, ready = await a_task, await ready_task
+        a, ready = Flood(**json.loads(out)), await ready_task
         b.close()
         return cap, solo, under, a, ready
 
@@ -318,9 +244,13 @@ def test_fair_share_under_a_10x_flood(server):
     assert a.outcomes.get("200", 0) > 0  # A is throttled, not starved
     assert ready and set(ready) == {200}
     assert under.q(0.99) < 1.0  # a guard against collapse (e.g. B queued behind A's decodes: seconds)
+    # Without preemption and the rate gate B's ratio was 5-20x; with them 1.5-3.1x over ten quiet runs
+    # (median ~2.4). The bound below catches a regression to the old behaviour with room for noise.
+    assert ratio <= 6.0, f"B p99 under flood is {ratio:.2f}x its solo p99"
     if ratio > 2.0:
-        # Not met on 2 shared CPU cores; docs/security.md ("Fair share") explains where B's time goes
-        # and the scheduler change that bounds it. Reported loudly, not asserted away.
+        # The 2x target is met in some runs, not reliably, on 2 shared CPU cores: the flood's HTTP
+        # handling competes with B's decode and compute for the GIL and the cores. docs/security.md
+        # ("Fair share") has the figures and the structural fix. Reported loudly, not asserted away.
         pytest.xfail(f"B p99 under flood is {ratio:.2f}x its solo p99 (target 2x)")
 
 

@@ -130,3 +130,46 @@ def test_round_robin_across_tenants_and_per_task_mode(backbone, store):
     order, results = asyncio.run(run("per_task"))
     beta = results[-1]
     assert beta.batch_size == 1  # per-task batches never mix tasks
+
+
+@pytest.mark.parametrize("preempt", [True, False])
+def test_cpu_preemption_lets_a_light_tenant_overtake_a_running_batch(tmp_path, preempt):
+    """A light tenant's request that arrives while a heavy tenant's big batch computes runs between
+    two of that batch's blocks (preempt=True) instead of after it, with the same result as alone."""
+    bb = load_backbone("random:vit_test_small@0")  # 4 blocks: a 48-image batch takes ~0.1 s on CPU
+    st = LocalStore(tmp_path / "store")
+    st.put("heavy", "t", artifact_bytes(bb, P=4, mode="deep", C=5, seed=1))
+    st.put("light", "t", artifact_bytes(bb, P=2, mode="shallow", C=3, seed=2))
+    S = bb.cfg.img_size
+    big = torch.randint(0, 256, (48, 3, S, S), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    one = big[:1].clone()
+
+    async def scenario():
+        engine = Engine(bb, bank_slots=4, max_prompt_length=8, max_classes=8)
+        sched = Scheduler(engine, st, SchedulerConfig(max_batch_size=48, preempt=preempt))
+        await sched.start()
+        try:
+            alone = await sched.submit("light", "t", one)
+            await sched.submit("heavy", "t", big[:1])  # both tasks resident
+            done: list[str] = []
+
+            async def run(tenant: str, x: torch.Tensor):
+                r = await sched.submit(tenant, "t", x)
+                done.append(tenant)
+                return r
+
+            heavy = asyncio.create_task(run("heavy", big))
+            while not sched.in_flight:  # the heavy batch has been dispatched
+                await asyncio.sleep(0.0005)
+            light = await run("light", one)
+            await heavy
+            return alone, light, done
+        finally:
+            await sched.close()
+
+    alone, light, done = asyncio.run(scenario())
+    assert done == (["light", "heavy"] if preempt else ["heavy", "light"])
+    assert light.batch_size == 1
+    assert [p.index for p in light.predictions[0]] == [p.index for p in alone.predictions[0]]
+    for a, b in zip(light.predictions[0], alone.predictions[0], strict=True):
+        assert a.score == pytest.approx(b.score, rel=1e-5, abs=1e-7)

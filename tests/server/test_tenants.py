@@ -133,6 +133,20 @@ def test_fair_queues_share_by_weight_and_bank_no_credit():
         fq.take(r)
         served[t] += 1
     assert served["light"] == pytest.approx(2 * served["heavy"], abs=2)
-    # A tenant idle while others were served starts level with them, not ahead by its idle time.
+    # A tenant idle while others were served starts at the system virtual time (the start tag of the
+    # request served last), not ahead by its idle time — and not behind the backlogged tenants.
     fq.push(_req("late"), weight=1.0)
-    assert fq._vtime["late"] == min(fq._vtime["heavy"], fq._vtime["light"]) > 0
+    assert 0 < fq.start_tag("late") == fq.clock <= min(fq.start_tag("heavy"), fq.start_tag("light"))
+
+
+def test_a_newly_backlogged_tenant_ranks_before_the_heavy_tenants_next_request():
+    """SFQ: the heavy tenant's next request starts after its last one ends (tag + 8), a newcomer's
+    at the last start tag, so the newcomer goes first (and may overtake a running batch)."""
+    fq = FairQueues()
+    for _ in range(3):
+        fq.push(_req("heavy", 8))
+    fq.take(next(fq.requests("heavy")))
+    running = fq.clock  # the tag of the batch now computing
+    fq.push(_req("light"))
+    assert fq.start_tag("light") <= running < fq.start_tag("heavy")
+    assert fq.tenants_by_priority() == ["light", "heavy"]

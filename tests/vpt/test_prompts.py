@@ -140,3 +140,21 @@ def test_prompt_length_over_table_is_refused(tiny_vit):
     table = torch.zeros(1, 1, 3, tiny_vit.cfg.embed_dim)
     with pytest.raises(ValueError, match="exceeds"):
         PromptBatch.build(table, torch.tensor([0]), [4], [False])
+
+
+@pytest.mark.parametrize("P", [0, 3])
+def test_between_blocks_hook_runs_at_every_block_boundary_and_changes_nothing(tiny_vit, images, P):
+    """The serving scheduler's preemption point: called depth - 1 times; other work run inside it
+    (here: another forward pass) leaves this batch's result bit-identical."""
+    D, L = tiny_vit.cfg.embed_dim, tiny_vit.cfg.depth
+    prompts = PromptBatch.single_task(torch.randn(L, P, D), images.shape[0], deep=True) if P else None
+    calls = []
+
+    def other_work() -> None:
+        calls.append(tiny_vit.forward_features(images[:2]))
+
+    with torch.inference_mode():
+        plain = tiny_vit.forward_features(images, prompts)
+        hooked = tiny_vit.forward_features(images, prompts, between_blocks=other_work)
+    assert len(calls) == L - 1
+    assert torch.equal(plain, hooked)

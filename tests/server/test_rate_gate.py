@@ -1,0 +1,52 @@
+"""The rate-limit gate (server.api.middleware.RateGate): refusals before routing, one charge each."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+
+from server.app import create_app
+from server.settings import Settings
+from server.tenants import generate_key, hash_key
+from tests.server.helpers import BACKBONE_SPEC
+
+KEY, OTHER = generate_key(), generate_key()
+
+
+@pytest.fixture
+def client(tmp_path):
+    (tmp_path / "tenants.toml").write_text(
+        f'[[tenant]]\nname = "slow"\nkeys = ["{hash_key(KEY)}"]\nrate_per_s = 0.5\n'  # burst: 1 request
+        f'[[tenant]]\nname = "other"\nkeys = ["{hash_key(OTHER)}"]\n'
+    )
+    settings = Settings(
+        backbone=BACKBONE_SPEC,
+        store=str(tmp_path / "store"),
+        tenants_file=str(tmp_path / "tenants.toml"),
+        access_log=False,
+    )
+    with TestClient(create_app(settings)) as c:
+        yield c
+
+
+def test_each_request_is_charged_once_and_refusals_come_before_routing(client):
+    auth = {"authorization": f"Bearer {KEY}"}
+    assert client.get("/v1/info", headers=auth).status_code == 200  # the one token (not two charges)
+    # Refused before routing: a body the route would reject (400) and an unknown route (404) both 429.
+    for r in (
+        client.post("/v1/tasks/t/classify", content=b"not an image", headers=auth),
+        client.get("/v1/no-such-route", headers=auth),
+        client.get("/v1/info", headers=auth),
+    ):
+        assert r.status_code == 429, r.text
+        assert r.json()["error"]["type"] == "overloaded"
+        assert "0.5 requests/s" in r.json()["error"]["message"]
+        assert int(r.headers["retry-after"]) >= 1
+        assert r.headers["x-request-id"]  # still inside the request-context middleware
+    metrics = client.get("/metrics").text
+    assert 'vpt_tenant_requests_total{route="unmatched",status="429",tenant="slow"}' in metrics
+    assert 'vpt_rejections_total{reason="rate_limited"} 3.0' in metrics
+    # Other tenants, bad keys and missing keys are not affected by (or charged to) that bucket.
+    assert client.get("/v1/info", headers={"authorization": f"Bearer {OTHER}"}).status_code == 200
+    assert client.get("/v1/info", headers={"authorization": "Bearer vpt_wrong"}).status_code == 401
+    assert client.get("/v1/info").status_code == 401
