@@ -7,21 +7,26 @@ The transform is `vpt.transforms.eval_transform`, the very function `vpt train` 
 from __future__ import annotations
 
 import asyncio
-import os
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from server.errors import InvalidImage
+from server.threads import available_cpus, pin_thread
 from vpt.config import ViTConfig
 from vpt.transforms import ImageDecodeError, ImageLimits, decode_image, eval_transform
 
 
 class Preprocessor:
-    def __init__(self, cfg: ViTConfig, limits: ImageLimits, threads: int = 0) -> None:
+    def __init__(
+        self, cfg: ViTConfig, limits: ImageLimits, threads: int = 0, cpus: frozenset[int] = frozenset()
+    ) -> None:
+        """`cpus`: pin the decode threads to these CPUs (empty: no pinning)."""
         self.cfg, self.limits = cfg, limits
-        self.threads = threads or os.cpu_count() or 1
-        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="vpt-decode")
+        self.threads = threads or available_cpus()
+        self._pool = ThreadPoolExecutor(
+            self.threads, thread_name_prefix="vpt-decode", initializer=pin_thread, initargs=(cpus,)
+        )
 
     def _chunk(self, start: int, blobs: list[bytes]) -> list[torch.Tensor]:
         out = []

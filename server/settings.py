@@ -36,6 +36,11 @@ class Settings(BaseSettings):
         ge=0,
         description="CPU threads for torch; 0 = auto (all cores but one on CPU, torch's default on GPU)",
     )
+    pin_threads: bool = Field(
+        True,
+        description="CPU: run the engine thread on its own cores (the last VPT_TORCH_THREADS of the allowed "
+        "CPUs) and the decode threads on the others, so they do not evict each other's caches",
+    )
     gil_switch_interval_ms: float = Field(
         0.1,
         gt=0,

@@ -41,6 +41,7 @@ from server.errors import DeadlineExceeded, InvalidRequest, Overloaded, ServingE
 from server.scheduler.fair import FairQueues
 from server.scheduler.residency import Failed, Ready, Residency
 from server.scheduler.types import Prediction, Request, Result
+from server.threads import pin_thread
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class SchedulerConfig:
     loader_threads: int = 4  # store reads + artifact validation
     version_ttl_s: float = 2.0  # how stale a task's current-version view may get (replicas)
     preempt: bool = False  # CPU: later requests of less-served tenants may run between blocks
+    engine_cpus: frozenset[int] = frozenset()  # pin the engine thread to these CPUs (empty: no pinning)
 
 
 @dataclass
@@ -83,7 +85,9 @@ class Scheduler:
     ) -> None:
         self.engine, self.config = engine, config
         self.hooks = hooks or SchedulerHooks()
-        self._engine_ex = ThreadPoolExecutor(1, thread_name_prefix="vpt-engine")
+        self._engine_ex = ThreadPoolExecutor(
+            1, thread_name_prefix="vpt-engine", initializer=pin_thread, initargs=(config.engine_cpus,)
+        )
         self._collect_ex = ThreadPoolExecutor(1, thread_name_prefix="vpt-collect")
         self._loader_ex = ThreadPoolExecutor(config.loader_threads, thread_name_prefix="vpt-loader")
         self.residency = Residency(

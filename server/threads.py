@@ -1,0 +1,32 @@
+"""CPU placement of the server's own threads (Linux; a no-op elsewhere)."""
+
+from __future__ import annotations
+
+import os
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity set: a container's cpuset, `taskset`), not the host's."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def split_cpus(engine_threads: int) -> tuple[frozenset[int], frozenset[int]]:
+    """(engine CPUs, front-end CPUs): the last `engine_threads` CPUs this process may use go to the
+    engine, the rest to decoding; two empty sets when there is no room for both, or no affinity API."""
+    if not hasattr(os, "sched_getaffinity"):
+        return frozenset(), frozenset()
+    allowed = sorted(os.sched_getaffinity(0))
+    if engine_threads < 1 or len(allowed) <= engine_threads:
+        return frozenset(), frozenset()
+    return frozenset(allowed[-engine_threads:]), frozenset(allowed[:-engine_threads])
+
+
+def pin_thread(cpus: frozenset[int]) -> None:
+    """Restrict the calling thread (only it: Linux affinity is per thread) to `cpus`; empty: leave it.
+
+    Threads it starts later inherit the set, which is how torch's intra-op threads follow the engine's.
+    """
+    if cpus and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, cpus)

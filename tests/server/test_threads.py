@@ -1,0 +1,48 @@
+"""CPU placement of the engine and decode threads (server.threads)."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+from server.threads import available_cpus, pin_thread, split_cpus
+
+linux = pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no thread affinity API")
+
+
+@linux
+def test_split_gives_the_engine_the_last_cpus_and_needs_room_for_both():
+    allowed = sorted(os.sched_getaffinity(0))
+    assert available_cpus() == len(allowed)
+    if len(allowed) >= 2:
+        engine, front = split_cpus(1)
+        assert engine == {allowed[-1]} and front == set(allowed[:-1])
+    assert split_cpus(len(allowed)) == (frozenset(), frozenset())  # no core left for decoding
+    assert split_cpus(0) == (frozenset(), frozenset())
+
+
+@linux
+def test_pin_thread_pins_only_the_calling_thread_and_what_it_starts():
+    before = os.sched_getaffinity(0)
+    cpu = min(before)
+    seen: dict[str, set[int]] = {}
+
+    def child() -> None:
+        seen["child"] = os.sched_getaffinity(0)
+
+    def worker() -> None:
+        pin_thread(frozenset({cpu}))
+        seen["worker"] = os.sched_getaffinity(0)
+        t = threading.Thread(target=child)
+        t.start()
+        t.join()
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    assert seen == {"worker": {cpu}, "child": {cpu}}
+    assert os.sched_getaffinity(0) == before  # the caller of the thread is untouched
+    pin_thread(frozenset())  # empty: no change
+    assert os.sched_getaffinity(0) == before
