@@ -12,21 +12,16 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from server.errors import InvalidImage
-from server.threads import available_cpus, pin_thread
+from server.threads import available_cpus
 from vpt.config import ViTConfig
 from vpt.transforms import ImageDecodeError, ImageLimits, decode_image, eval_transform
 
 
 class Preprocessor:
-    def __init__(
-        self, cfg: ViTConfig, limits: ImageLimits, threads: int = 0, cpus: frozenset[int] = frozenset()
-    ) -> None:
-        """`cpus`: pin the decode threads to these CPUs (empty: no pinning)."""
+    def __init__(self, cfg: ViTConfig, limits: ImageLimits, threads: int = 0) -> None:
         self.cfg, self.limits = cfg, limits
         self.threads = threads or available_cpus()
-        self._pool = ThreadPoolExecutor(
-            self.threads, thread_name_prefix="vpt-decode", initializer=pin_thread, initargs=(cpus,)
-        )
+        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="vpt-decode")
 
     def _chunk(self, start: int, blobs: list[bytes]) -> list[torch.Tensor]:
         out = []

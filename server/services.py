@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import ipaddress
 import logging
 import os
@@ -24,7 +25,7 @@ from server.ratelimit import RateLimiter
 from server.scheduler.scheduler import Scheduler, SchedulerConfig
 from server.settings import Settings
 from server.tenants import TenantRegistry, TenantsFileError, keygen_line
-from server.threads import available_cpus, split_cpus
+from server.threads import available_cpus, engine_cpu_set
 from vpt.hub import Backbone, load_backbone
 from vpt.transforms import ImageLimits
 
@@ -58,11 +59,11 @@ class Services:
             # On CPU the engine shares cores with HTTP and decoding; one core left for them keeps
             # torch's threads from spinning against the event loop (measured 8x on 2 cores).
             torch.set_num_threads(threads)
-        # On CPU the engine thread and the decode threads each get cores of their own: sharing cores,
-        # each evicts the other's caches and the engine used ~1.6x the CPU per image it uses alone
-        # (load benchmark, 2 cores: +25-35% img/s at saturation with pinning). The event loop floats.
+        # On CPU the engine thread keeps to its own cores: moved around and sharing cores with the
+        # event loop and the decoders, it used ~1.6x the CPU per image it uses alone (load benchmark,
+        # 2 cores: +25-40% img/s at saturation pinned). The other threads may use every core.
         pin = settings.pin_threads and device.type == "cpu"
-        engine_cpus, front_cpus = split_cpus(threads) if pin else (frozenset(), frozenset())
+        engine_cpus = engine_cpu_set(threads) if pin else frozenset()
         # The engine thread needs the GIL back between torch ops; while the event loop holds it, each
         # re-take waits up to the switch interval (5 ms by default), which made a 1-image forward ~4x
         # slower under HTTP load. A shorter interval bounds that wait (fair-share test, B's p50 under
@@ -122,8 +123,13 @@ class Services:
             backbone.cfg,
             ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels),
             settings.decode_threads,
-            cpus=front_cpus,
         )
+        # Everything alive now (torch, FastAPI, the backbone's Python objects: ~250k tracked objects)
+        # lives as long as the server. A full collection scans them all and holds the GIL for ~150 ms,
+        # every thread stalled: those were the rare 100-200 ms latency spikes under load. Frozen, they
+        # are left out of every collection (CPython's gc.freeze, meant for exactly this).
+        gc.collect()
+        gc.freeze()
         return cls(settings, engine, store, scheduler, preprocess, metrics, tenants=tenants)
 
     @property

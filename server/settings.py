@@ -38,8 +38,8 @@ class Settings(BaseSettings):
     )
     pin_threads: bool = Field(
         True,
-        description="CPU: run the engine thread on its own cores (the last VPT_TORCH_THREADS of the allowed "
-        "CPUs) and the decode threads on the others, so they do not evict each other's caches",
+        description="CPU: keep the engine thread (and torch's threads) on the last VPT_TORCH_THREADS of "
+        "the allowed CPUs, where the other threads' work does not move it or evict its caches",
     )
     gil_switch_interval_ms: float = Field(
         0.1,

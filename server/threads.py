@@ -12,15 +12,15 @@ def available_cpus() -> int:
     return os.cpu_count() or 1
 
 
-def split_cpus(engine_threads: int) -> tuple[frozenset[int], frozenset[int]]:
-    """(engine CPUs, front-end CPUs): the last `engine_threads` CPUs this process may use go to the
-    engine, the rest to decoding; two empty sets when there is no room for both, or no affinity API."""
+def engine_cpu_set(engine_threads: int) -> frozenset[int]:
+    """The last `engine_threads` CPUs this process may use, for the engine thread; empty (no pinning)
+    when that would leave no other CPU, or without an affinity API."""
     if not hasattr(os, "sched_getaffinity"):
-        return frozenset(), frozenset()
+        return frozenset()
     allowed = sorted(os.sched_getaffinity(0))
     if engine_threads < 1 or len(allowed) <= engine_threads:
-        return frozenset(), frozenset()
-    return frozenset(allowed[-engine_threads:]), frozenset(allowed[:-engine_threads])
+        return frozenset()
+    return frozenset(allowed[-engine_threads:])
 
 
 def pin_thread(cpus: frozenset[int]) -> None:

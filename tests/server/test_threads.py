@@ -7,20 +7,19 @@ import threading
 
 import pytest
 
-from server.threads import available_cpus, pin_thread, split_cpus
+from server.threads import available_cpus, engine_cpu_set, pin_thread
 
 linux = pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no thread affinity API")
 
 
 @linux
-def test_split_gives_the_engine_the_last_cpus_and_needs_room_for_both():
+def test_the_engine_gets_the_last_cpus_and_leaves_at_least_one():
     allowed = sorted(os.sched_getaffinity(0))
     assert available_cpus() == len(allowed)
     if len(allowed) >= 2:
-        engine, front = split_cpus(1)
-        assert engine == {allowed[-1]} and front == set(allowed[:-1])
-    assert split_cpus(len(allowed)) == (frozenset(), frozenset())  # no core left for decoding
-    assert split_cpus(0) == (frozenset(), frozenset())
+        assert engine_cpu_set(1) == {allowed[-1]}
+    assert engine_cpu_set(len(allowed)) == frozenset()  # no core left for the rest: no pinning
+    assert engine_cpu_set(0) == frozenset()
 
 
 @linux
