@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import io
 import random
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -48,19 +47,21 @@ def decode_image(data: bytes, limits: ImageLimits | None = None) -> Image.Image:
     if len(data) > limits.max_bytes:
         raise ImageDecodeError(f"image is {len(data)} bytes, over the limit of {limits.max_bytes}")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            w, h = img.size
-            if w * h > limits.max_pixels:
-                raise ImageDecodeError(f"image is {w}x{h} pixels, over the limit of {limits.max_pixels}")
-            img.seek(0)  # first frame of GIF/WebP animations
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            return to_rgb(img)
+        # No warnings.catch_warnings() here: it swaps process-global filters and is not thread-safe
+        # (decoding runs in a thread pool). Our own limit below is checked from the header; Pillow's
+        # bomb check (`Image.MAX_IMAGE_PIXELS`) only warns between 1x and 2x its limit — the warning
+        # is logged, our limit still applies — and raises DecompressionBombError above 2x.
+        img = Image.open(io.BytesIO(data))
+        w, h = img.size
+        if w * h > limits.max_pixels:
+            raise ImageDecodeError(f"image is {w}x{h} pixels, over the limit of {limits.max_pixels}")
+        img.seek(0)  # first frame of GIF/WebP animations
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        return to_rgb(img)
     except ImageDecodeError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except Image.DecompressionBombError as e:
         raise ImageDecodeError(f"image rejected as a decompression bomb: {e}") from None
     except UnidentifiedImageError:  # its message would show the repr of our BytesIO, not the cause
         raise ImageDecodeError("unrecognised image format (send JPEG, PNG, WebP, GIF or BMP)") from None
