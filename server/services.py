@@ -101,6 +101,7 @@ class Services:
                 **(s3 if settings.store.startswith("s3://") else {}),
             )
         metrics = metrics or Metrics()
+        depth = settings.effective_pipeline_depth(device.type)
         scheduler = Scheduler(
             engine,
             store,
@@ -109,9 +110,10 @@ class Services:
                 max_batch_delay_s=settings.max_batch_delay_ms / 1000,
                 max_queue_images=settings.max_queue_images,
                 batching=settings.batching,
-                pipeline_depth=settings.effective_pipeline_depth(device.type),
+                pipeline_depth=depth,
                 version_ttl_s=settings.version_ttl_s,
-                preempt=settings.preempt and device.type == "cpu",
+                # Preemption knows one running batch: with more in flight on CPU it stays off.
+                preempt=settings.preempt and device.type == "cpu" and depth == 1,
                 engine_cpus=engine_cpus,
             ),
             hooks=metrics,

@@ -76,8 +76,8 @@ class Settings(BaseSettings):
     pipeline_depth: int = Field(0, ge=0, description="Batches in flight; 0 = auto (2 on CUDA, 1 on CPU)")
     preempt: bool = Field(
         True,
-        description="CPU: a less-served tenant's new request may run between two blocks of another "
-        "tenant's running batch (it waits one block, not one batch)",
+        description="CPU, one batch in flight: a less-served tenant's new request may run between two "
+        "blocks of another tenant's running batch (it waits one block, not one batch)",
     )
     request_timeout_s: float = Field(30.0, gt=0, description="Deadline of a request; 504 after it")
     decode_threads: int = Field(0, ge=0, description="Image decode threads; 0 = number of CPUs")
