@@ -65,10 +65,12 @@ async def get_principal(
         caller: Tenant | None = None
         name, role = services.settings.default_tenant, "admin"
     else:
-        caller = authenticate(registry, request.headers.get("authorization", ""))
-        name, role = caller.name, caller.role
-        if request.scope.get("state", {}).get("rate_charged") != name:  # not done by RateGate
+        # RateGate has already authenticated and charged a caller with a valid key: reuse it.
+        caller = request.scope.get("state", {}).get("admitted_caller")
+        if caller is None:
+            caller = authenticate(registry, request.headers.get("authorization", ""))
             charge_rate(services, caller)
+        name, role = caller.name, caller.role
     acting, quotas = name, caller
     if tenant is not None and tenant != name:
         if role != "admin":

@@ -87,32 +87,40 @@ class RateGate:
     A flooding tenant's requests are mostly refused by its rate limit. Refused inside FastAPI (routing,
     dependency resolution, exception handlers) each cost ~0.4 ms of event-loop CPU, which the engine
     thread and other tenants' requests wait for (GIL); here a refusal costs a header lookup, a key
-    hash and a token bucket. Only requests with a valid key are charged here; everything else (no
-    key, bad key, open mode) goes on to the routes, whose dependencies answer it as before and charge
-    the bucket only if this gate did not (`state.rate_charged`).
+    hash and a token bucket. Only requests with a valid key are charged here, and the caller it admits
+    goes on in `state.admitted_caller` (the routes' dependency neither re-authenticates nor charges it
+    again); everything else (no key, bad key, open mode) goes on to the routes, which answer it.
     """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        services = getattr(scope["app"].state, "services", None) if "app" in scope else None
-        if scope["type"] == "http" and scope["path"].startswith("/v1/") and services is not None:
-            registry = services.tenants
-            authorization = dict(scope.get("headers") or []).get(b"authorization")
-            if registry is not None and authorization is not None:
-                try:
-                    caller = authenticate(registry, authorization.decode("latin-1"))
-                except Unauthorized:
-                    caller = None
-                if caller is not None:
-                    state = scope.setdefault("state", {})
-                    state["tenant"] = caller.name  # for the access log and per-tenant metrics
-                    try:
-                        charge_rate(services, caller)
-                    except Overloaded as e:
-                        response = error_response(e.status, e.type, e.message, e.headers)
-                        await response(scope, receive, send)
-                        return
-                    state["rate_charged"] = caller.name
-        await self.app(scope, receive, send)
+        refusal = self._charge(scope) if scope["type"] == "http" else None
+        if refusal is None:
+            await self.app(scope, receive, send)
+        else:
+            response = error_response(refusal.status, refusal.type, refusal.message, refusal.headers)
+            await response(scope, receive, send)
+
+    @staticmethod
+    def _charge(scope: Scope) -> Overloaded | None:
+        """Charge an API request with a valid key to its tenant's bucket; the refusal if over it."""
+        services = getattr(scope["app"].state, "services", None)  # None while starting
+        authorization = dict(scope.get("headers") or []).get(b"authorization")
+        if not scope["path"].startswith("/v1/") or services is None or services.tenants is None:
+            return None
+        if authorization is None:
+            return None
+        try:
+            caller = authenticate(services.tenants, authorization.decode("latin-1"))
+        except Unauthorized:
+            return None  # the route's dependency answers it
+        state = scope.setdefault("state", {})
+        state["tenant"] = caller.name  # for the access log and per-tenant metrics
+        try:
+            charge_rate(services, caller)
+        except Overloaded as e:
+            return e
+        state["admitted_caller"] = caller
+        return None

@@ -423,16 +423,7 @@ class Scheduler:
                 pending = await loop.run_in_executor(self._engine_ex, self.engine.launch, batch)
                 result = await loop.run_in_executor(self._collect_ex, self.engine.collect, pending)
             elif self.config.preempt:
-                self._running_tag = tag
-                self._wake()  # requests already waiting may overtake it
-                try:
-                    between = functools.partial(self._between_blocks, loop)
-                    result = await loop.run_in_executor(self._engine_ex, self.engine.run, batch, between)
-                finally:
-                    self._running_tag = None
-                    # Handed over too late for a block boundary: they run as batches of their own.
-                    while not self._handoff.empty():
-                        self._spawn(self._execute(self._handoff.get_nowait()))
+                result = await self._run_preemptible(batch, tag)
             else:  # CPU computes inside run: one thread hop instead of two
                 result = await loop.run_in_executor(self._engine_ex, self.engine.run, batch)
         except torch.OutOfMemoryError:
@@ -447,6 +438,20 @@ class Scheduler:
                 await self._compute(sub, self._engine_batch(sub), tag)
             return
         self._deliver(part, batch, result)
+
+    async def _run_preemptible(self, batch: EngineBatch, tag: float) -> EngineResult:
+        """CPU: run a batch that the requests ranked at or before `tag` may overtake (see module doc)."""
+        loop = asyncio.get_running_loop()
+        self._running_tag = tag
+        self._wake()  # requests already waiting may overtake it
+        try:
+            between = functools.partial(self._between_blocks, loop)
+            return await loop.run_in_executor(self._engine_ex, self.engine.run, batch, between)
+        finally:
+            self._running_tag = None
+            # Handed over too late for a block boundary: they run as batches of their own.
+            while not self._handoff.empty():
+                self._spawn(self._execute(self._handoff.get_nowait()))
 
     def _hand_over_overtakers(self) -> None:
         """While a preemptible batch runs: plan the requests that may overtake it and hand them to

@@ -1,13 +1,16 @@
-"""Test helpers: tiny task artifacts for a given backbone."""
+"""Test helpers: tiny task artifacts for a given backbone, tenants files and keyed settings."""
 
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import torch
 from PIL import Image
 
 from prompt_store.artifact import TaskArtifact, save_artifact
+from server.settings import Settings
+from server.tenants import hash_key
 from vpt.hub import Backbone
 
 BACKBONE_SPEC = "random:vit_test_tiny@0"
@@ -40,3 +43,31 @@ def png_bytes(seed: int, size: tuple[int, int] = (40, 36)) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, "PNG")
     return buf.getvalue()
+
+
+def write_tenants(
+    tmp: Path, keys: dict[str, str], fields: dict[str, dict[str, object]] | None = None
+) -> Path:
+    """`tmp/tenants.toml`: a tenant per name in `keys` (name -> API key), plus its `fields` (role,
+    quotas); returns the path."""
+    out = []
+    for name, key in keys.items():
+        out.append(f'[[tenant]]\nname = "{name}"\nkeys = ["{hash_key(key)}"]\n')
+        out += [f"{k} = {v!r}\n" for k, v in (fields or {}).get(name, {}).items()]
+    path = tmp / "tenants.toml"
+    path.write_text("".join(out))
+    return path
+
+
+def keyed_settings(
+    tmp: Path, keys: dict[str, str], fields: dict[str, dict[str, object]] | None = None, **kw: object
+) -> Settings:
+    """Settings for an in-process app with API keys (`write_tenants`), the test backbone, a store in
+    `tmp`, no access log; `kw` overrides."""
+    base: dict[str, object] = {
+        "backbone": BACKBONE_SPEC,
+        "store": str(tmp / "store"),
+        "tenants_file": str(write_tenants(tmp, keys, fields)),
+        "access_log": False,
+    }
+    return Settings(**{**base, **kw})  # type: ignore[arg-type]

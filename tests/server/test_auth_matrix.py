@@ -10,9 +10,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from server.app import create_app
-from server.settings import Settings
-from server.tenants import generate_key, hash_key
-from tests.server.helpers import BACKBONE_SPEC, artifact_bytes, png_bytes
+from server.tenants import generate_key
+from tests.server.helpers import BACKBONE_SPEC, artifact_bytes, keyed_settings, png_bytes
 from vpt.hub import load_backbone
 
 KEYS = {name: generate_key() for name in ("acme", "beta", "root")}
@@ -32,19 +31,7 @@ def backbone():
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("auth")
-    (tmp / "tenants.toml").write_text(
-        "".join(
-            f'[[tenant]]\nname = "{n}"\nrole = "{"admin" if n == "root" else "tenant"}"\nkeys = ["{hash_key(k)}"]\n'
-            for n, k in KEYS.items()
-        )
-    )
-    settings = Settings(
-        backbone=BACKBONE_SPEC,
-        store=str(tmp / "store"),
-        tenants_file=str(tmp / "tenants.toml"),
-        access_log=False,
-    )
+    settings = keyed_settings(tmp_path_factory.mktemp("auth"), KEYS, {"root": {"role": "admin"}})
     with TestClient(create_app(settings)) as c:
         yield c
 

@@ -87,6 +87,20 @@ def assert_error(resp, status: int, type_: str, *words: str) -> None:
         assert w in err["message"], err["message"]
 
 
+def assert_store_unavailable(client, backbone) -> None:
+    """With the store gone, what needs it answers 503 `store_unavailable`: uploads (to a stored task
+    and a new one), the listing (not an empty one), a task's info and a never-stored task (not 404)."""
+    data = artifact_bytes(backbone, P=2, mode="deep", C=3, seed=3)
+    for resp in (
+        put(client, "hot", data),
+        put(client, "new", data),
+        client.get("/v1/tasks"),
+        client.get("/v1/tasks/hot"),
+        classify(client, "never-stored"),
+    ):
+        assert_error(resp, 503, "store_unavailable")
+
+
 def keeps_serving(client, task: str, seconds: float) -> list[int]:
     """Classify `task` repeatedly for `seconds` (several version-TTL periods); the statuses seen."""
     statuses, deadline = [], time.monotonic() + seconds
@@ -143,20 +157,8 @@ def test_s3_store_stopped_resident_tasks_keep_serving_uploads_503(tmp_path, back
 
             statuses = keeps_serving(client, "hot", 1.0)  # ~10 version checks fail meanwhile
             assert statuses and set(statuses) == {200}, statuses
-            assert_error(
-                put(client, "hot", artifact_bytes(backbone, P=2, mode="deep", C=3, seed=3)),
-                503,
-                "store_unavailable",
-            )
-            assert_error(
-                put(client, "new", artifact_bytes(backbone, P=2, mode="deep", C=3, seed=3)),
-                503,
-                "store_unavailable",
-            )
+            assert_store_unavailable(client, backbone)
             assert_error(classify(client, "cold"), 503, "store_unavailable")  # never loaded: needs the store
-            assert_error(classify(client, "never-stored"), 503, "store_unavailable")
-            assert_error(client.get("/v1/tasks"), 503, "store_unavailable")
-            assert_error(client.get("/v1/tasks/hot"), 503, "store_unavailable")
             r = put(client, "new", artifact_bytes(backbone, P=2, mode="deep", C=3, seed=3))
             assert r.headers.get("retry-after") is None or int(r.headers["retry-after"]) >= 1
             assert client.get("/readyz").status_code == 200
@@ -180,19 +182,7 @@ def test_local_store_gone_resident_tasks_keep_serving_uploads_503(tmp_path, back
 
         statuses = keeps_serving(client, "hot", 0.6)
         assert set(statuses) == {200}, statuses
-        assert_error(
-            put(client, "hot", artifact_bytes(backbone, P=2, mode="deep", C=3, seed=3)),
-            503,
-            "store_unavailable",
-        )
-        assert_error(
-            put(client, "new", artifact_bytes(backbone, P=2, mode="deep", C=3, seed=3)),
-            503,
-            "store_unavailable",
-        )
-        assert_error(client.get("/v1/tasks"), 503, "store_unavailable")  # not an empty listing
-        assert_error(client.get("/v1/tasks/hot"), 503, "store_unavailable")  # not "not found"
-        assert_error(classify(client, "never-stored"), 503, "store_unavailable")
+        assert_store_unavailable(client, backbone)
         if how == "removed":
             assert not (tmp_path / "store").exists()  # nothing recreated the store's tree
         assert classify(client, "hot").status_code == 200

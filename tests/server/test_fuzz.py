@@ -32,8 +32,8 @@ from schemathesis.python import asgi as st_asgi
 from prompt_store.ids import ID_MAX_LEN, ID_PATTERN
 from server.app import create_app
 from server.settings import Settings
-from server.tenants import generate_key, hash_key
-from tests.server.helpers import BACKBONE_SPEC, artifact_bytes, png_bytes
+from server.tenants import generate_key
+from tests.server.helpers import BACKBONE_SPEC, artifact_bytes, keyed_settings, png_bytes
 from vpt.hub import load_backbone
 
 EXAMPLES = int(os.environ.get("VPT_FUZZ_EXAMPLES", "40"))
@@ -46,15 +46,10 @@ ID_RULE = "^" + ID_PATTERN.pattern + "$"
 
 
 def _settings(tmp) -> Settings:
-    (tmp / "tenants.toml").write_text(
-        f'[[tenant]]\nname = "fuzz"\nkeys = ["{hash_key(KEY)}"]\nrate_per_s = 100000.0\n'
-        f'[[tenant]]\nname = "root"\nrole = "admin"\nkeys = ["{hash_key(generate_key())}"]\n'
-    )
-    return Settings(
-        backbone=BACKBONE_SPEC,
-        store=str(tmp / "store"),
-        tenants_file=str(tmp / "tenants.toml"),
-        access_log=False,
+    return keyed_settings(
+        tmp,
+        {"fuzz": KEY, "root": generate_key()},
+        {"fuzz": {"rate_per_s": 100000.0}, "root": {"role": "admin"}},
         max_prompt_length=16,
         max_classes=20,
         max_images_per_request=8,

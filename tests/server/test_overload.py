@@ -33,8 +33,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from server.tenants import generate_key, hash_key
-from tests.server.helpers import artifact_bytes
+from server.tenants import generate_key
+from tests.server.helpers import artifact_bytes, write_tenants
 from tests.server.rawhttp import Flood, RawClient, flood
 from tests.server.server_proc import ServerProcess
 from vpt.hub import load_backbone
@@ -46,14 +46,6 @@ pytestmark = pytest.mark.integration
 BACKBONE = "random:vit_test_small@0"
 BATCH = 8  # max_batch_size, and the images in each of A's requests (a full batch each)
 RSS_BOUND_MB = 64  # documented in docs/security.md
-
-
-def tenants_toml(keys: dict[str, str], **quotas: dict[str, object]) -> str:
-    out = []
-    for name, key in keys.items():
-        out.append(f'[[tenant]]\nname = "{name}"\nkeys = ["{hash_key(key)}"]\n')
-        out += [f"{k} = {v!r}\n" for k, v in quotas.get(name, {}).items()]
-    return "".join(out)
 
 
 def png(seed: int) -> bytes:
@@ -164,34 +156,36 @@ def auth(tenant: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("overload")
-    (tmp / "tenants.toml").write_text(tenants_toml(KEYS, **QUOTAS))
     # torch_threads is left at auto (all cores but one on CPU): with torch on both cores its OpenMP
     # workers spin against the event loop, the decoders and this load generator (measured: B's p99
     # ratio 41x instead of ~5x).
-    proc = start(tmp)
-    bb = load_backbone(BACKBONE)
-    for tenant in KEYS:
-        r = httpx.put(
-            f"{proc.url}/v1/tasks/t",
-            content=artifact_bytes(bb, P=4, mode="deep", C=5, seed=1),
-            headers={**auth(tenant), "content-type": "application/octet-stream"},
-        )
-        assert r.status_code == 201, r.text
+    proc = start(tmp_path_factory.mktemp("overload"), KEYS, QUOTAS, max_queue_images=100000)
     yield proc
     assert proc.stop() == 0, proc.log()[-3000:]
 
 
-def start(tmp: Path) -> ServerProcess:
-    return ServerProcess(
+def start(
+    tmp: Path, keys: dict[str, str], quotas: dict[str, dict[str, object]], **settings: object
+) -> ServerProcess:
+    """A `vpt-serve` with these tenants, max batch BATCH, and task `t` uploaded by each tenant."""
+    proc = ServerProcess(
         tmp,
         backbone=BACKBONE,
         open_mode="false",
-        tenants_file=tmp / "tenants.toml",
+        tenants_file=write_tenants(tmp, keys, quotas),
         max_batch_size=BATCH,
-        max_queue_images=100000,  # only the per-tenant bounds act here
         access_log="false",
+        **settings,
     ).wait_ready()
+    data = artifact_bytes(load_backbone(BACKBONE), P=4, mode="deep", C=5, seed=1)
+    for key in keys.values():
+        r = httpx.put(
+            f"{proc.url}/v1/tasks/t",
+            content=data,
+            headers={"authorization": f"Bearer {key}", "content-type": "application/octet-stream"},
+        )
+        assert r.status_code == 201, r.text
+    return proc
 
 
 @pytest.mark.slow
@@ -293,27 +287,15 @@ def test_memory_stays_bounded_under_sustained_flood(server):
 def test_bounded_queue_429_and_deadline_504(tmp_path):
     """One burst past every bound: 429 + Retry-After (queue full), 504 (deadline), then normal service."""
     keys = {"big": generate_key()}
-    (tmp_path / "tenants.toml").write_text(
-        tenants_toml(keys, big={"rate_per_s": 100000.0, "max_queued_images": 100000})
-    )
-    proc = ServerProcess(
+    proc = start(
         tmp_path,
-        backbone=BACKBONE,
-        open_mode="false",
-        tenants_file=tmp_path / "tenants.toml",
-        max_batch_size=BATCH,
+        keys,
+        {"big": {"rate_per_s": 100000.0, "max_queued_images": 100000}},
         max_queue_images=200,  # 25 batches: far more than a 0.25 s deadline lets the engine run
         request_timeout_s=0.25,
-        access_log="false",
-    ).wait_ready()
+    )
     headers = {"authorization": f"Bearer {keys['big']}", "content-type": "application/json"}
     try:
-        r = httpx.put(
-            f"{proc.url}/v1/tasks/t",
-            content=artifact_bytes(load_backbone(BACKBONE), P=4, mode="deep", C=5, seed=1),
-            headers={**headers, "content-type": "application/octet-stream"},
-        )
-        assert r.status_code == 201, r.text
         body = json_images(BATCH, seed=300)
 
         async def burst() -> tuple[list[tuple[int, dict[str, str], bytes]], list[int]]:
@@ -355,20 +337,11 @@ def test_bounded_queue_429_and_deadline_504(tmp_path):
 
 def test_queue_bound_is_checked_before_decoding(tmp_path):
     keys = {"a": generate_key()}
-    (tmp_path / "tenants.toml").write_text(
-        tenants_toml(keys, a={"rate_per_s": 100000.0, "max_queued_images": BATCH})
-    )
     # A 2 s batching delay holds a first request of BATCH - 1 images in the queue (a full batch
     # would be dispatched at once), so any further 8-image request is over the tenant's bound.
-    proc = ServerProcess(
-        tmp_path,
-        backbone=BACKBONE,
-        open_mode="false",
-        tenants_file=tmp_path / "tenants.toml",
-        max_batch_size=BATCH,
-        max_batch_delay_ms=2000,
-        access_log="false",
-    ).wait_ready()
+    proc = start(
+        tmp_path, keys, {"a": {"rate_per_s": 100000.0, "max_queued_images": BATCH}}, max_batch_delay_ms=2000
+    )
     headers = {"authorization": f"Bearer {keys['a']}", "content-type": "application/json"}
 
     def decoded() -> float:
@@ -380,12 +353,6 @@ def test_queue_bound_is_checked_before_decoding(tmp_path):
         )
 
     try:
-        r = httpx.put(
-            f"{proc.url}/v1/tasks/t",
-            content=artifact_bytes(load_backbone(BACKBONE), P=4, mode="deep", C=5, seed=1),
-            headers={**headers, "content-type": "application/octet-stream"},
-        )
-        assert r.status_code == 201
 
         async def scenario() -> list[int]:
             holder = RawClient(proc.port)

@@ -6,24 +6,18 @@ import pytest
 from fastapi.testclient import TestClient
 
 from server.app import create_app
-from server.settings import Settings
-from server.tenants import generate_key, hash_key
-from tests.server.helpers import BACKBONE_SPEC
+from server.tenants import generate_key
+from tests.server.helpers import keyed_settings
 
 KEY, OTHER = generate_key(), generate_key()
 
 
 @pytest.fixture
 def client(tmp_path):
-    (tmp_path / "tenants.toml").write_text(
-        f'[[tenant]]\nname = "slow"\nkeys = ["{hash_key(KEY)}"]\nrate_per_s = 0.5\n'  # burst: 1 request
-        f'[[tenant]]\nname = "other"\nkeys = ["{hash_key(OTHER)}"]\n'
-    )
-    settings = Settings(
-        backbone=BACKBONE_SPEC,
-        store=str(tmp_path / "store"),
-        tenants_file=str(tmp_path / "tenants.toml"),
-        access_log=False,
+    settings = keyed_settings(
+        tmp_path,
+        {"slow": KEY, "other": OTHER},
+        {"slow": {"rate_per_s": 0.5}},  # burst: 1 request
     )
     with TestClient(create_app(settings)) as c:
         yield c
