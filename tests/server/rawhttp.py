@@ -2,7 +2,9 @@
 
 ~0.1 ms of CPU per request (httpx costs ~1 ms), because client and server share this machine's two
 cores. `python -m tests.server.rawhttp` runs a flood in its own process, so the flood's event loop
-cannot delay the latency-measuring client (its lag would be counted as server latency).
+cannot delay the latency-measuring client (its lag would be counted as server latency); `--nice`
+lowers its CPU priority so that, on a machine it shares with the server, it takes the cores the
+server leaves idle, as a flood from another machine would.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -126,7 +129,9 @@ def main() -> None:
     p.add_argument("--key", required=True)
     p.add_argument("--rate", type=float, required=True, help="requests/s")
     p.add_argument("--seconds", type=float, required=True)
+    p.add_argument("--nice", type=int, default=0, help="lower this process's CPU priority by this much")
     a = p.parse_args()
+    os.nice(a.nice)
     headers = {"authorization": f"Bearer {a.key}", "content-type": "application/json"}
 
     async def run() -> Flood:

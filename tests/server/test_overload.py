@@ -192,7 +192,7 @@ def start(
 def test_fair_share_under_a_10x_flood(server, tmp_path):
     path = "/v1/tasks/t/classify"
     a_body, b_body = json_images(BATCH, seed=100), json_images(1, seed=7)
-    b_rate, seconds = 20.0, 6.0
+    b_rate, seconds = 20.0, 10.0  # 200 samples a phase: p99 is the 2nd-3rd slowest, not the slowest
     (tmp_path / "a.json").write_bytes(a_body)
 
     async def scenario():
@@ -202,11 +202,13 @@ def test_fair_share_under_a_10x_flood(server, tmp_path):
         solo = await steady(b, path, b_body, auth("b"), b_rate, seconds)
         a_rate = 10 * cap / BATCH  # requests/s: 10x capacity in images
         # A's flood runs in its own process: in this one, its event loop would delay B's requests
-        # and responses and that lag would be counted as the server's.
+        # and responses and that lag would be counted as the server's. At nice 15 it uses the CPU
+        # the server leaves idle (a real flood's sender is another machine); `offered` below checks
+        # that it still sends 10x capacity.
         a_proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "tests.server.rawhttp", "--port", str(server.port), "--path", path,
             "--body", str(tmp_path / "a.json"), "--key", KEYS["a"], "--rate", f"{a_rate:.1f}",
-            "--seconds", str(seconds + 2.0), stdout=subprocess.PIPE, cwd=Path(__file__).parents[2],
+            "--seconds", str(seconds + 2.0), "--nice", "15", stdout=subprocess.PIPE, cwd=Path(__file__).parents[2],
         )  # fmt: skip
         stop = asyncio.Event()
         ready_task = asyncio.create_task(watch_ready(server.url, stop))
@@ -238,7 +240,7 @@ def test_fair_share_under_a_10x_flood(server, tmp_path):
     assert a.outcomes.get("200", 0) > 0  # A is throttled, not starved
     assert ready and set(ready) == {200}
     assert under.q(0.99) < 1.0  # a guard against collapse (e.g. B queued behind A's decodes: seconds)
-    # Without preemption and the rate gate B's ratio was 5-20x; with them mostly 1.2-3x, and up to ~8x
+    # Without preemption and the rate gate B's ratio was 5-20x; with them 1.9-4.5x (median 2.4x), up to ~8x
     # when other jobs load this shared machine. The bound catches a return to the old behaviour.
     assert ratio <= 10.0, f"B p99 under flood is {ratio:.2f}x its solo p99"
     if ratio > 2.0:
