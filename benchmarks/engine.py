@@ -75,6 +75,7 @@ def build_engine(
     max_prompt_length: int,
     max_classes: int,
     compile: bool = False,
+    cuda_graph_max_batch: int = 0,
 ) -> tuple[Backbone, Engine]:
     backbone = load_backbone(spec, device=device, dtype=dtype)
     engine = Engine(
@@ -83,6 +84,7 @@ def build_engine(
         max_prompt_length=max_prompt_length,
         max_classes=max_classes,
         compile=compile,
+        cuda_graph_max_batch=cuda_graph_max_batch,
     )
     return backbone, engine
 
@@ -245,6 +247,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--backbone", help="full backbone spec instead of --preset (e.g. a checkpoint path)")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
     p.add_argument("--compile", action="store_true", help="torch.compile the backbone (Engine(compile=True))")
+    p.add_argument(
+        "--cuda-graphs",
+        type=int,
+        default=0,
+        metavar="N",
+        help="CUDA: replay batches of up to N as CUDA graphs (Engine(cuda_graph_max_batch=N))",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--batch-sizes", help="comma list; default by device")
     p.add_argument("--prompt-lengths", help="comma list (0 = no prompts: plain ViT + head)")
@@ -300,19 +309,21 @@ def main(argv: list[str] | None = None) -> int:
         max_prompt_length=max_p,
         max_classes=args.classes,
         compile=args.compile,
+        cuda_graph_max_batch=args.cuda_graphs,
     )
     engine.warmup((1, min(8, max(args.batch_sizes))))
     cfg = backbone.cfg
     print(
         f"# engine benchmark: {spec} (D={cfg.embed_dim}, depth {cfg.depth}, {cfg.img_size}px, "
         f"{cfg.num_patches} patches) on {device} {str(dtype).removeprefix('torch.')}"
-        f"{' compiled' if args.compile else ''}, torch threads {torch.get_num_threads()}, "
+        f"{' compiled' if args.compile else ''}{' CUDA graphs' if engine.graphs else ''}, torch threads {torch.get_num_threads()}, "
         f"load avg {machine_info()['loadavg_1m']:.1f} (set up in {time.perf_counter() - t0:.1f}s)",
         flush=True,
     )
     out: dict[str, Any] = {
         "benchmark": "engine",
         "machine": machine_info(device),
+        "cuda_graphs": engine.graphs is not None,  # captured (and checked) at warm-up
         "config": {k: sorted(v) if isinstance(v, set) else v for k, v in vars(args).items()},
         "backbone": {"spec": spec, "embed_dim": cfg.embed_dim, "depth": cfg.depth, "img_size": cfg.img_size,
                      "num_patches": cfg.num_patches, "dtype": str(dtype).removeprefix("torch.")},

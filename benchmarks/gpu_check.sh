@@ -5,15 +5,16 @@
 #   bash benchmarks/gpu_check.sh --smoke    # tiny CPU sizes (also what runs when CUDA is absent)
 #
 # Steps (each under its own `timeout`; the budgets sum to 460 s, so the script ends within 8 minutes):
-#   1. pytest -m gpu                        GPU tests, if the suite defines the marker
+#   1. pytest -m gpu                        GPU tests (CUDA graphs vs eager, GPU JPEG decode vs Pillow)
 #   2. engine, eager                         img/s by batch (mixed, 1000 tasks), Zipf mixed vs per task,
 #                                            batch-1/8 latency
+#   2b. engine, CUDA graphs                  batch-1/2/4/8 latency with graphs (--cuda-graphs 8)
 #   3. engine, torch.compile                 same backbone compiled: batch 256/512 + batch-1/8 latency
 #   4. load, JPEG uploads                    open-loop HTTP sweep against vpt-serve (mixed) and the naive
 #                                            endpoint, 1 JPEG per request; then mixed with 8 per request
 #                                            (multipart) so the Python load generator is not the limit
 # Results: $OUT_DIR (default benchmarks/results/gpu) — JSON per step, logs, summary.md.
-# Extra engine flags (e.g. a CUDA-graphs switch once the engine has one): ENGINE_EXTRA="--flag ...".
+# Extra engine flags for the eager and compiled steps: ENGINE_EXTRA="--flag ...".
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -59,6 +60,8 @@ else
                   --min-time 0.5)
     COMPILE_SIZES=(--tasks 1000 --modes deep --prompt-lengths 50 --batch-sizes 256,512 --skip zipf
                    --zipf-prompt-length 50 --latency-sizes 1,8 --min-time 0.5)
+    GRAPH_SIZES=(--tasks 1000 --modes deep --prompt-lengths 50 --batch-sizes 8 --skip sweep,zipf
+                 --zipf-prompt-length 50 --latency-sizes 1,2,4,8 --min-time 0.5 --cuda-graphs 8)
     # 200 tasks (bf16 artifacts, ~1 MB each) keep the uploads to seconds; the engine steps use 1000.
     LOAD_COMMON=(--device cuda --preset vit_base_patch16_224 --image-format jpeg --image-px 256
                  --mode deep --prompt-length 50 --classes 100 --max-batch 256
@@ -73,7 +76,7 @@ if "$PY" -m pytest --markers 2>/dev/null | grep -q '^@pytest.mark.gpu'; then
     if [ "$SMOKE" = 1 ]; then
         printf 'pytest_gpu\tskipped (no CUDA)\t0\n' >> "$OUT/steps.tsv"
     else
-        step pytest_gpu 60 "$PY" -m pytest -m gpu -q -p no:cacheprovider
+        step pytest_gpu 50 "$PY" -m pytest -m gpu -q -p no:cacheprovider
     fi
 else
     printf 'pytest_gpu\tskipped (no gpu marker)\t0\n' >> "$OUT/steps.tsv"
@@ -84,15 +87,17 @@ fi
 step engine_eager 100 "$PY" -m benchmarks.engine "${DEV[@]}" "${ENGINE_SIZES[@]}" $ENGINE_EXTRA \
     --json "$OUT/engine_eager.json"
 if [ "$SMOKE" = 1 ]; then
+    printf 'engine_graphs\tskipped (smoke)\t0\n' >> "$OUT/steps.tsv"
     printf 'engine_compile\tskipped (smoke)\t0\n' >> "$OUT/steps.tsv"
 else
+    step engine_graphs 40 "$PY" -m benchmarks.engine "${DEV[@]}" "${GRAPH_SIZES[@]}" --json "$OUT/engine_graphs.json"
     # shellcheck disable=SC2086
-    step engine_compile 120 "$PY" -m benchmarks.engine "${DEV[@]}" "${COMPILE_SIZES[@]}" --compile $ENGINE_EXTRA \
+    step engine_compile 100 "$PY" -m benchmarks.engine "${DEV[@]}" "${COMPILE_SIZES[@]}" --compile $ENGINE_EXTRA \
         --json "$OUT/engine_compile.json"
 fi
 
 # 4. HTTP load with JPEG uploads.
-step load_jpeg 130 "$PY" -m benchmarks.load "${LOAD[@]}" --json "$OUT/load_jpeg.json" --plot "$OUT/load_jpeg.png"
+step load_jpeg 120 "$PY" -m benchmarks.load "${LOAD[@]}" --json "$OUT/load_jpeg.json" --plot "$OUT/load_jpeg.png"
 step load_multi 50 "$PY" -m benchmarks.load "${LOAD_MULTI[@]}" --json "$OUT/load_multi.json" --plot none
 
 # Summary table (markdown) from whatever JSON the steps produced.
@@ -115,11 +120,15 @@ def add(measure, value, target=""):
     rows.append((measure, value, target))
 
 
-eager, comp, load_j, load_m = (load(n) for n in ("engine_eager", "engine_compile", "load_jpeg", "load_multi"))
+eager, graphs, comp, load_j, load_m = (
+    load(n) for n in ("engine_eager", "engine_graphs", "engine_compile", "load_jpeg", "load_multi")
+)
 machine = next((d["machine"] for d in (eager, comp, load_j) if d), {})
-for tag, d in (("eager", eager), ("compile", comp)):
+for tag, d in (("eager", eager), ("CUDA graphs", graphs), ("compile", comp)):
     if not d:
         continue
+    if tag == "CUDA graphs" and not d.get("cuda_graphs"):
+        add("engine CUDA graphs", "not captured: see engine_graphs.log")
     for r in d.get("sweep", []):
         if r["P"] > 0 and r["batch"] in (256, 512):
             add(f"engine {tag} {r['mode']} P={r['P']} batch {r['batch']}", f"{r['img_s']:,.0f} img/s",

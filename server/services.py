@@ -87,6 +87,7 @@ class Services:
             max_classes=settings.max_classes,
             bank_bytes=settings.bank_bytes,
             compile=settings.compile,
+            cuda_graph_max_batch=min(settings.cuda_graph_max_batch, settings.max_batch_size),
             fault_oom_over=settings.fault_oom_over,
             fault_fail_every=settings.fault_fail_every,
         )
@@ -125,6 +126,8 @@ class Services:
             backbone.cfg,
             ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels),
             settings.decode_threads,
+            device=device,
+            gpu_decode=settings.gpu_decode,
         )
         # Everything alive now (torch, FastAPI, the backbone's Python objects: ~250k tracked objects)
         # lives as long as the server. A full collection scans them all and holds the GIL for ~150 ms,

@@ -31,6 +31,13 @@ class Settings(BaseSettings):
         None, description="Override the input size (positional embedding is resized)"
     )
     compile: bool = Field(False, description="torch.compile the backbone (slower start, faster steady state)")
+    cuda_graph_max_batch: int = Field(
+        0,
+        ge=0,
+        le=256,
+        description="CUDA: replay batches of up to this many images as CUDA graphs (one launch instead of "
+        "~200 per forward: batch-1 latency); 0 = off. Captured at start-up, checked against eager mode",
+    )
     torch_threads: int = Field(
         0,
         ge=0,
@@ -81,6 +88,12 @@ class Settings(BaseSettings):
     )
     request_timeout_s: float = Field(30.0, gt=0, description="Deadline of a request; 504 after it")
     decode_threads: int = Field(0, ge=0, description="Image decode threads; 0 = number of CPUs")
+    gpu_decode: bool = Field(
+        False,
+        description="CUDA only: decode JPEGs with nvJPEG (torchvision.io.decode_jpeg) and resize them on "
+        "the GPU when torchvision is installed; Pillow otherwise. Opt-in: its IDCT and resize differ "
+        "from Pillow's (the trainer's transform) by a few uint8 levels",
+    )
 
     # --- prompt bank -----------------------------------------------------------------------------
     bank_slots: int = Field(1024, ge=1, description="Max resident tasks")

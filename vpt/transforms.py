@@ -8,18 +8,22 @@ Recipe (VPT official code `src/data/transforms.py`, following the FGVC setup of 
 - train: resize the shorter side to `resize_size`, random crop `img_size`, random horizontal flip.
 Resizing is bilinear with antialiasing (Pillow's `resize`, as torchvision does for PIL images).
 Normalisation by the backbone's mean/std happens later, on the device (`VisionTransformer.normalize`),
-so the host only moves uint8 tensors.
+so the host only moves uint8 tensors. `eval_transform_tensor` is the eval transform on a decoded uint8
+tensor on any device (same geometry, torch's resize: within 1 level of Pillow's); only the server's
+opt-in GPU JPEG path (`server.gpu_decode`) uses it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vpt.config import ViTConfig
@@ -35,30 +39,48 @@ class ImageLimits:
     max_pixels: int = 40_000_000  # width * height, checked from the header before decoding (bombs)
 
 
-def decode_image(data: bytes, limits: ImageLimits | None = None) -> Image.Image:
-    """Bytes → RGB PIL image, EXIF orientation applied, first frame of animations.
+def open_image(data: bytes, limits: ImageLimits | None = None) -> Image.Image:
+    """Bytes → a PIL image whose header only has been read, within the byte and pixel limits.
 
-    The pixel count is checked from the header before any pixel is decoded, so a decompression bomb
-    costs nothing. Formats: whatever Pillow reads (JPEG, PNG, WebP, GIF, BMP, ...).
+    Cheap (no pixel is decoded): `decode_image` starts with it, and the server's GPU decoder asks it
+    whether a JPEG may skip Pillow (`server.gpu_decode`), so both refuse with the same messages.
     """
     limits = limits or ImageLimits()
     if not data:
         raise ImageDecodeError("empty image")
     if len(data) > limits.max_bytes:
         raise ImageDecodeError(f"image is {len(data)} bytes, over the limit of {limits.max_bytes}")
-    try:
+    with _pillow_errors():
         # No warnings.catch_warnings() here: it swaps process-global filters and is not thread-safe
         # (decoding runs in a thread pool). Our own limit below is checked from the header; Pillow's
         # bomb check (`Image.MAX_IMAGE_PIXELS`) only warns between 1x and 2x its limit — the warning
         # is logged, our limit still applies — and raises DecompressionBombError above 2x.
         img = Image.open(io.BytesIO(data))
-        w, h = img.size
-        if w * h > limits.max_pixels:
-            raise ImageDecodeError(f"image is {w}x{h} pixels, over the limit of {limits.max_pixels}")
+    w, h = img.size
+    if w * h > limits.max_pixels:
+        raise ImageDecodeError(f"image is {w}x{h} pixels, over the limit of {limits.max_pixels}")
+    return img
+
+
+def decode_image(data: bytes, limits: ImageLimits | None = None) -> Image.Image:
+    """Bytes → RGB PIL image, EXIF orientation applied, first frame of animations.
+
+    The pixel count is checked from the header before any pixel is decoded, so a decompression bomb
+    costs nothing. Formats: whatever Pillow reads (JPEG, PNG, WebP, GIF, BMP, ...).
+    """
+    img = open_image(data, limits)
+    with _pillow_errors():
         img.seek(0)  # first frame of GIF/WebP animations
         img.load()
         img = ImageOps.exif_transpose(img)
         return to_rgb(img)
+
+
+@contextlib.contextmanager
+def _pillow_errors() -> Iterator[None]:
+    """Pillow's exceptions → ImageDecodeError with a message a client can act on."""
+    try:
+        yield
     except ImageDecodeError:
         raise
     except Image.DecompressionBombError as e:
@@ -129,14 +151,49 @@ def _to_uint8_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()  # (3, H, W)
 
 
+def _eval_sizes(cfg: ViTConfig) -> tuple[int, int]:
+    """(shorter side after the resize, crop side) of the eval transform."""
+    return max(cfg.resize_size, cfg.img_size), cfg.img_size
+
+
+def _centre(crop: int) -> Callable[[int, int], tuple[int, int]]:
+    """Top-left corner of the centred `crop` square in a w x h image (torchvision's CenterCrop rounding)."""
+    return lambda w, h: (round((w - crop) / 2.0), round((h - crop) / 2.0))
+
+
 def eval_transform(img: Image.Image, cfg: ViTConfig) -> torch.Tensor:
     """RGB image → uint8 (3, img_size, img_size): resize shorter side, centre crop (the server's path)."""
-    s = cfg.img_size
+    size, s = _eval_sizes(cfg)
+    return _to_uint8_tensor(_resize_then_crop(to_rgb(img), size, s, _centre(s)))
 
-    def centre(w: int, h: int) -> tuple[int, int]:
-        return round((w - s) / 2.0), round((h - s) / 2.0)
 
-    return _to_uint8_tensor(_resize_then_crop(to_rgb(img), max(cfg.resize_size, s), s, centre))
+def eval_transform_tensor(img: torch.Tensor, cfg: ViTConfig) -> torch.Tensor:
+    """uint8 (3, H, W) on any device → uint8 (3, img_size, img_size) on that device.
+
+    `eval_transform`'s geometry exactly (same resized size, same crop offsets), with the resize done by
+    `F.interpolate(bilinear, antialias=True)` in float32, then rounded — how torchvision's tensor
+    `Resize` approximates Pillow's. Pillow resamples in fixed point, so the two differ by rounding:
+    measured on CPU over ~170 sizes from 1x1 to 1536x1024 (aspects up to 8, down- and upscaling, noise
+    and smooth images, 224/256 and 32/37 sizes), at most 1 uint8 level; 14 % of values off by one,
+    0.10 levels on average, 0.21 for the worst image (tests/vpt/test_transforms_tensor.py asserts it).
+    Used by the server's GPU JPEG path (`server.gpu_decode`); the trainer keeps the Pillow path.
+
+    Images longer than `MAX_EXACT_ASPECT` : 1 are refused (ValueError): Pillow resamples only their
+    cropped region (`_resize_then_crop`), which this function does not reproduce; callers send them to
+    Pillow.
+    """
+    assert img.dtype == torch.uint8 and img.dim() == 3 and img.shape[0] == 3, (img.dtype, img.shape)
+    size, s = _eval_sizes(cfg)
+    h, w = int(img.shape[1]), int(img.shape[2])
+    if max(w, h) > MAX_EXACT_ASPECT * min(w, h):
+        raise ValueError(f"aspect ratio of {w}x{h} is over {MAX_EXACT_ASPECT}: use eval_transform")
+    nw, nh = _resized_size(w, h, size)
+    left, top = _centre(s)(nw, nh)
+    if (nw, nh) == (w, h):
+        return img[:, top : top + s, left : left + s].contiguous()
+    x = F.interpolate(img[None].float(), size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
+    x = x[0, :, top : top + s, left : left + s]  # (3, S, S) float32
+    return x.round_().clamp_(0, 255).to(torch.uint8)
 
 
 def train_transform(img: Image.Image, cfg: ViTConfig, rng: random.Random) -> torch.Tensor:

@@ -21,6 +21,7 @@ import torch
 
 from prompt_store.artifact import BackboneSignature, TaskArtifact
 from server.engine.bank import PromptBank, SlotInfo, TaskKey
+from server.engine.graphs import FeatureGraphs
 from vpt.hub import Backbone
 from vpt.prompts import HeadBatch, PromptBatch
 
@@ -83,6 +84,7 @@ class Engine:
         max_classes: int,
         bank_bytes: int | None = None,
         compile: bool = False,
+        cuda_graph_max_batch: int = 0,
         fault_oom_over: int = 0,
         fault_fail_every: int = 0,
     ) -> None:
@@ -109,6 +111,9 @@ class Engine:
         if compile:
             # dynamic=True: batch size and prompt length vary from batch to batch.
             self._features = torch.compile(self.model.forward_features, dynamic=True)
+        # CUDA graphs for batches up to this size (captured in `warmup`; see server/engine/graphs.py).
+        self.cuda_graph_max_batch = cuda_graph_max_batch
+        self.graphs: FeatureGraphs | None = None
         self.ready = False
 
     @property
@@ -144,11 +149,16 @@ class Engine:
         index = torch.tensor(batch.slots, dtype=torch.long).to(self.device, non_blocking=cuda)
         lengths = [i.prompt_length for i in batch.infos]
         deep = [i.deep for i in batch.infos]
-        prompts = PromptBatch.build(self.bank.prompts, index, lengths, deep)
-        if between_blocks is not None and not self.compiled:
-            feats = self.model.pool(self.model.forward_features(x, prompts, between_blocks))
+        if self.graphs is not None and self.graphs.fits(len(lengths), max(lengths)):
+            # One graph replay; `feats` is a view of its output buffer, read below on this stream
+            # before any later replay can overwrite it.
+            feats = self.graphs.run(x, batch.slots, lengths, deep)
         else:
-            feats = self.model.pool(self._features(x, prompts))  # (B, D)
+            prompts = PromptBatch.build(self.bank.prompts, index, lengths, deep)
+            if between_blocks is not None and not self.compiled:
+                feats = self.model.pool(self.model.forward_features(x, prompts, between_blocks))
+            else:
+                feats = self.model.pool(self._features(x, prompts))  # (B, D)
         if batch.output == "embed":
             out: tuple[torch.Tensor, ...] = (feats.float().to("cpu", non_blocking=cuda),)
         else:
@@ -196,6 +206,16 @@ class Engine:
             for b in batch_sizes:
                 x = self.model.normalize(torch.zeros(b, 3, s, s, dtype=torch.uint8, device=self.device))
                 self.model.pool(self._features(x, None))
+        if self.device.type == "cuda" and self.cuda_graph_max_batch > 0:
+            if self.compiled:
+                log.warning("CUDA graphs are off: the backbone is compiled (torch.compile)")
+            else:
+                graphs = FeatureGraphs(self.model, self.bank.prompts, self.cuda_graph_max_batch, capture=True)
+                try:
+                    graphs.prepare()
+                    self.graphs = graphs
+                except RuntimeError as e:  # a failed capture or check: serve eagerly, loudly
+                    log.error("CUDA graphs are off: %s", e)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         log.info("engine warm-up done in %.2fs (batch sizes %s)", time.perf_counter() - t0, batch_sizes)

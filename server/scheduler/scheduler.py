@@ -313,8 +313,13 @@ class Scheduler:
             infos += [info] * req.n
             slots += [slot] * req.n
             imgs.append(req.images)
+        device = self.engine.device
+        if len({t.device for t in imgs}) > 1:
+            # With VPT_GPU_DECODE some requests' images arrive already on the device, others (not
+            # JPEG) on the host: torch.cat needs them on one device.
+            imgs = [t.to(device) for t in imgs]
         images = torch.cat(imgs) if len(imgs) > 1 else imgs[0]
-        if self.engine.device.type == "cuda":
+        if device.type == "cuda" and images.device.type == "cpu":
             images = images.pin_memory()
         top_k = max(r.top_k for r, _ in taken)
         return EngineBatch(images, slots, infos, taken[0][0].output, top_k)

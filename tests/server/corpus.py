@@ -63,6 +63,18 @@ class Case:
         return client.request(self.method, self.path.replace("{task}", task), **kw)
 
 
+def photo_like(w: int, h: int, seed: int = 0, noise: float = 4.0) -> np.ndarray:
+    """A photo-like (h, w, 3) uint8 image: low-frequency waves plus a little noise (what JPEG is for)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    waves = [
+        127.5 + 100 * np.sin(xx / rng.uniform(3, 30) + c) * np.cos(yy / rng.uniform(3, 30) + 2 * c)
+        for c in range(3)
+    ]
+    arr = np.stack(waves, -1) + rng.normal(0, noise, (h, w, 3))
+    return np.clip(arr, 0, 255).astype(np.uint8)
+
+
 def raw_image(data: bytes, mime: str = "image/png") -> dict[str, Any]:
     return {"content": data, "headers": {"content-type": mime}}
 

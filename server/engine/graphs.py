@@ -1,0 +1,169 @@
+"""CUDA graphs for small batches: one captured ViT forward per (batch size, prompt length) bucket.
+
+At batch 1 a ViT-B/16 forward is ~200 small kernels; launching them one by one from Python takes
+longer than an H100 takes to run them, so batch-1 latency is CPU-bound. A CUDA graph replays the
+whole forward with one launch (vLLM and TGI do the same for their small decode batches).
+
+A graph has static shapes and reads static buffers, so a batch is padded up to the next captured batch
+size (padding rows: slot 0, no prompt tokens) and its prompts up to the next prompt-length bucket,
+always through the masked path of `VisionTransformer.forward_features`: each sample attends to its
+CLS token, its own prompt tokens and the patches, exactly as in its solo eager run (VPT, Jia et al.
+2022, Sec. 3.2), so results agree with eager mode up to floating-point reordering. Padding rows never
+touch real ones: every op of a ViT is per sample. The bank's tables are read in place, so a task
+installed after capture is seen by every replay (the bank never reallocates them).
+
+`FeatureGraphs(capture=False)` runs the same padded forward eagerly, on any device: it is how the
+padding semantics are tested without a GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from vpt.prompts import PromptBatch
+from vpt.vit import VisionTransformer
+
+log = logging.getLogger(__name__)
+
+
+def buckets(limit: int) -> list[int]:
+    """Powers of two below `limit`, then `limit`: 8 → [1, 2, 4, 8]; 50 → [1, 2, 4, ..., 32, 50]."""
+    out, b = [], 1
+    while b < limit:
+        out.append(b)
+        b *= 2
+    return [*out, limit] if limit >= 1 else []
+
+
+@dataclass
+class _Static:
+    """One bucket's input/output buffers (and its graph once captured)."""
+
+    x: Tensor  # (B, 3, S, S) normalised images, model dtype
+    rows: Tensor  # (3, B) long: bank slot, prompt length, deep (0/1) of each row
+    out: Tensor | None = None  # (B, D) CLS features, written by each run
+    graph: torch.cuda.CUDAGraph | None = None
+
+
+class FeatureGraphs:
+    """Padded static forwards `(images, slots, lengths, deep) -> CLS features` for batch sizes up to
+    `max_batch` and prompt lengths up to the table's, captured as CUDA graphs when `capture`."""
+
+    def __init__(self, model: VisionTransformer, table: Tensor, max_batch: int, capture: bool) -> None:
+        self.model, self.table, self.capture = model, table, capture
+        self.batch_sizes = buckets(max_batch)
+        self.prompt_lengths = buckets(table.shape[2])
+        self.device, self.dtype = table.device, model.pos_embed.dtype
+        self._static: dict[tuple[int, int], _Static] = {}
+        self._pool = torch.cuda.graph_pool_handle() if capture else None
+
+    def fits(self, n: int, max_len: int) -> tuple[int, int] | None:
+        """The bucket a batch of `n` samples with prompts up to `max_len` runs in, or None (eager)."""
+        b = next((s for s in self.batch_sizes if s >= n), None)
+        p = next((s for s in self.prompt_lengths if s >= max(max_len, 1)), None)
+        return None if b is None or p is None else (b, p)
+
+    def _forward(self, st: _Static, P: int) -> Tensor:
+        prompts = PromptBatch(
+            table=self.table,
+            index=st.rows[0],
+            lengths=st.rows[1],
+            deep=st.rows[2].bool(),  # computed inside the graph, from the buffer each replay fills
+            max_len=P,
+            uniform=False,  # always masked: the mask is what makes padding invisible
+            any_deep=True,
+            all_deep=False,  # per-sample select between deep and shallow rows
+        )
+        return self.model.pool(self.model.forward_features(st.x, prompts))
+
+    def _buffers(self, B: int) -> _Static:
+        S = self.model.cfg.img_size
+        return _Static(
+            x=torch.zeros(B, 3, S, S, dtype=self.dtype, device=self.device),
+            rows=torch.zeros(3, B, dtype=torch.long, device=self.device),
+        )
+
+    @torch.inference_mode()
+    def prepare(self) -> None:
+        """Allocate every bucket (and capture its graph, largest first so smaller ones reuse the
+        memory pool), then check each replay against the eager forward on the same buffers."""
+        t0 = time.perf_counter()
+        for B in reversed(self.batch_sizes):
+            for P in reversed(self.prompt_lengths):
+                st = self._buffers(B)
+                if self.capture:
+                    self._capture(st, P)
+                self._static[(B, P)] = st
+        if self.capture:
+            self._check()
+        log.info(
+            "%s %d static forwards (batch %s x prompts %s) in %.2fs",
+            "captured" if self.capture else "prepared",
+            len(self._static),
+            self.batch_sizes,
+            self.prompt_lengths,
+            time.perf_counter() - t0,
+        )
+
+    def _capture(self, st: _Static, P: int) -> None:
+        # Warm up on a side stream first (cuBLAS/SDPA workspaces, lazy init), as torch.cuda.graphs asks.
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._forward(st, P)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        st.graph = torch.cuda.CUDAGraph()
+        # thread_local: loader threads may copy tasks into the bank meanwhile; that is not capture.
+        with torch.cuda.graph(st.graph, pool=self._pool, capture_error_mode="thread_local"):
+            st.out = self._forward(st, P)
+
+    def _check(self) -> None:
+        """Replay vs eager on random inputs in the same buffers: equal, or graphs are not used."""
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        for (B, P), st in self._static.items():
+            x = torch.randn(B, 3, st.x.shape[2], st.x.shape[3], generator=gen)
+            rows = torch.stack(
+                [
+                    torch.randint(0, self.table.shape[0], (B,), generator=gen),
+                    torch.randint(0, P + 1, (B,), generator=gen),
+                    torch.randint(0, 2, (B,), generator=gen),
+                ]
+            )
+            st.x.copy_(x)
+            st.rows.copy_(rows)
+            assert st.graph is not None and st.out is not None
+            st.graph.replay()
+            replayed = st.out.clone()
+            eager = self._forward(st, P)
+            if not torch.allclose(replayed.float(), eager.float(), rtol=1e-3, atol=1e-3):
+                err = (replayed.float() - eager.float()).abs().max().item()
+                raise RuntimeError(f"CUDA graph (batch {B}, prompts {P}) differs from eager by {err}")
+
+    def run(self, x: Tensor, slots: list[int], lengths: list[int], deep: list[bool]) -> Tensor:
+        """(n, D) CLS features of normalised images `x` (n, 3, S, S); `fits(n, max(lengths))` must hold.
+
+        The result is a view of the bucket's output buffer: read it (or enqueue reads of it on this
+        stream) before the next `run` of the same bucket, as the engine does."""
+        n = x.shape[0]
+        key = self.fits(n, max(lengths, default=0))
+        if key is None:
+            raise ValueError(f"batch of {n} with prompts up to {max(lengths)} fits no bucket")
+        B, P = key
+        st = self._static[key]
+        pad = B - n
+        st.x[:n].copy_(x)
+        # Padding rows: slot 0, no prompt tokens; their (stale) images are never read by real rows.
+        rows = [slots + [0] * pad, lengths + [0] * pad, [int(d) for d in deep] + [0] * pad]
+        st.rows.copy_(torch.tensor(rows), non_blocking=True)  # staged at once: no device sync
+        if st.graph is not None:
+            st.graph.replay()
+        else:
+            st.out = self._forward(st, P)
+        assert st.out is not None
+        return st.out[:n]

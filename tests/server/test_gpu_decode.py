@@ -1,0 +1,320 @@
+"""Optional GPU JPEG decoding (server/gpu_decode.py, issue H point 4).
+
+On CPU: which images may go to nvJPEG (a pure header check), the decoder reporting itself unavailable
+(no CUDA, no torchvision) with the Preprocessor then bit-identical to the Pillow path, and the
+Preprocessor's plumbing (request order, Pillow fallback, error messages) with a stand-in batch decoder.
+The `gpu` test decodes real JPEGs with nvJPEG (skipped without CUDA and torchvision;
+benchmarks/gpu_check.sh runs it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import io
+import logging
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from server.errors import InvalidImage
+from server.gpu_decode import GpuDecoder, gpu_ineligible
+from server.preprocess import Preprocessor
+from server.scheduler.scheduler import Scheduler
+from tests.server import corpus
+from vpt.config import get_preset
+from vpt.transforms import ImageDecodeError, ImageLimits, decode_image, eval_transform, eval_transform_tensor
+
+CFG = get_preset("vit_test_tiny")
+LIMITS = ImageLimits(max_bytes=200_000, max_pixels=1_000_000)
+
+
+def photo(w: int, h: int, seed: int = 0) -> Image.Image:
+    return Image.fromarray(corpus.photo_like(w, h, seed))
+
+
+def jpeg(w: int, h: int, seed: int = 0, **kw) -> bytes:
+    return corpus.encoded(photo(w, h, seed), "JPEG", **kw)
+
+
+def exif_jpeg(orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return jpeg(40, 30, exif=exif.tobytes())
+
+
+def headers_only_jpeg() -> bytes:
+    """A JPEG header (it opens) without its scan: Pillow cannot load it."""
+    data = jpeg(64, 48)
+    return data[: data.index(b"\xff\xda")] + b"\xff\xd9"
+
+
+# --------------------------------------------------------------------------------- eligibility
+
+
+@pytest.mark.parametrize(
+    ("data", "why"),
+    [
+        (jpeg(64, 48), None),
+        (jpeg(64, 48, progressive=True), None),
+        (corpus.encoded(photo(40, 30).convert("L"), "JPEG"), None),
+        (exif_jpeg(1), None),
+        (exif_jpeg(6), "orientation 6"),
+        (exif_jpeg(3), "orientation 3"),
+        (corpus.exif_pair()[1], "orientation 6"),
+        (corpus.cmyk_jpeg(), "mode CMYK"),
+        (corpus.png(0), "not a JPEG"),
+        (corpus.webp(), "not a JPEG"),
+        (b"", "not a JPEG"),
+        (jpeg(8, 100), "aspect ratio"),
+        (jpeg(100, 12), "aspect ratio"),
+        (jpeg(96, 12), None),  # exactly 8: the exact geometry still applies
+        (corpus.truncated(jpeg(64, 48), 0.7), "end-of-image"),
+        (jpeg(64, 48) + b"\x00trailer", "end-of-image"),
+    ],
+    ids=[
+        "baseline",
+        "progressive",
+        "grayscale",
+        "exif-1",
+        "exif-6",
+        "exif-3",
+        "corpus-exif-6",
+        "cmyk",
+        "png",
+        "webp",
+        "empty",
+        "portrait-over-8",
+        "landscape-over-8",
+        "aspect-8",
+        "truncated",
+        "trailing-data",
+    ],
+)
+def test_eligibility(data, why):
+    got = gpu_ineligible(data, LIMITS)
+    if why is None:
+        assert got is None
+    else:
+        assert got is not None and why in got, got
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        corpus.jpeg_claiming(2000, 2000),
+        b"\xff\xd8\xff" + b"\0" * LIMITS.max_bytes,
+        b"\xff\xd8\xff\xe0garbage",
+    ],
+    ids=["pixels-from-header", "bytes", "bad-header"],
+)
+def test_refused_jpegs_get_the_pillow_paths_message(data):
+    with pytest.raises(ImageDecodeError) as e:
+        decode_image(data, LIMITS)
+    with pytest.raises(ImageDecodeError) as g:
+        gpu_ineligible(data, LIMITS)
+    assert str(g.value) == str(e.value)
+
+
+# ------------------------------------------------------------------------------- availability
+
+
+def test_unavailable_on_cpu_and_without_cuda():
+    cpu = GpuDecoder("cpu", CFG, LIMITS)
+    assert not cpu.available and "not CUDA" in (cpu.reason or "")
+    if not torch.cuda.is_available():
+        cuda = GpuDecoder("cuda", CFG, LIMITS)
+        assert not cuda.available and "CUDA is not available" in (cuda.reason or "")
+
+
+def test_unavailable_without_torchvision(monkeypatch):
+    """CUDA present (faked), torchvision not importable: unavailable, saying so."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: object())
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # `import torchvision...` raises ImportError
+    monkeypatch.setitem(sys.modules, "torchvision.io", None)
+    dec = GpuDecoder("cuda", CFG, LIMITS)
+    assert not dec.available and "torchvision is not importable" in (dec.reason or "")
+
+
+MIXED = [
+    jpeg(64, 48, 1),
+    corpus.png(2, (40, 36)),
+    corpus.cmyk_jpeg(),
+    jpeg(20, 30, 3, progressive=True),
+    corpus.exif_pair()[1],
+    jpeg(37, 37, 4),
+]
+
+
+def pillow_reference(blobs: list[bytes]) -> torch.Tensor:
+    return torch.stack([eval_transform(decode_image(b, LIMITS), CFG) for b in blobs])
+
+
+def run(pre: Preprocessor, blobs: list[bytes]) -> torch.Tensor:
+    try:
+        return asyncio.run(pre(blobs))
+    finally:
+        pre.close()
+
+
+def test_preprocessor_falls_back_to_pillow_bit_identically(caplog):
+    with caplog.at_level(logging.WARNING, logger="server.preprocess"):
+        pre = Preprocessor(CFG, LIMITS, threads=2, device="cpu", gpu_decode=True)
+    assert pre.gpu is None
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "not CUDA" in warnings[0], warnings
+    out = run(pre, MIXED)
+    assert out.device.type == "cpu" and torch.equal(out, pillow_reference(MIXED))
+    assert torch.equal(out, run(Preprocessor(CFG, LIMITS, threads=2), MIXED))
+
+
+# -------------------------------------------------- the GPU path's plumbing, with a stand-in decoder
+
+
+class StandIn:
+    """A batched 'nvJPEG' made of Pillow, on the CPU; refuses the images whose bytes are in `refuse`
+    (failing the whole batch, as nvJPEG does)."""
+
+    def __init__(self, refuse: tuple[bytes, ...] = ()) -> None:
+        self.refuse, self.calls = refuse, []
+
+    def __call__(self, tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+        blobs = [t.numpy().tobytes() for t in tensors]
+        self.calls.append(len(blobs))
+        if any(b in self.refuse for b in blobs):
+            raise RuntimeError("nvjpegDecodeBatched failed")
+        return [
+            torch.from_numpy(np.array(Image.open(io.BytesIO(b)).convert("RGB"))).permute(2, 0, 1)
+            for b in blobs
+        ]
+
+
+def gpu_path(blobs: list[bytes], refuse: tuple[bytes, ...] = ()) -> tuple[torch.Tensor, StandIn]:
+    stand_in = StandIn(refuse)
+    pre = Preprocessor(CFG, LIMITS, threads=2, gpu_decoder=GpuDecoder("cpu", CFG, LIMITS, stand_in))
+    assert pre.gpu is not None
+    return run(pre, blobs), stand_in
+
+
+def expected(blobs: list[bytes], via_tensor: set[int]) -> torch.Tensor:
+    rows = []
+    for i, b in enumerate(blobs):
+        if i in via_tensor:
+            rgb = np.array(Image.open(io.BytesIO(b)).convert("RGB"))
+            rows.append(eval_transform_tensor(torch.from_numpy(rgb).permute(2, 0, 1).contiguous(), CFG))
+        else:
+            rows.append(eval_transform(decode_image(b, LIMITS), CFG))
+    return torch.stack(rows)
+
+
+def test_gpu_path_keeps_request_order_and_sends_the_rest_to_pillow():
+    out, stand_in = gpu_path(MIXED)
+    assert stand_in.calls == [3]  # one batched call: the baseline, progressive and square JPEGs
+    assert torch.equal(out, expected(MIXED, {0, 3, 5}))
+    assert (out.int() - pillow_reference(MIXED).int()).abs().max().item() <= 1
+
+
+def test_gpu_path_all_jpeg_and_no_jpeg():
+    jpegs = [jpeg(50 + 7 * i, 40 + 3 * i, i) for i in range(4)]
+    out, stand_in = gpu_path(jpegs)
+    assert stand_in.calls == [4] and torch.equal(out, expected(jpegs, {0, 1, 2, 3}))
+    pngs = [corpus.png(i) for i in range(3)]
+    out, stand_in = gpu_path(pngs)
+    assert stand_in.calls == [] and torch.equal(out, pillow_reference(pngs))
+
+
+def test_a_refused_image_is_retried_alone_then_decoded_by_pillow():
+    blobs = [jpeg(64, 48, 1), jpeg(30, 40, 2), jpeg(48, 48, 3)]
+    out, stand_in = gpu_path(blobs, refuse=(blobs[1],))
+    assert stand_in.calls == [3, 1, 1, 1]  # the batch fails, then one call per image finds it
+    assert torch.equal(out, expected(blobs, {0, 2}))
+
+
+def test_errors_are_the_pillow_paths_400s():
+    bad = headers_only_jpeg()
+    for blobs, words in (
+        ([jpeg(64, 48), jpeg(30, 30), bad], "image 2: cannot decode image"),  # nvJPEG and Pillow refuse it
+        ([jpeg(64, 48), corpus.jpeg_claiming(2000, 2000)], "image 1: image is 2000x2000 pixels, over"),
+        ([corpus.png(0), b""], "image 1: empty image"),
+    ):
+        with pytest.raises(InvalidImage) as g:
+            gpu_path(blobs, refuse=(bad,))
+        with pytest.raises(InvalidImage) as p:
+            run(Preprocessor(CFG, LIMITS, threads=2), blobs)
+        assert str(g.value) == str(p.value) and str(g.value).startswith(words), (str(g.value), str(p.value))
+
+
+# --------------------------------------------------------------------------------- scheduler
+
+
+def test_engine_batch_gathers_requests_from_host_and_device():
+    """GPU-decoded requests arrive on the device, others on the host: the batch is one device tensor
+    ('meta' stands in for CUDA here)."""
+    engine = SimpleNamespace(device=torch.device("meta"), bank=SimpleNamespace(info=lambda slot: slot))
+
+    def req(images: torch.Tensor) -> SimpleNamespace:
+        return SimpleNamespace(images=images, n=images.shape[0], top_k=1, output="classify")
+
+    host, dev = (
+        torch.zeros(2, 3, 4, 4, dtype=torch.uint8),
+        torch.zeros(1, 3, 4, 4, dtype=torch.uint8, device="meta"),
+    )
+    batch = Scheduler._engine_batch(SimpleNamespace(engine=engine), [(req(host), 0), (req(dev), 1)])  # type: ignore[arg-type]
+    assert batch.images.device.type == "meta" and batch.images.shape == (3, 3, 4, 4)
+    assert batch.slots == [0, 0, 1]
+
+
+# ----------------------------------------------------------------------------------- on a GPU
+
+needs_gpu_decode = pytest.mark.skipif(
+    not torch.cuda.is_available() or importlib.util.find_spec("torchvision") is None,
+    reason="needs a CUDA device and torchvision",
+)
+
+
+@pytest.mark.gpu
+@needs_gpu_decode
+def test_nvjpeg_matches_pillow_within_a_few_levels():
+    """Real nvJPEG: baseline 4:2:0 and 4:4:4, progressive, grayscale, sizes below, at and far above
+    the resize size, mixed with Pillow-only images. Tolerance: nvJPEG's IDCT and chroma upsampling
+    differ from libjpeg-turbo's; on photo-like content the rows stay within a few levels."""
+    blobs = [
+        jpeg(640, 480, 1, quality=90),
+        jpeg(480, 640, 2, quality=90, subsampling=0),
+        jpeg(333, 97, 3, quality=85, progressive=True),
+        corpus.encoded(photo(120, 90, 4).convert("L"), "JPEG", quality=90),
+        jpeg(37, 37, 5, quality=95),
+        jpeg(21, 17, 6, quality=90),
+        jpeg(1536, 1024, 7, quality=80),
+        corpus.png(8, (50, 40)),
+        corpus.cmyk_jpeg(),
+    ]
+    limits = ImageLimits(max_bytes=10_000_000, max_pixels=10_000_000)
+    dec = GpuDecoder("cuda", CFG, limits)
+    assert dec.available, dec.reason
+    pre = Preprocessor(CFG, limits, threads=2, gpu_decoder=dec)
+    out = run(pre, blobs)
+    assert out.device.type == "cuda" and out.shape == (len(blobs), 3, CFG.img_size, CFG.img_size)
+    ref = torch.stack([eval_transform(decode_image(b, limits), CFG) for b in blobs])
+    diff = (out.cpu().int() - ref.int()).abs()  # (n, 3, S, S)
+    per_image = [(d.max().item(), round(d.float().mean().item(), 3)) for d in diff]
+    print("nvJPEG vs Pillow, (max, mean) per image:", per_image)
+    assert diff[7:].max().item() == 0, per_image  # PNG and CMYK took the Pillow path: exact
+    assert diff[:7].float().mean().item() <= 1.0, per_image
+    assert all(m <= 2.0 and mx <= 16 for mx, m in per_image), per_image
+    # Two requests at once from the decode threads (the lock and the decode stream): same rows.
+    pre2 = Preprocessor(CFG, limits, threads=4, gpu_decoder=dec)
+
+    async def twice() -> list[torch.Tensor]:
+        return list(await asyncio.gather(pre2(blobs), pre2(blobs[::-1])))
+
+    try:
+        a, b = asyncio.run(twice())
+    finally:
+        pre2.close()
+    assert torch.equal(a, out) and torch.equal(b, out.flip(0))
