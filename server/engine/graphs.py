@@ -124,7 +124,7 @@ class FeatureGraphs:
             st.out = self._forward(st, P)
 
     def _check(self) -> None:
-        """Replay vs eager on random inputs in the same buffers: equal, or graphs are not used."""
+        """Replay vs eager on random inputs in the same buffers: the same, or graphs are not used."""
         gen = torch.Generator(device="cpu").manual_seed(0)
         for (B, P), st in self._static.items():
             x = torch.randn(B, 3, st.x.shape[2], st.x.shape[3], generator=gen)
@@ -141,9 +141,13 @@ class FeatureGraphs:
             st.graph.replay()
             replayed = st.out.clone()
             eager = self._forward(st, P)
-            if not torch.allclose(replayed.float(), eager.float(), rtol=1e-3, atol=1e-3):
-                err = (replayed.float() - eager.float()).abs().max().item()
-                raise RuntimeError(f"CUDA graph (batch {B}, prompts {P}) differs from eager by {err}")
+            # Relative to the whole output: kernels chosen under capture may round differently in the
+            # last bit (bf16), while a replay that read stale or wrong buffers is off by O(1).
+            err = ((replayed.float() - eager.float()).norm() / eager.float().norm().clamp_min(1e-12)).item()
+            if not err < 1e-2:
+                raise RuntimeError(
+                    f"CUDA graph (batch {B}, prompts {P}) differs from eager: relative error {err:.3g}"
+                )
 
     def run(self, x: Tensor, slots: list[int], lengths: list[int], deep: list[bool]) -> Tensor:
         """(n, D) CLS features of normalised images `x` (n, 3, S, S); `fits(n, max(lengths))` must hold.

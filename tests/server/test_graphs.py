@@ -88,6 +88,32 @@ def test_padded_static_forward_equals_the_eager_engine(backbone):
             assert g_cls.indices[b, :C].tolist() == cls.indices[b, :C].tolist()
 
 
+class Replay:
+    """Stands in for torch.cuda.CUDAGraph on CPU: `replay()` runs `fn`."""
+
+    def __init__(self, fn) -> None:
+        self.replay = fn
+
+
+def test_capture_check_catches_a_replay_that_ignores_its_inputs(backbone):
+    """The check run after capture must pass a faithful replay and refuse one that reads stale inputs
+    (the failure a capture bug produces), which turns graphs off instead of serving wrong results."""
+    engine, _ = engine_with_tasks(backbone)
+    g = FeatureGraphs(engine.model, engine.bank.prompts, max_batch=2, capture=False)
+    g.prepare()
+    for (_, P), st in g._static.items():
+        st.out = g._forward(st, P).clone()
+        st.graph = Replay(lambda st=st, P=P: st.out.copy_(g._forward(st, P)))  # type: ignore[assignment]
+    with torch.inference_mode():
+        g._check()  # faithful: passes
+        for (_, P), st in g._static.items():
+            st.x.zero_()
+            st.out.copy_(g._forward(st, P))  # what the last replay wrote, for other inputs...
+            st.graph = Replay(lambda: None)  # type: ignore[assignment]  # ...and a replay that keeps it
+        with pytest.raises(RuntimeError, match="differs from eager"):
+            g._check()
+
+
 def test_graphs_are_cuda_only(backbone):
     engine, _ = engine_with_tasks(backbone, cuda_graph_max_batch=8)
     engine.warmup((1,))
