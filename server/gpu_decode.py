@@ -179,7 +179,9 @@ class GpuDecoder:
                     continue
                 try:
                     out[i] = eval_transform_tensor(img, self.cfg)  # (3, S, S)
-                except ValueError as e:  # decoded to another size than its header's, past the aspect
+                except (ValueError, torch.OutOfMemoryError) as e:
+                    # Decoded to another size than its header's (past the aspect limit), or no device
+                    # memory for this one: Pillow decodes it on the host.
                     log.debug("image %d takes the Pillow path: %s", i, e)
                     pillow.append(i)
             if self._stream is not None:
@@ -202,7 +204,11 @@ class GpuDecoder:
             if len(out) != len(encoded):
                 raise RuntimeError(f"{len(out)} images decoded from {len(encoded)}")
             return out  # type: ignore[return-value]
+        except torch.AcceleratorError:
+            raise  # a sticky device error: every later call fails too, retrying hides it
         except Exception as e:
+            if self._stream is not None:
+                self._stream.synchronize()  # the failed call's blocks are free only once it is done
             if len(encoded) == 1:
                 log.debug("nvJPEG refused an image: %s", e)
                 return [None]
@@ -210,6 +216,8 @@ class GpuDecoder:
         for one in encoded:
             try:
                 each.append(self._decode_jpegs([one], self.device)[0])
+            except torch.AcceleratorError:
+                raise
             except Exception as e:
                 log.debug("nvJPEG refused an image: %s", e)
                 each.append(None)

@@ -53,9 +53,11 @@ class PromptBatch:
         dev = table.device
         return cls(
             table=table,
-            index=index.to(dev),
-            lengths=torch.tensor(lengths_l, dtype=torch.long, device=dev),
-            deep=torch.tensor(deep_l, dtype=torch.bool, device=dev),
+            index=index.to(dev, non_blocking=True),
+            # Built on the host and copied without blocking: torch.tensor(..., device=cuda) would wait
+            # for every queued kernel (a synchronous copy), stalling the pipelined engine each batch.
+            lengths=torch.tensor(lengths_l, dtype=torch.long).to(dev, non_blocking=True),
+            deep=torch.tensor(deep_l, dtype=torch.bool).to(dev, non_blocking=True),
             max_len=max_len,
             uniform=all(v == max_len for v in lengths_l),
             any_deep=any(d and n > 0 for d, n in zip(deep_l, lengths_l, strict=True)),

@@ -34,6 +34,7 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + cfg.num_patches, cfg.embed_dim))
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.depth)])
         self.norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.layer_norm_eps)
+        self._norm_cache: dict[tuple[object, ...], tuple[Tensor, Tensor]] = {}  # see _norm_constants
 
     def init_random(self, generator: torch.Generator | None = None) -> VisionTransformer:
         """timm-like random init (trunc-normal std 0.02) — for tests and `random:` backbones only."""
@@ -104,6 +105,16 @@ class VisionTransformer(nn.Module):
     def normalize(self, images: Tensor) -> Tensor:
         """uint8 (B, 3, H, W) → float normalised with the backbone's mean/std, in the model's dtype."""
         dtype = self.pos_embed.dtype
-        mean = torch.tensor(self.cfg.mean, device=images.device, dtype=torch.float32).view(1, 3, 1, 1) * 255
-        std = torch.tensor(self.cfg.std, device=images.device, dtype=torch.float32).view(1, 3, 1, 1) * 255
+        mean, std = self._norm_constants(images.device)
         return ((images.float() - mean) / std).to(dtype)
+
+    def _norm_constants(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """(1, 3, 1, 1) float32 mean and std in 0-255 units on `device`, made once: creating them from
+        Python floats on a GPU is a blocking copy that would wait for all queued work, every batch."""
+        key = (device, self.cfg.mean, self.cfg.std)
+        cached = self._norm_cache.get(key)
+        if cached is None:
+            mean = torch.tensor(self.cfg.mean, dtype=torch.float32).view(1, 3, 1, 1).mul(255).to(device)
+            std = torch.tensor(self.cfg.std, dtype=torch.float32).view(1, 3, 1, 1).mul(255).to(device)
+            cached = self._norm_cache[key] = (mean, std)
+        return cached

@@ -5,8 +5,9 @@ CLS features out. A batch may mix tasks, prompt lengths, VPT modes and class cou
 result equals its solo result (the invariant DESIGN.md asks for), because prompts are gathered per sample
 and padded prompt keys are masked (see `vpt.vit`).
 
-The scheduler calls `launch` then `collect` from one worker thread. On CUDA `launch` only enqueues
-kernels, so the worker can launch batch k+1 while batch k still computes; on CPU it computes at once.
+The scheduler calls `launch` from one engine thread and, on CUDA, `collect` from another. On CUDA
+`launch` only enqueues kernels (nothing in it waits for the device), so the engine thread can launch
+batch k+1 while batch k still computes; on CPU it computes at once.
 """
 
 from __future__ import annotations
@@ -215,6 +216,8 @@ class Engine:
                     graphs.prepare()
                     self.graphs = graphs
                 except RuntimeError as e:  # a failed capture or check: serve eagerly, loudly
+                    # A capture that fails on exit leaves its stream current in this thread.
+                    torch.cuda.set_stream(torch.cuda.default_stream(self.device))
                     log.error("CUDA graphs are off: %s", e)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

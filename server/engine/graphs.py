@@ -60,6 +60,7 @@ class FeatureGraphs:
         self.prompt_lengths = buckets(table.shape[2])
         self.device, self.dtype = table.device, model.pos_embed.dtype
         self._static: dict[tuple[int, int], _Static] = {}
+        self._inputs: dict[int, tuple[Tensor, Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle() if capture else None
 
     def fits(self, n: int, max_len: int) -> tuple[int, int] | None:
@@ -79,25 +80,30 @@ class FeatureGraphs:
             any_deep=True,
             all_deep=False,  # per-sample select between deep and shallow rows
         )
-        return self.model.pool(self.model.forward_features(st.x, prompts))
+        # contiguous: the (B, D) copy is all a graph keeps of its tokens; the rest goes back to the pool.
+        return self.model.pool(self.model.forward_features(st.x, prompts)).contiguous()
 
     def _buffers(self, B: int) -> _Static:
-        S = self.model.cfg.img_size
-        return _Static(
-            x=torch.zeros(B, 3, S, S, dtype=self.dtype, device=self.device),
-            rows=torch.zeros(3, B, dtype=torch.long, device=self.device),
-        )
+        """A bucket's own record over the input buffers of its batch size, shared by every prompt
+        bucket of that size: batches fill them in stream order, after the previous replay read them."""
+        if B not in self._inputs:
+            S = self.model.cfg.img_size
+            x = torch.zeros(B, 3, S, S, dtype=self.dtype, device=self.device)
+            self._inputs[B] = (x, torch.zeros(3, B, dtype=torch.long, device=self.device))
+        x, rows = self._inputs[B]
+        return _Static(x=x, rows=rows)
 
     @torch.inference_mode()
     def prepare(self) -> None:
         """Allocate every bucket (and capture its graph, largest first so smaller ones reuse the
         memory pool), then check each replay against the eager forward on the same buffers."""
         t0 = time.perf_counter()
+        side = torch.cuda.Stream(self.device) if self.capture else None
         for B in reversed(self.batch_sizes):
             for P in reversed(self.prompt_lengths):
                 st = self._buffers(B)
-                if self.capture:
-                    self._capture(st, P)
+                if side is not None:
+                    self._capture(st, P, side)
                 self._static[(B, P)] = st
         if self.capture:
             self._check()
@@ -110,9 +116,8 @@ class FeatureGraphs:
             time.perf_counter() - t0,
         )
 
-    def _capture(self, st: _Static, P: int) -> None:
+    def _capture(self, st: _Static, P: int, side: torch.cuda.Stream) -> None:
         # Warm up on a side stream first (cuBLAS/SDPA workspaces, lazy init), as torch.cuda.graphs asks.
-        side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(2):
@@ -149,11 +154,13 @@ class FeatureGraphs:
                     f"CUDA graph (batch {B}, prompts {P}) differs from eager: relative error {err:.3g}"
                 )
 
+    @torch.inference_mode()
     def run(self, x: Tensor, slots: list[int], lengths: list[int], deep: list[bool]) -> Tensor:
         """(n, D) CLS features of normalised images `x` (n, 3, S, S); `fits(n, max(lengths))` must hold.
 
-        The result is a view of the bucket's output buffer: read it (or enqueue reads of it on this
-        stream) before the next `run` of the same bucket, as the engine does."""
+        The result is the bucket's output buffer: enqueue every read of it on this stream before the
+        next `run` of *any* bucket (they share one memory pool, so another bucket's replay may reuse
+        its memory), as `Engine.launch` does."""
         n = x.shape[0]
         key = self.fits(n, max(lengths, default=0))
         if key is None:

@@ -316,8 +316,13 @@ class Scheduler:
         device = self.engine.device
         if len({t.device for t in imgs}) > 1:
             # With VPT_GPU_DECODE some requests' images arrive already on the device, others (not
-            # JPEG) on the host: torch.cat needs them on one device.
-            imgs = [t.to(device) for t in imgs]
+            # JPEG) on the host: torch.cat needs them on one device. Pinned, non-blocking: a pageable
+            # copy would block this event loop until the engine's queued batches finish.
+            pin = device.type == "cuda"
+            imgs = [
+                (t.pin_memory() if pin and t.device.type == "cpu" else t).to(device, non_blocking=True)
+                for t in imgs
+            ]
         images = torch.cat(imgs) if len(imgs) > 1 else imgs[0]
         if device.type == "cuda" and images.device.type == "cpu":
             images = images.pin_memory()

@@ -137,14 +137,21 @@ def test_cuda_graphs_equal_eager_and_survive_pipelining(dtype):
     eager, eager_slots = engine_with_tasks(bb)
     assert eager_slots == slots  # same install order, same slots: one batch serves both engines
     gen = torch.Generator().manual_seed(1)
-    orders = [[0], [3, 1, 4], [2, 2], [0, 1, 2, 3, 4, 0, 1, 2]]
+    # Buckets (batch, prompts): (1, 4), (4, 12), (4, 12), (2, 12), (1, 12), (1, 12), (8, 12) — the
+    # repeated ones refill buffers that the previous batch's replay may still be reading.
+    orders = [[0], [3, 1, 4], [2, 2, 0], [2, 2], [3], [2], [0, 1, 2, 3, 4, 0, 1, 2]]
     images = [torch.randint(0, 256, (len(o), 3, 32, 32), dtype=torch.uint8, generator=gen) for o in orders]
     batches = [
         EngineBatch(im, [slots[i] for i in o], [graphed.bank.info(slots[i]) for i in o], "classify", 10)
         for im, o in zip(images, orders, strict=True)
     ]
     # Launch all before collecting any: a bucket's buffers are reused while earlier results are in flight.
-    pending = [graphed.launch(b) for b in batches]
+    # ...and nothing in `launch` may wait for the device (a blocking copy would serialise the pipeline).
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        pending = [graphed.launch(b) for b in batches]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
     results = [graphed.collect(p) for p in pending]
     for b, r in zip(batches, results, strict=True):
         ref = eager.run(b)
