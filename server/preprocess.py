@@ -53,6 +53,9 @@ class Preprocessor:
         elif gpu_decoder is not None:
             log.info("GPU JPEG decoding on %s (nvJPEG via torchvision)", gpu_decoder.device)
         self.gpu = gpu_decoder
+        # GPU decodes run one at a time (the decoder's lock): on a thread of their own, a queue of them
+        # cannot park the Pillow pool's threads.
+        self._gpu_pool = ThreadPoolExecutor(1, thread_name_prefix="vpt-gpu-decode") if self.gpu else None
 
     def _chunk(self, items: list[tuple[int, bytes]]) -> list[torch.Tensor]:
         out = []
@@ -84,14 +87,16 @@ class Preprocessor:
         if self.gpu is None:
             return await self._pillow(list(enumerate(blobs)))
         loop = asyncio.get_running_loop()
-        done = await loop.run_in_executor(self._pool, self.gpu.decode, blobs)
+        done = await loop.run_in_executor(self._gpu_pool, self.gpu.decode, blobs)
         if not done.pillow:
             assert done.images is not None
             return done.images
         host = await self._pillow([(i, blobs[i]) for i in done.pillow])
         if done.images is None:  # no JPEG went to the GPU: the Pillow path's host tensor, as without it
             return host
-        return await loop.run_in_executor(self._pool, self.gpu.fill, done.images, done.pillow, host)
+        return await loop.run_in_executor(self._gpu_pool, self.gpu.fill, done.images, done.pillow, host)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._gpu_pool is not None:
+            self._gpu_pool.shutdown(wait=False, cancel_futures=True)
