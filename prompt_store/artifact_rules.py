@@ -149,7 +149,8 @@ def check_finite(name: str, tensor: torch.Tensor) -> None:
         return
     # Fast path: one reduction; min/max are NaN if any element is NaN and ±inf if any is infinite.
     # (20x cheaper than materialising isfinite() on MB-sized tensors; the slow path only names the index.)
-    lo, hi = torch.aminmax(tensor.detach().float() if tensor.dtype == torch.bfloat16 else tensor.detach())
+    # Native for bf16 too (a .float() copy first cost 3x the reduction: cold-load benchmark).
+    lo, hi = torch.aminmax(tensor.detach())
     if bool(torch.isfinite(lo)) and bool(torch.isfinite(hi)):
         return
     bad = ~torch.isfinite(tensor)

@@ -265,17 +265,22 @@ class PromptBank:
     def _write(self, slot: int, a: TaskArtifact) -> None:
         L_p, P, _ = a.prompts.shape
         C = a.num_classes
-        dev, dt = self.device, self.dtype
         # Padding past P and C must be zeros (masked anyway, but keeps slots deterministic): clear only
-        # what the slot's previous task wrote, not the whole slot (MBs for ViT-B).
+        # what the slot's previous task wrote outside the region this task overwrites — nothing at all
+        # when it is no larger, the common case — not the whole slot (MBs for ViT-B).
         old_L, old_P, old_C = self._extent.get(slot, (0, 0, 0))
         if old_P:
-            self.prompts[slot, :old_L, :old_P].zero_()
-        if old_C:
-            self.head_weight[slot, :old_C].zero_()
-            self.head_bias[slot, :old_C].zero_()
+            if old_L > L_p:  # layers this task does not have (deep → shallow)
+                self.prompts[slot, L_p:old_L, :old_P].zero_()
+            if old_P > P:  # prompt positions past this task's length, in the layers it has
+                self.prompts[slot, : min(old_L, L_p), P:old_P].zero_()
+        if old_C > C:
+            self.head_weight[slot, C:old_C].zero_()
+            self.head_bias[slot, C:old_C].zero_()
         self._extent[slot] = (L_p, P, C)
+        # copy_ converts the dtype on the way (no converted temporary: one pass fewer per install).
+        cuda = self.device.type == "cuda"
         if P:
-            self.prompts[slot, :L_p, :P].copy_(a.prompts.to(dt), non_blocking=dev.type == "cuda")
-        self.head_weight[slot, :C].copy_(a.head_weight.to(dt), non_blocking=dev.type == "cuda")
-        self.head_bias[slot, :C].copy_(a.head_bias.to(dt), non_blocking=dev.type == "cuda")
+            self.prompts[slot, :L_p, :P].copy_(a.prompts, non_blocking=cuda)
+        self.head_weight[slot, :C].copy_(a.head_weight, non_blocking=cuda)
+        self.head_bias[slot, :C].copy_(a.head_bias, non_blocking=cuda)

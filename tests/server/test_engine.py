@@ -121,3 +121,22 @@ def test_engine_normalises_on_device_like_the_model(backbone):
     with torch.no_grad():
         ref = backbone.model(x)
     assert torch.allclose(feats, ref, atol=1e-5)
+
+
+def test_slot_reuse_leaves_exactly_the_new_task_and_zeros(backbone):
+    """A slot reused by tasks of other geometries (deep/shallow, longer/shorter prompts, more/fewer
+    classes) holds the new task's values and zeros everywhere else: the old task's padding is cleared
+    even though only the part the new task does not overwrite is zeroed."""
+    engine = make_engine(backbone, slots=1)
+    bank = engine.bank
+    for i, (P, mode, C) in enumerate([(12, "deep", 10), (4, "shallow", 3), (9, "deep", 7), (0, "shallow", 2),
+                                      (12, "deep", 10), (12, "deep", 10), (1, "deep", 9)]):  # fmt: skip
+        art = make_artifact(backbone, P=P, mode=mode, C=C, seed=10 + i)
+        slot = engine.install(TaskKey("t", f"geo{i}", 1), art)
+        assert slot == 0
+        expected = torch.zeros_like(bank.prompts[0])
+        expected[: art.prompts.shape[0], :P] = art.prompts
+        assert torch.equal(bank.prompts[0], expected), i
+        w, b = torch.zeros_like(bank.head_weight[0]), torch.zeros_like(bank.head_bias[0])
+        w[:C], b[:C] = art.head_weight, art.head_bias
+        assert torch.equal(bank.head_weight[0], w) and torch.equal(bank.head_bias[0], b), i
