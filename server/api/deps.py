@@ -56,7 +56,7 @@ async def get_principal(
     ] = None,
     _scheme: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)] = None,
 ) -> Principal:
-    """Authenticate `Authorization: Bearer <key>`, apply the caller's rate limit, pick the tenant.
+    """The caller RateGate authenticated and charged (or its 401), and the tenant it acts on.
 
     `_scheme` only declares the bearer scheme in OpenAPI (it never refuses): `authenticate` checks the
     header itself, with an error that says what is wrong."""
@@ -65,11 +65,13 @@ async def get_principal(
         caller: Tenant | None = None
         name, role = services.settings.default_tenant, "admin"
     else:
-        # RateGate has already authenticated and charged a caller with a valid key: reuse it.
-        caller = request.scope.get("state", {}).get("admitted_caller")
+        # RateGate (server/api/middleware.py) authenticated and charged every API request already.
+        state = request.scope.get("state", {})
+        caller = state.get("admitted_caller")
         if caller is None:
-            caller = authenticate(registry, request.headers.get("authorization", ""))
-            charge_rate(services, caller)
+            raise state.get("auth_error") or Unauthorized(
+                "missing API key: send 'Authorization: Bearer <key>'"
+            )
         name, role = caller.name, caller.role
     acting, quotas = name, caller
     if tenant is not None and tenant != name:
@@ -87,12 +89,15 @@ async def get_principal(
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
 
 
+MISSING_KEY = "missing API key: send 'Authorization: Bearer <key>'"
+
+
 def authenticate(registry: TenantRegistry, authorization: str) -> Tenant:
     """The tenant an `Authorization: Bearer <key>` header belongs to, or Unauthorized."""
     registry.maybe_reload()
     scheme, _, key = authorization.partition(" ")
     if not scheme:
-        raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+        raise Unauthorized(MISSING_KEY)
     if scheme.lower() != "bearer" or not key.strip():
         raise Unauthorized("the Authorization header must be 'Bearer <key>'")
     caller = registry.authenticate(key.strip())

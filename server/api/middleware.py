@@ -13,6 +13,7 @@ import time
 import uuid
 from typing import Any
 
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api.deps import authenticate, charge_rate
@@ -87,9 +88,9 @@ class RateGate:
     A flooding tenant's requests are mostly refused by its rate limit. Refused inside FastAPI (routing,
     dependency resolution, exception handlers) each cost ~0.4 ms of event-loop CPU, which the engine
     thread and other tenants' requests wait for (GIL); here a refusal costs a header lookup, a key
-    hash and a token bucket. Only requests with a valid key are charged here, and the caller it admits
-    goes on in `state.admitted_caller` (the routes' dependency neither re-authenticates nor charges it
-    again); everything else (no key, bad key, open mode) goes on to the routes, which answer it.
+    hash and a token bucket. It is where API requests are authenticated (with tenants): the caller it
+    admits goes on in `state.admitted_caller`, a missing or bad key in `state.auth_error`, and the
+    routes' dependency answers from those without hashing the key again.
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -105,18 +106,20 @@ class RateGate:
 
     @staticmethod
     def _charge(scope: Scope) -> Overloaded | None:
-        """Charge an API request with a valid key to its tenant's bucket; the refusal if over it."""
+        """Authenticate an API request and charge it to its tenant's bucket; the refusal if over it.
+
+        The outcome goes on in the request state for the routes' dependency (`deps.get_principal`):
+        `admitted_caller`, or `auth_error` (no key, bad key), which the route answers with a 401."""
         services = getattr(scope["app"].state, "services", None)  # None while starting
-        authorization = dict(scope.get("headers") or []).get(b"authorization")
         if not scope["path"].startswith("/v1/") or services is None or services.tenants is None:
             return None
-        if authorization is None:
-            return None
-        try:
-            caller = authenticate(services.tenants, authorization.decode("latin-1"))
-        except Unauthorized:
-            return None  # the route's dependency answers it
         state = scope.setdefault("state", {})
+        try:
+            # Headers(): the first Authorization header, as Starlette's request.headers reads it.
+            caller = authenticate(services.tenants, Headers(scope=scope).get("authorization", ""))
+        except Unauthorized as e:
+            state["auth_error"] = e
+            return None
         state["tenant"] = caller.name  # for the access log and per-tenant metrics
         try:
             charge_rate(services, caller)

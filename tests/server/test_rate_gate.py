@@ -44,3 +44,13 @@ def test_each_request_is_charged_once_and_refusals_come_before_routing(client):
     assert client.get("/v1/info", headers={"authorization": f"Bearer {OTHER}"}).status_code == 200
     assert client.get("/v1/info", headers={"authorization": "Bearer vpt_wrong"}).status_code == 401
     assert client.get("/v1/info").status_code == 401
+
+
+def test_the_first_authorization_header_is_the_one_checked(client):
+    """With two Authorization headers the gate reads the first, as Starlette does: a bad key first
+    is a 401 even with a good key after it (and the good key is not charged)."""
+    headers = [(b"authorization", b"Bearer vpt_wrong"), (b"authorization", f"Bearer {OTHER}".encode())]
+    r = client.get("/v1/info", headers=headers)
+    assert r.status_code == 401 and r.json()["error"]["message"] == "invalid API key"
+    swapped = client.get("/v1/info", headers=headers[::-1])
+    assert swapped.status_code == 200
