@@ -44,6 +44,7 @@ class Services:
     task_stats: TaskStats = field(default_factory=TaskStats)
     rate_limiter: RateLimiter = field(default_factory=RateLimiter)
     draining: bool = False
+    switch_interval_before: float | None = None  # restored by stop (setswitchinterval is process-wide)
 
     @classmethod
     async def start(
@@ -68,6 +69,7 @@ class Services:
         # re-take waits up to the switch interval (5 ms by default), which made a 1-image forward ~4x
         # slower under HTTP load. A shorter interval bounds that wait (fair-share test, B's p50 under
         # a flood: 56 ms at 5 ms, ~25 ms at 0.5 ms, ~17 ms at 0.1 ms; solo ~10 ms).
+        switch_interval_before = sys.getswitchinterval()
         sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
         backbone: Backbone = await asyncio.to_thread(
             load_backbone,
@@ -102,7 +104,6 @@ class Services:
                 **(s3 if settings.store.startswith("s3://") else {}),
             )
         metrics = metrics or Metrics()
-        depth = settings.effective_pipeline_depth(device.type)
         scheduler = Scheduler(
             engine,
             store,
@@ -111,10 +112,9 @@ class Services:
                 max_batch_delay_s=settings.max_batch_delay_ms / 1000,
                 max_queue_images=settings.max_queue_images,
                 batching=settings.batching,
-                pipeline_depth=depth,
+                pipeline_depth=settings.effective_pipeline_depth(device.type),
                 version_ttl_s=settings.version_ttl_s,
-                # Preemption knows one running batch: with more in flight on CPU it stays off.
-                preempt=settings.preempt and device.type == "cpu" and depth == 1,
+                preempt=settings.effective_preempt(device.type),
                 engine_cpus=engine_cpus,
             ),
             hooks=metrics,
@@ -135,7 +135,16 @@ class Services:
         # are left out of every collection (CPython's gc.freeze, meant for exactly this).
         gc.collect()
         gc.freeze()
-        return cls(settings, engine, store, scheduler, preprocess, metrics, tenants=tenants)
+        return cls(
+            settings,
+            engine,
+            store,
+            scheduler,
+            preprocess,
+            metrics,
+            tenants=tenants,
+            switch_interval_before=switch_interval_before,
+        )
 
     @property
     def ready(self) -> bool:
@@ -157,6 +166,11 @@ class Services:
         await self.scheduler.close()
         self.preprocess.close()
         self.store.close()
+        # start's process-wide settings, undone: an in-process app (tests, embedding) leaves the
+        # interpreter as it found it, and its engine can be collected.
+        gc.unfreeze()
+        if self.switch_interval_before is not None:
+            sys.setswitchinterval(self.switch_interval_before)
 
 
 def open_tenants(settings: Settings) -> TenantRegistry | None:

@@ -138,6 +138,16 @@ class Settings(BaseSettings):
             return self.pipeline_depth
         return 2 if device_type == "cuda" else 1
 
+    def effective_preempt(self, device_type: str) -> bool:
+        """Preemption between blocks: CPU only (a GPU overlaps batches instead), with one batch in flight
+        (it tracks one running batch) and an eager backbone (a compiled forward has no block boundaries)."""
+        return (
+            self.preempt
+            and device_type == "cpu"
+            and self.effective_pipeline_depth(device_type) == 1
+            and not self.compile
+        )
+
 
 def settings_markdown() -> str:
     """The settings table for docs/configuration.md (`python -m server.settings` prints it)."""

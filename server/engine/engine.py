@@ -140,7 +140,8 @@ class Engine:
     @torch.inference_mode()
     def launch(self, batch: EngineBatch, between_blocks: Callable[[], None] | None = None) -> _Pending:
         """Start a batch (on CPU: compute it). `between_blocks` runs after each transformer block but
-        the last (the scheduler's preemption point on CPU; ignored when the model is compiled)."""
+        the last (the scheduler's preemption point on CPU; never given with a compiled backbone:
+        `Settings.effective_preempt`)."""
         if self._fault_oom_over or self._fault_fail_every:
             self._inject_faults(batch)
         started = time.perf_counter()
@@ -150,16 +151,12 @@ class Engine:
         index = torch.tensor(batch.slots, dtype=torch.long).to(self.device, non_blocking=cuda)
         lengths = [i.prompt_length for i in batch.infos]
         deep = [i.deep for i in batch.infos]
-        if self.graphs is not None and self.graphs.fits(len(lengths), max(lengths)):
-            # One graph replay; `feats` is a view of its output buffer, read below on this stream
-            # before any later replay can overwrite it.
-            feats = self.graphs.run(x, batch.slots, lengths, deep)
-        else:
+        # A graph replay when one fits; `feats` is then its output buffer, read below on this stream
+        # before any later replay can overwrite it.
+        feats = self.graphs.run(x, batch.slots, lengths, deep) if self.graphs is not None else None
+        if feats is None:
             prompts = PromptBatch.build(self.bank.prompts, index, lengths, deep)
-            if between_blocks is not None and not self.compiled:
-                feats = self.model.pool(self.model.forward_features(x, prompts, between_blocks))
-            else:
-                feats = self.model.pool(self._features(x, prompts))  # (B, D)
+            feats = self.model.pool(self._features(x, prompts, between_blocks))  # (B, D)
         if batch.output == "embed":
             out: tuple[torch.Tensor, ...] = (feats.float().to("cpu", non_blocking=cuda),)
         else:

@@ -155,8 +155,9 @@ class FeatureGraphs:
                 )
 
     @torch.inference_mode()
-    def run(self, x: Tensor, slots: list[int], lengths: list[int], deep: list[bool]) -> Tensor:
-        """(n, D) CLS features of normalised images `x` (n, 3, S, S); `fits(n, max(lengths))` must hold.
+    def run(self, x: Tensor, slots: list[int], lengths: list[int], deep: list[bool]) -> Tensor | None:
+        """(n, D) CLS features of normalised images `x` (n, 3, S, S), or None when the batch fits no
+        bucket (larger than `max_batch`): the caller runs it eagerly.
 
         The result is the bucket's output buffer: enqueue every read of it on this stream before the
         next `run` of *any* bucket (they share one memory pool, so another bucket's replay may reuse
@@ -164,7 +165,7 @@ class FeatureGraphs:
         n = x.shape[0]
         key = self.fits(n, max(lengths, default=0))
         if key is None:
-            raise ValueError(f"batch of {n} with prompts up to {max(lengths)} fits no bucket")
+            return None
         B, P = key
         st = self._static[key]
         pad = B - n

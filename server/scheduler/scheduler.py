@@ -24,12 +24,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import queue
 import time
 from collections.abc import Coroutine, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -64,6 +63,9 @@ class _Planned:
     requests: list[tuple[Request, int]]  # (request, slot)
     batch: EngineBatch
     tag: float  # fair-queuing start tag of its last request: later arrivals ranked <= it may overtake
+    # Set when handed to the engine thread to run between two blocks of the running batch (it
+    # resolves with that run's result); None: the batch runs on its own.
+    handed_over: Future[EngineResult] | None = None
 
 
 class SchedulerHooks:
@@ -73,6 +75,24 @@ class SchedulerHooks:
     def batch(self, size: int, compute_s: float, tasks: int) -> None: ...
     def task_load(self, seconds: float) -> None: ...
     def rejected(self, reason: str) -> None: ...
+
+
+def batch_images(parts: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Requests' uint8 image tensors → one batch: in pinned host memory for a CUDA engine (its launch
+    copies it without blocking), or on the device when GPU decoding already put some parts there."""
+    if len({t.device for t in parts}) > 1:
+        # With VPT_GPU_DECODE some requests' images arrive on the device, others (not JPEG) on the
+        # host: torch.cat needs one device. Pinned, non-blocking: a pageable copy would block this
+        # event loop until the engine's queued batches finish.
+        pin = device.type == "cuda"
+        parts = [
+            (t.pin_memory() if pin and t.device.type == "cpu" else t).to(device, non_blocking=True)
+            for t in parts
+        ]
+    images = torch.cat(parts) if len(parts) > 1 else parts[0]
+    if device.type == "cuda" and images.device.type == "cpu":
+        images = images.pin_memory()
+    return images
 
 
 class Scheduler:
@@ -313,19 +333,7 @@ class Scheduler:
             infos += [info] * req.n
             slots += [slot] * req.n
             imgs.append(req.images)
-        device = self.engine.device
-        if len({t.device for t in imgs}) > 1:
-            # With VPT_GPU_DECODE some requests' images arrive already on the device, others (not
-            # JPEG) on the host: torch.cat needs them on one device. Pinned, non-blocking: a pageable
-            # copy would block this event loop until the engine's queued batches finish.
-            pin = device.type == "cuda"
-            imgs = [
-                (t.pin_memory() if pin and t.device.type == "cpu" else t).to(device, non_blocking=True)
-                for t in imgs
-            ]
-        images = torch.cat(imgs) if len(imgs) > 1 else imgs[0]
-        if device.type == "cuda" and images.device.type == "cpu":
-            images = images.pin_memory()
+        images = batch_images(imgs, self.engine.device)
         top_k = max(r.top_k for r, _ in taken)
         return EngineBatch(images, slots, infos, taken[0][0].output, top_k)
 
@@ -405,7 +413,7 @@ class Scheduler:
     async def _execute(self, planned: _Planned) -> None:
         """Run a started batch and deliver its results."""
         try:
-            await self._compute(planned.requests, planned.batch, planned.tag)
+            await self._compute(planned.requests, planned.batch, planned.tag, planned.handed_over)
         except Exception as e:
             self._finish(planned, e)
         else:
@@ -426,10 +434,18 @@ class Scheduler:
         self.batches_run += 1
         self._wake()
 
-    async def _compute(self, part: list[tuple[Request, int]], batch: EngineBatch, tag: float) -> None:
+    async def _compute(
+        self,
+        part: list[tuple[Request, int]],
+        batch: EngineBatch,
+        tag: float,
+        handed_over: Future[EngineResult] | None = None,
+    ) -> None:
         loop = asyncio.get_running_loop()
         try:
-            if self.engine.device.type == "cuda":
+            if handed_over is not None:  # the engine thread runs it between two blocks
+                result = await asyncio.wrap_future(handed_over)
+            elif self.engine.device.type == "cuda":
                 pending = await loop.run_in_executor(self._engine_ex, self.engine.launch, batch)
                 result = await loop.run_in_executor(self._collect_ex, self.engine.collect, pending)
             elif self.config.preempt:
@@ -455,48 +471,39 @@ class Scheduler:
         self._running_tag = tag
         self._wake()  # requests already waiting may overtake it
         try:
-            between = functools.partial(self._between_blocks, loop)
-            return await loop.run_in_executor(self._engine_ex, self.engine.run, batch, between)
+            return await loop.run_in_executor(self._engine_ex, self.engine.run, batch, self._between_blocks)
         finally:
             self._running_tag = None
-            # Handed over too late for a block boundary: they run as batches of their own.
-            while not self._handoff.empty():
-                self._spawn(self._execute(self._handoff.get_nowait()))
+            if not self._handoff.empty():  # handed over after its last block boundary
+                self._engine_ex.submit(self._between_blocks)
 
     def _hand_over_overtakers(self) -> None:
         """While a preemptible batch runs: plan the requests that may overtake it and hand them to
-        the engine thread, which runs them at its next block boundary."""
+        the engine thread, which runs them at its next block boundary; they are delivered and
+        finished like any batch (`_execute`)."""
         tag = self._running_tag
         if tag is None or not self._handoff.empty():
             return
         planned = self._plan(before=tag)
         if planned is not None:
-            self._start(planned)
+            planned.handed_over = Future()
             self._handoff.put(planned)
+            self._start(planned)
+            self._spawn(self._execute(planned))
 
-    def _between_blocks(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Engine thread, between two blocks of a preemptible batch: run what was handed over.
-
-        An overtaking batch is not itself preempted; its results go back to the loop to deliver."""
+    def _between_blocks(self) -> None:
+        """Engine thread, between two blocks of a preemptible batch: run what was handed over (an
+        overtaking batch is not itself preempted)."""
         while True:
             try:
                 planned = self._handoff.get_nowait()
             except queue.Empty:
                 return
+            assert planned.handed_over is not None
             try:
-                result = self.engine.run(planned.batch)
+                planned.handed_over.set_result(self.engine.run(planned.batch))
             except Exception as e:
-                loop.call_soon_threadsafe(self._finish, planned, e)
-            else:
-                loop.call_soon_threadsafe(self._deliver_overtakers, planned, result)
-
-    def _deliver_overtakers(self, planned: _Planned, result: EngineResult) -> None:
-        try:
-            self._deliver(planned.requests, planned.batch, result)
-        except Exception as e:
-            self._finish(planned, e)
-        else:
-            self._finish(planned, None)
+                planned.handed_over.set_exception(e)
 
     def _deliver(self, part: list[tuple[Request, int]], batch: EngineBatch, result: EngineResult) -> None:
         B = batch.images.shape[0]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import gc
+import sys
 
 import pytest
 import torch
@@ -239,3 +241,17 @@ def test_metrics_and_request_ids(client, backbone):
         in text
     )
     assert 'route="/v1/tasks/m/classify"' not in text
+
+
+def test_stop_undoes_the_process_wide_start_up_settings(tmp_path):
+    """start freezes start-up objects out of the GC and shortens the GIL switch interval (both
+    process-wide); stop undoes both, so an in-process app leaves the interpreter as it found it."""
+    before = sys.getswitchinterval()
+    settings = Settings(
+        backbone=BACKBONE_SPEC, store=str(tmp_path / "store"), access_log=False, open_mode=True
+    )
+    with TestClient(create_app(settings)):
+        assert gc.get_freeze_count() > 0
+        assert sys.getswitchinterval() == pytest.approx(settings.gil_switch_interval_ms / 1000)
+    assert gc.get_freeze_count() == 0
+    assert sys.getswitchinterval() == pytest.approx(before, rel=0.02)  # kept in whole µs

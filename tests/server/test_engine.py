@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from server.engine.bank import BankFull, TaskKey, TaskTooLarge
-from server.engine.engine import Engine, EngineBatch
+from server.engine.engine import Engine, EngineBatch, pick_dtype
 from tests.server.helpers import BACKBONE_SPEC, make_artifact
 from vpt.hub import load_backbone
 
@@ -140,3 +140,34 @@ def test_slot_reuse_leaves_exactly_the_new_task_and_zeros(backbone):
         w, b = torch.zeros_like(bank.head_weight[0]), torch.zeros_like(bank.head_bias[0])
         w[:C], b[:C] = art.head_weight, art.head_bias
         assert torch.equal(bank.head_weight[0], w) and torch.equal(bank.head_bias[0], b), i
+
+
+def test_dtype_choice():
+    assert pick_dtype("auto", torch.device("cuda")) == torch.bfloat16  # the GPU default (issue H)
+    assert pick_dtype("auto", torch.device("cpu")) == torch.float32
+    assert pick_dtype("float16", torch.device("cpu")) == torch.float16
+    with pytest.raises(ValueError, match="dtype must be"):
+        pick_dtype("int8", torch.device("cpu"))
+
+
+@pytest.mark.slow
+def test_compiled_engine_equals_eager(backbone):
+    """VPT_COMPILE: torch.compile(dynamic=True) of the backbone gives the eager engine's results for a
+    mixed batch (deep and shallow, several prompt lengths: the masked path). Inductor on CPU here."""
+    eager, compiled = make_engine(backbone), make_engine(backbone, compile=True)
+    installed = [
+        [
+            e.install(TaskKey("t", f"task{i}", 1), make_artifact(backbone, P=P, mode=m, C=C, seed=i))
+            for i, (P, m, C) in enumerate(TASKS)
+        ]
+        for e in (eager, compiled)
+    ]
+    assert installed[0] == installed[1]  # same slots in both banks: one batch serves both
+    order = [0, 3, 1, 4, 2]
+    images = torch.randint(
+        0, 256, (len(order), 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(3)
+    )
+    s = [installed[0][i] for i in order]
+    ref, got = run(eager, images, s, "embed"), run(compiled, images, s, "embed")
+    err = (got.features - ref.features).abs().max() / ref.features.abs().max()
+    assert err < 1e-4, err.item()

@@ -14,7 +14,6 @@ import importlib.util
 import io
 import logging
 import sys
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -24,7 +23,7 @@ from PIL import Image
 from server.errors import InvalidImage
 from server.gpu_decode import GpuDecoder, gpu_ineligible
 from server.preprocess import Preprocessor
-from server.scheduler.scheduler import Scheduler
+from server.scheduler.scheduler import batch_images
 from tests.server import corpus
 from vpt.config import get_preset
 from vpt.transforms import ImageDecodeError, ImageLimits, decode_image, eval_transform, eval_transform_tensor
@@ -252,21 +251,15 @@ def test_errors_are_the_pillow_paths_400s():
 # --------------------------------------------------------------------------------- scheduler
 
 
-def test_engine_batch_gathers_requests_from_host_and_device():
+def test_batch_images_gathers_requests_from_host_and_device():
     """GPU-decoded requests arrive on the device, others on the host: the batch is one device tensor
-    ('meta' stands in for CUDA here)."""
-    engine = SimpleNamespace(device=torch.device("meta"), bank=SimpleNamespace(info=lambda slot: slot))
-
-    def req(images: torch.Tensor) -> SimpleNamespace:
-        return SimpleNamespace(images=images, n=images.shape[0], top_k=1, output="classify")
-
-    host, dev = (
-        torch.zeros(2, 3, 4, 4, dtype=torch.uint8),
-        torch.zeros(1, 3, 4, 4, dtype=torch.uint8, device="meta"),
-    )
-    batch = Scheduler._engine_batch(SimpleNamespace(engine=engine), [(req(host), 0), (req(dev), 1)])  # type: ignore[arg-type]
-    assert batch.images.device.type == "meta" and batch.images.shape == (3, 3, 4, 4)
-    assert batch.slots == [0, 0, 1]
+    ('meta' stands in for CUDA here); all on the host, it is their concatenation in order."""
+    host = torch.arange(2 * 3 * 4 * 4, dtype=torch.int64).to(torch.uint8).view(2, 3, 4, 4)
+    dev = torch.zeros(1, 3, 4, 4, dtype=torch.uint8, device="meta")
+    mixed = batch_images([host, dev], torch.device("meta"))
+    assert mixed.device.type == "meta" and mixed.shape == (3, 3, 4, 4)
+    cpu = batch_images([host[1:], host[:1]], torch.device("cpu"))
+    assert torch.equal(cpu, torch.cat([host[1:], host[:1]]))
 
 
 # ----------------------------------------------------------------------------------- on a GPU

@@ -70,6 +70,7 @@ def test_padded_static_forward_equals_the_eager_engine(backbone):
         [3, 3, 3, 3, 3, 3, 3],
         [4, 2, 0, 1, 3, 1, 2, 0],
         [1],
+        [0, 1, 2, 3, 4, 0, 1, 2, 3],  # past max_batch: `run` declines, the engine runs it eagerly
     ]
     eager = []
     for order in batches:

@@ -18,6 +18,16 @@ def test_env_prefix_and_types(monkeypatch):
     assert s.effective_pipeline_depth("cuda") == 2 and s.effective_pipeline_depth("cpu") == 1
 
 
+def test_preemption_only_where_it_can_work():
+    """On by default on CPU; off on CUDA, with more than one batch in flight, with a compiled backbone
+    (no block boundaries) or when switched off."""
+    assert Settings().effective_preempt("cpu")
+    assert not Settings().effective_preempt("cuda")
+    assert not Settings(pipeline_depth=2).effective_preempt("cpu")
+    assert not Settings(compile=True).effective_preempt("cpu")
+    assert not Settings(preempt=False).effective_preempt("cpu")
+
+
 @pytest.mark.parametrize(
     ("var", "value"), [("VPT_MAX_BATCH_SIZE", "0"), ("VPT_PINNED_TASKS", '["nosep"]'), ("VPT_DTYPE", "int8")]
 )
