@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
 import pytest
@@ -10,10 +11,13 @@ import torch
 
 from prompt_store.local import LocalStore
 from server.engine.engine import Engine
-from server.errors import DeadlineExceeded, TaskNotFound
+from server.errors import DeadlineExceeded, TaskNotFound, Unavailable
 from server.scheduler.scheduler import Scheduler, SchedulerConfig
 from tests.server.helpers import BACKBONE_SPEC, artifact_bytes
-from vpt.hub import load_backbone
+from vpt.config import get_preset
+from vpt.fingerprint import backbone_fingerprint
+from vpt.hub import Backbone, load_backbone
+from vpt.vit import VisionTransformer
 
 
 class SlowStore(LocalStore):
@@ -46,8 +50,8 @@ def images(n: int = 1) -> torch.Tensor:
     return torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8)
 
 
-async def started(backbone, store, **cfg) -> Scheduler:
-    engine = Engine(backbone, bank_slots=8, max_prompt_length=8, max_classes=8)
+async def started(backbone, store, engine_kw: dict | None = None, **cfg) -> Scheduler:
+    engine = Engine(backbone, bank_slots=8, max_prompt_length=8, max_classes=8, **(engine_kw or {}))
     sched = Scheduler(engine, store, SchedulerConfig(**cfg))
     await sched.start()
     return sched
@@ -132,11 +136,9 @@ def test_round_robin_across_tenants_and_per_task_mode(backbone, store):
     assert beta.batch_size == 1  # per-task batches never mix tasks
 
 
-@pytest.mark.parametrize("preempt", [True, False])
-def test_cpu_preemption_lets_a_light_tenant_overtake_a_running_batch(tmp_path, preempt):
-    """A light tenant's request that arrives while a heavy tenant's big batch computes runs between
-    two of that batch's blocks (preempt=True) instead of after it, with the same result as alone."""
-    bb = load_backbone("random:vit_test_small@0")  # 4 blocks: a 48-image batch takes ~0.1 s on CPU
+def overtake(bb: Backbone, tmp_path, preempt: bool, engine_kw: dict | None = None):
+    """A heavy tenant's 48-image batch starts; a light tenant's one image arrives while it computes.
+    Returns the light request alone (before), its result (or exception) then, and the finishing order."""
     st = LocalStore(tmp_path / "store")
     st.put("heavy", "t", artifact_bytes(bb, P=4, mode="deep", C=5, seed=1))
     st.put("light", "t", artifact_bytes(bb, P=2, mode="shallow", C=3, seed=2))
@@ -145,31 +147,61 @@ def test_cpu_preemption_lets_a_light_tenant_overtake_a_running_batch(tmp_path, p
     one = big[:1].clone()
 
     async def scenario():
-        engine = Engine(bb, bank_slots=4, max_prompt_length=8, max_classes=8)
-        sched = Scheduler(engine, st, SchedulerConfig(max_batch_size=48, preempt=preempt))
-        await sched.start()
+        sched = await started(bb, st, engine_kw, max_batch_size=48, preempt=preempt)
         try:
             alone = await sched.submit("light", "t", one)
             await sched.submit("heavy", "t", big[:1])  # both tasks resident
             done: list[str] = []
 
             async def run(tenant: str, x: torch.Tensor):
-                r = await sched.submit(tenant, "t", x)
-                done.append(tenant)
-                return r
+                try:
+                    return await sched.submit(tenant, "t", x)
+                except Exception as e:
+                    return e
+                finally:
+                    done.append(tenant)
 
             heavy = asyncio.create_task(run("heavy", big))
             while not sched.in_flight:  # the heavy batch has been dispatched
                 await asyncio.sleep(0.0005)
             light = await run("light", one)
-            await heavy
+            assert not isinstance(await heavy, Exception)
+            assert sched.in_flight == 0 and sched.queued_images == 0
             return alone, light, done
         finally:
             await sched.close()
 
-    alone, light, done = asyncio.run(scenario())
+    return asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("preempt", [True, False])
+def test_cpu_preemption_lets_a_light_tenant_overtake_a_running_batch(tmp_path, preempt):
+    """A light tenant's request that arrives while a heavy tenant's big batch computes runs between
+    two of that batch's blocks (preempt=True) instead of after it, with the same result as alone."""
+    bb = load_backbone("random:vit_test_small@0")  # 4 blocks: a 48-image batch takes ~0.1 s on CPU
+    alone, light, done = overtake(bb, tmp_path, preempt)
     assert done == (["light", "heavy"] if preempt else ["heavy", "light"])
     assert light.batch_size == 1
     assert [p.index for p in light.predictions[0]] == [p.index for p in alone.predictions[0]]
     for a, b in zip(light.predictions[0], alone.predictions[0], strict=True):
         assert a.score == pytest.approx(b.score, rel=1e-5, abs=1e-7)
+
+
+def test_a_failing_overtaker_fails_only_its_own_request(tmp_path):
+    """The overtaking batch (the 4th launch) fails: its request gets a 503, the batch it overtook
+    completes, and nothing stays in flight."""
+    bb = load_backbone("random:vit_test_small@0")
+    _, light, done = overtake(bb, tmp_path, True, {"fault_fail_every": 4})
+    assert isinstance(light, Unavailable) and "inference failed" in str(light)
+    assert done == ["light", "heavy"]
+
+
+def test_an_overtaker_handed_over_after_the_last_block_boundary_still_runs(tmp_path):
+    """A one-block backbone has no block boundary: the overtaker handed over while the batch runs
+    is run right after it by the engine thread (not stranded), with the same result as alone."""
+    cfg = dataclasses.replace(get_preset("vit_test_small"), depth=1)
+    model = VisionTransformer(cfg).init_random(torch.Generator().manual_seed(0)).eval().requires_grad_(False)
+    bb = Backbone(model, cfg, backbone_fingerprint(model.state_dict()), "random:depth1", "random:depth1")
+    alone, light, done = overtake(bb, tmp_path, True)
+    assert done == ["heavy", "light"]
+    assert [p.index for p in light.predictions[0]] == [p.index for p in alone.predictions[0]]
