@@ -96,8 +96,9 @@ class LocalStore(PromptStore):
         return f"LocalStore({str(self.root)!r}, keep_versions={self.keep_versions})"
 
     def ping(self) -> None:
-        if not self._tenants_dir.is_dir() or not os.access(self._tenants_dir, os.W_OK | os.X_OK):
-            raise StoreUnavailable(f"store directory {self._tenants_dir} is missing or not writable")
+        self._check_present()
+        if not os.access(self._tenants_dir, os.W_OK | os.X_OK):
+            raise StoreUnavailable(f"store directory {self._tenants_dir} is not writable")
 
     def _check_present(self) -> None:
         """StoreUnavailable unless the tenants directory made at open is still there.
@@ -129,11 +130,16 @@ class LocalStore(PromptStore):
                     _unlink_quietly(task_dir / version_name(old))
         return info
 
-    def _delete(self, tenant: str, task_id: str) -> None:
+    def _existing_task_dir(self, tenant: str, task_id: str) -> Path:
+        """The task's directory; NotFound if there is none (StoreUnavailable if the store is gone)."""
         task_dir = self._task_dir(tenant, task_id)
         if not task_dir.is_dir():
             self._check_present()
             raise NotFound(tenant, task_id)
+        return task_dir
+
+    def _delete(self, tenant: str, task_id: str) -> None:
+        task_dir = self._existing_task_dir(tenant, task_id)
         with _io_errors(f"deleting {tenant}/{task_id}"), self._locked(task_dir):
             manifest = self._read_manifest(task_dir, tenant, task_id)
             if manifest is None or manifest.deleted:
@@ -142,10 +148,7 @@ class LocalStore(PromptStore):
             self._tidy(task_dir, manifest.tombstone())
 
     def _set_current(self, tenant: str, task_id: str, version: int) -> VersionInfo:
-        task_dir = self._task_dir(tenant, task_id)
-        if not task_dir.is_dir():
-            self._check_present()
-            raise NotFound(tenant, task_id)
+        task_dir = self._existing_task_dir(tenant, task_id)
         with _io_errors(f"updating {tenant}/{task_id}"), self._locked(task_dir):
             manifest = self._read_manifest(task_dir, tenant, task_id)
             if manifest is None or manifest.deleted:

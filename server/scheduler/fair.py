@@ -63,7 +63,7 @@ class FairQueues:
 
     def start_tag(self, tenant: str) -> float:
         """The virtual time at which the tenant's next request starts (lower runs first)."""
-        return self._vtime.get(tenant, 0.0)
+        return self._vtime[tenant]
 
     def tenants_by_priority(self) -> list[str]:
         """Backlogged tenants, the least served (by weight) first."""

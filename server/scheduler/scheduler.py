@@ -302,14 +302,9 @@ class Scheduler:
         now = time.monotonic()
         exhausted: set[str] = set()  # tenants with nothing runnable for this batch
         while size < cap:
-            candidates = [
-                t
-                for t in self._fq.tenants_by_priority()
-                if t not in exhausted and (before is None or self._fq.start_tag(t) <= before)
-            ]
-            if not candidates:
-                break
-            tenant = candidates[0]
+            tenant = next((t for t in self._fq.tenants_by_priority() if t not in exhausted), None)
+            if tenant is None or (before is not None and self._fq.start_tag(tenant) > before):
+                break  # by priority: the tenants after this one start later still
             req, slot = self._take(tenant, now, cap - size, only_task, output)
             if req is None:
                 exhausted.add(tenant)
