@@ -66,7 +66,7 @@ def subsample(data: LabelledImages, n: int, seed: int = 0) -> LabelledImages:
 
 
 @pytest.fixture(scope="module")
-def features_bb(tmp_path_factory):
+def features_ckpt(tmp_path_factory) -> Path:
     """vit_test_tiny with fan-in scaled random weights, as a checkpoint file (module docstring)."""
     cfg = get_preset("vit_test_tiny")
     g = torch.Generator().manual_seed(0)
@@ -83,7 +83,12 @@ def features_bb(tmp_path_factory):
                 p.normal_(0, p[0].numel() ** -0.5, generator=g)  # 1/sqrt(fan_in)
     path = tmp_path_factory.mktemp("bb") / "features_vit.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return load_backbone(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def features_bb(features_ckpt):
+    return load_backbone(str(features_ckpt))
 
 
 @pytest.fixture(scope="module")
@@ -187,6 +192,20 @@ def test_backbone_frozen_bit_identical_and_in_eval_mode(deep_run, features_bb):
     assert not any(p.requires_grad for p in features_bb.model.parameters())
 
 
+def _served_logits(model: VisionTransformer, art, x: torch.Tensor) -> torch.Tensor:
+    """The artifact's logits for images `x` through the serving path (PromptBatch/HeadBatch)."""
+    B = x.shape[0]
+    return model(
+        model.normalize(x),
+        PromptBatch.single_task(art.prompts.to(x.device), B, deep=art.mode == "deep"),
+        HeadBatch(
+            art.head_weight[None].to(x.device),
+            art.head_bias[None].to(x.device),
+            torch.zeros(B, dtype=torch.long, device=x.device),
+        ),
+    )
+
+
 def test_artifact_predictions_equal_reported_eval(deep_run, features_bb):
     """Rebuild the task from the artifact bytes, serve it through PromptBatch/HeadBatch on eval_transform
     images (the server's path) and compare with what the trainer reported."""
@@ -197,17 +216,35 @@ def test_artifact_predictions_equal_reported_eval(deep_run, features_bb):
         art.mode == "deep" and art.prompts.shape == (2, 4, 64) and art.labels == [str(i) for i in range(10)]
     )
     x = torch.stack([EvalImages(val, features_bb.cfg)[i][0] for i in range(len(val))])
-    B = x.shape[0]
-    model = features_bb.model
     with torch.no_grad():
-        logits = model(
-            model.normalize(x),
-            PromptBatch.single_task(art.prompts, B, deep=True),
-            HeadBatch(art.head_weight[None], art.head_bias[None], torch.zeros(B, dtype=torch.long)),
-        )
+        logits = _served_logits(features_bb.model, art, x)
     assert logits.argmax(1).tolist() == out.result.val_eval.predictions
     acc = (logits.argmax(1) == torch.tensor(val.targets)).float().mean().item()
     assert acc == pytest.approx(out.summary["val_accuracy"], abs=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_training_on_cuda(features_ckpt, features_bb, digits):
+    """The GPU path of the recipe (bf16 autocast, pinned loaders): same bar as on the CPU, frozen backbone,
+    and the artifact reproduces the reported evaluation, on the GPU exactly and on the CPU in fp32."""
+    bb = load_backbone(str(features_ckpt), device="cuda")
+    before = {k: v.clone() for k, v in bb.model.state_dict().items()}
+    train, val = stratified_split(subsample(digits, 600), 0.3, seed=0)
+    recipe = Recipe(mode="deep", prompt_length=4, epochs=10, batch_size=32, base_lr=2.5, warmup_epochs=1)
+    opts = RunOptions(device=torch.device("cuda"), progress=False)
+    out = run_training(backbone=bb, train=train, val=val, recipe=recipe, opts=opts)
+    assert out.result.val_eval is not None and out.result.val_eval.accuracy >= ACCURACY_BAR
+    assert all(torch.equal(before[k], v) for k, v in bb.model.state_dict().items())
+    art = load_artifact(out.data)
+    validate_for_backbone(art, signature(bb))
+    x = torch.stack([EvalImages(val, bb.cfg)[i][0] for i in range(len(val))])
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        gpu = _served_logits(bb.model, art, x.cuda()).argmax(1).tolist()
+    assert gpu == out.result.val_eval.predictions
+    with torch.no_grad():  # bf16 rounding may flip a near tie; fp32 on the CPU agrees almost everywhere
+        cpu = _served_logits(features_bb.model, art, x).argmax(1).tolist()
+    assert sum(a == b for a, b in zip(cpu, gpu, strict=True)) >= 0.95 * len(gpu)
 
 
 def test_summary_report(deep_run):
