@@ -8,6 +8,11 @@ and transformed there; everything else takes the Pillow path (`server.preprocess
 - not a JPEG, or not a plain one (MPO, 12-bit, CMYK/YCCK or any mode but RGB and L): Pillow converts;
 - EXIF orientation other than 1: Pillow applies it (`ImageOps.exif_transpose`), nvJPEG would not;
 - aspect ratio over `MAX_EXACT_ASPECT`: Pillow resamples only the cropped region of those;
+- shorter side under `MIN_DOWNSCALE` x the eval transform's resize side: pixel for pixel, nvJPEG's
+  output differs from libjpeg-turbo's (Pillow's) on sharp colour detail, and only a downscale averages
+  that away (H200, photo-like JPEGs against Pillow: a 37x37 one not resized, 2.6 levels on average and
+  14 at most; downscaled 2.4-28x, 0.05-0.4 on average and 2 at most). Such small images cost Pillow
+  little; the large ones, where nvJPEG pays, are downscaled far more;
 - bytes after the end-of-image marker, or none: Pillow refuses truncated JPEGs with a 400, nvJPEG
   might decode them leniently; trailing data is rare enough to leave to Pillow too;
 - any image nvJPEG refuses: Pillow decodes it or reports the precise error.
@@ -37,19 +42,30 @@ from PIL import ExifTags, Image
 
 from server.errors import InvalidImage
 from vpt.config import ViTConfig
-from vpt.transforms import MAX_EXACT_ASPECT, ImageDecodeError, ImageLimits, eval_transform_tensor, open_image
+from vpt.transforms import (
+    MAX_EXACT_ASPECT,
+    ImageDecodeError,
+    ImageLimits,
+    eval_sizes,
+    eval_transform_tensor,
+    open_image,
+)
 
 log = logging.getLogger(__name__)
 
 JPEG_SOI = b"\xff\xd8\xff"  # start of image + the first marker's 0xFF
 JPEG_EOI = b"\xff\xd9"  # end of image
+# nvJPEG decodes a JPEG only if the eval transform shrinks it at least this much (module docstring).
+MIN_DOWNSCALE = 2
 
 # Encoded JPEGs (uint8 CPU tensors) → decoded uint8 (3, H, W) tensors on the device, RGB.
 DecodeJpegs = Callable[[list[torch.Tensor], torch.device], list[torch.Tensor]]
 
 
-def gpu_ineligible(data: bytes, limits: ImageLimits) -> str | None:
+def gpu_ineligible(data: bytes, limits: ImageLimits, min_side: int = 0) -> str | None:
     """Why these bytes must take the Pillow path, or None when nvJPEG may decode them.
+
+    `min_side`: JPEGs whose shorter side is smaller go to Pillow (see `MIN_DOWNSCALE`).
 
     Pure and cheap: reads the magic bytes, then the header only (no pixel is decoded). Raises
     `ImageDecodeError` for images the server refuses anyway (over the byte or pixel limit, unreadable
@@ -70,6 +86,8 @@ def gpu_ineligible(data: bytes, limits: ImageLimits) -> str | None:
     w, h = img.size
     if max(w, h) > MAX_EXACT_ASPECT * min(w, h):
         return f"aspect ratio of {w}x{h} over {MAX_EXACT_ASPECT}"
+    if min(w, h) < min_side:
+        return f"{w}x{h} is not downscaled enough (shorter side under {min_side})"
     if not data.endswith(JPEG_EOI):
         return "no end-of-image marker at the end (truncated, or trailing data)"
     return None
@@ -101,6 +119,7 @@ class GpuDecoder:
     ) -> None:
         self.device = torch.device(device)
         self.cfg, self.limits = cfg, limits
+        self._min_side = MIN_DOWNSCALE * eval_sizes(cfg)[0]  # smaller JPEGs: Pillow's (module docstring)
         self._decode_jpegs = decode_jpegs
         self._lock = threading.Lock()  # one decode at a time on the stream (see module docstring)
         self._stream: torch.cuda.Stream | None = None
@@ -159,7 +178,7 @@ class GpuDecoder:
         eligible = []
         for i, data in enumerate(blobs):
             try:
-                why = gpu_ineligible(data, self.limits)
+                why = gpu_ineligible(data, self.limits, self._min_side)
             except ImageDecodeError as e:
                 raise InvalidImage(f"image {i}: {e}") from None
             if why is None:

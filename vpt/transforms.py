@@ -151,7 +151,7 @@ def _to_uint8_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()  # (3, H, W)
 
 
-def _eval_sizes(cfg: ViTConfig) -> tuple[int, int]:
+def eval_sizes(cfg: ViTConfig) -> tuple[int, int]:
     """(shorter side after the resize, crop side) of the eval transform."""
     return max(cfg.resize_size, cfg.img_size), cfg.img_size
 
@@ -163,7 +163,7 @@ def _centre(crop: int) -> Callable[[int, int], tuple[int, int]]:
 
 def eval_transform(img: Image.Image, cfg: ViTConfig) -> torch.Tensor:
     """RGB image → uint8 (3, img_size, img_size): resize shorter side, centre crop (the server's path)."""
-    size, s = _eval_sizes(cfg)
+    size, s = eval_sizes(cfg)
     return _to_uint8_tensor(_resize_then_crop(to_rgb(img), size, s, _centre(s)))
 
 
@@ -183,7 +183,7 @@ def eval_transform_tensor(img: torch.Tensor, cfg: ViTConfig) -> torch.Tensor:
     Pillow.
     """
     assert img.dtype == torch.uint8 and img.dim() == 3 and img.shape[0] == 3, (img.dtype, img.shape)
-    size, s = _eval_sizes(cfg)
+    size, s = eval_sizes(cfg)
     h, w = int(img.shape[1]), int(img.shape[2])
     if max(w, h) > MAX_EXACT_ASPECT * min(w, h):
         raise ValueError(f"aspect ratio of {w}x{h} is over {MAX_EXACT_ASPECT}: use eval_transform")

@@ -102,6 +102,12 @@ def test_eligibility(data, why):
         assert got is not None and why in got, got
 
 
+def test_jpegs_the_resize_shrinks_too_little_take_the_pillow_path():
+    assert gpu_ineligible(jpeg(64, 48), LIMITS, min_side=48) is None
+    assert "downscaled" in (gpu_ineligible(jpeg(64, 47), LIMITS, min_side=48) or "")
+    assert "downscaled" in (gpu_ineligible(jpeg(40, 64), LIMITS, min_side=48) or "")
+
+
 @pytest.mark.parametrize(
     "data",
     [
@@ -140,13 +146,14 @@ def test_unavailable_without_torchvision(monkeypatch):
     assert not dec.available and "torchvision is not importable" in (dec.reason or "")
 
 
-MIXED = [
-    jpeg(64, 48, 1),
+MIXED = [  # CFG's resize side is 37: JPEGs with a shorter side of 74 or more take the GPU path
+    jpeg(100, 80, 1),
     corpus.png(2, (40, 36)),
     corpus.cmyk_jpeg(),
-    jpeg(20, 30, 3, progressive=True),
+    jpeg(80, 120, 3, progressive=True),
     corpus.exif_pair()[1],
-    jpeg(37, 37, 4),
+    jpeg(74, 74, 4),
+    jpeg(73, 90, 5),
 ]
 
 
@@ -219,7 +226,7 @@ def test_gpu_path_keeps_request_order_and_sends_the_rest_to_pillow():
 
 
 def test_gpu_path_all_jpeg_and_no_jpeg():
-    jpegs = [jpeg(50 + 7 * i, 40 + 3 * i, i) for i in range(4)]
+    jpegs = [jpeg(80 + 7 * i, 75 + 3 * i, i) for i in range(4)]
     out, stand_in = gpu_path(jpegs)
     assert stand_in.calls == [4] and torch.equal(out, expected(jpegs, {0, 1, 2, 3}))
     pngs = [corpus.png(i) for i in range(3)]
@@ -228,7 +235,7 @@ def test_gpu_path_all_jpeg_and_no_jpeg():
 
 
 def test_a_refused_image_is_retried_alone_then_decoded_by_pillow():
-    blobs = [jpeg(64, 48, 1), jpeg(30, 40, 2), jpeg(48, 48, 3)]
+    blobs = [jpeg(100, 80, 1), jpeg(80, 90, 2), jpeg(96, 96, 3)]
     out, stand_in = gpu_path(blobs, refuse=(blobs[1],))
     assert stand_in.calls == [3, 1, 1, 1]  # the batch fails, then one call per image finds it
     assert torch.equal(out, expected(blobs, {0, 2}))
@@ -273,23 +280,28 @@ needs_gpu_decode = pytest.mark.skipif(
 @pytest.mark.gpu
 @needs_gpu_decode
 def test_nvjpeg_matches_pillow_within_a_few_levels():
-    """Real nvJPEG: baseline 4:2:0 and 4:4:4, progressive, grayscale, sizes below, at and far above
-    the resize size, mixed with Pillow-only images. Tolerance: nvJPEG's IDCT and chroma upsampling
-    differ from libjpeg-turbo's; on photo-like content the rows stay within a few levels."""
+    """Real nvJPEG: baseline 4:2:0 and 4:4:4, progressive, grayscale, sizes at and far above the GPU
+    path's minimum (2x CFG's resize side of 37), mixed with images that take the Pillow path (PNG, CMYK,
+    too small). Tolerance: nvJPEG's IDCT and chroma upsampling differ from libjpeg-turbo's; after the
+    downscale, photo-like rows stay within a level on average (measured 0.05-0.4 on an H200)."""
     blobs = [
         jpeg(640, 480, 1, quality=90),
         jpeg(480, 640, 2, quality=90, subsampling=0),
         jpeg(333, 97, 3, quality=85, progressive=True),
         corpus.encoded(photo(120, 90, 4).convert("L"), "JPEG", quality=90),
-        jpeg(37, 37, 5, quality=95),
-        jpeg(21, 17, 6, quality=90),
+        jpeg(74, 74, 5, quality=95),
+        jpeg(80, 300, 6, quality=90),
         jpeg(1536, 1024, 7, quality=80),
         corpus.png(8, (50, 40)),
         corpus.cmyk_jpeg(),
+        jpeg(37, 37, 5, quality=95),
+        jpeg(21, 17, 6, quality=90),
     ]
     limits = ImageLimits(max_bytes=10_000_000, max_pixels=10_000_000)
     dec = GpuDecoder("cuda", CFG, limits)
     assert dec.available, dec.reason
+    on_gpu = [gpu_ineligible(b, limits, 74) is None for b in blobs]
+    assert on_gpu == [True] * 7 + [False] * 4
     pre = Preprocessor(CFG, limits, threads=2, gpu_decoder=dec)
     out = run(pre, blobs)
     assert out.device.type == "cuda" and out.shape == (len(blobs), 3, CFG.img_size, CFG.img_size)
@@ -297,9 +309,8 @@ def test_nvjpeg_matches_pillow_within_a_few_levels():
     diff = (out.cpu().int() - ref.int()).abs()  # (n, 3, S, S)
     per_image = [(d.max().item(), round(d.float().mean().item(), 3)) for d in diff]
     print("nvJPEG vs Pillow, (max, mean) per image:", per_image)
-    assert diff[7:].max().item() == 0, per_image  # PNG and CMYK took the Pillow path: exact
-    assert diff[:7].float().mean().item() <= 1.0, per_image
-    assert all(m <= 2.0 and mx <= 16 for mx, m in per_image), per_image
+    assert diff[7:].max().item() == 0, per_image  # PNG, CMYK and small JPEGs took the Pillow path: exact
+    assert all(m <= 1.0 and mx <= 16 for mx, m in per_image), per_image
     # Two requests at once from the decode threads (the lock and the decode stream): same rows.
     pre2 = Preprocessor(CFG, limits, threads=4, gpu_decoder=dec)
 
