@@ -4,9 +4,9 @@
 #   bash benchmarks/gpu_check.sh            # on a CUDA machine: ViT-B/16 bf16, 1000 tasks, deep P=50
 #   bash benchmarks/gpu_check.sh --smoke    # tiny CPU sizes (also what runs when CUDA is absent)
 #
-# Steps (each under its own `timeout`; the budgets sum to 570 s, under a 10-minute device call):
+# Steps (each under its own `timeout`; the budgets sum to 600 s, a 10-minute device call):
 #   1. pytest -m gpu                        GPU tests (CUDA graphs vs eager, GPU JPEG decode vs Pillow,
-#                                            training with bf16 autocast)
+#                                            training with bf16 autocast, vpt-serve on CUDA with graphs)
 #   2. engine, eager                         img/s by batch (mixed, 1000 tasks), Zipf mixed vs per task,
 #                                            batch-1/8 latency
 #   2b. engine, CUDA graphs                  batch-1/2/4/8 latency with graphs (--cuda-graphs 8)
@@ -90,7 +90,7 @@ if "$PY" -m pytest --markers 2>/dev/null | grep -q '^@pytest.mark.gpu'; then
         # Only the files that hold `gpu` tests: collecting the whole suite would import test-only
         # packages (moto, playwright, ...) a bare GPU image lacks.
         mapfile -t GPU_FILES < <(grep -rl 'pytest.mark.gpu' tests)
-        step pytest_gpu 60 "$PY" -m pytest -m gpu -q -p no:cacheprovider "${GPU_FILES[@]}"
+        step pytest_gpu 90 "$PY" -m pytest -m gpu -q -p no:cacheprovider "${GPU_FILES[@]}"
     fi
 else
     printf 'pytest_gpu\tskipped (no gpu marker)\t0\n' >> "$OUT/steps.tsv"

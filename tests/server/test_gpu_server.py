@@ -1,0 +1,90 @@
+"""On a GPU: a real `vpt-serve` on CUDA answers like the task's solo reference, through both engine paths.
+
+Small batches replay CUDA graphs (`VPT_CUDA_GRAPH_MAX_BATCH`, default 8), larger ones run eagerly; the
+server runs fp32 here so its scores can be held to the fp32 CPU reference (cuDNN's TF32 convolution and
+the fused attention kernels leave ~1e-4 differences). Skipped without CUDA; benchmarks/gpu_check.sh
+runs it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+import torch
+
+from tests.server.helpers import BACKBONE_SPEC, artifact_bytes, png_bytes
+from tests.server.server_proc import ServerProcess
+from tests.server.test_api import expected_probs
+from tests.server.test_integration import upload
+from vpt.hub import load_backbone
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.integration,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+TASKS = {"deep5": (5, "deep", 4), "shallow2": (2, "shallow", 6), "linear": (0, "shallow", 3)}
+
+
+async def classify_all(url: str, jobs: list[tuple[str, bytes]], concurrent: bool) -> list[dict]:
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=httpx.Limits(max_connections=64)) as c:
+
+        async def one(task: str, img: bytes) -> dict:
+            r = await c.post(
+                f"/v1/tasks/{task}/classify?top_k=10", content=img, headers={"content-type": "image/png"}
+            )
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        if concurrent:
+            return await asyncio.gather(*(one(t, im) for t, im in jobs))
+        return [await one(t, im) for t, im in jobs]
+
+
+def test_server_on_cuda_with_graphs_equals_solo_results(tmp_path):
+    backbone = load_backbone(BACKBONE_SPEC)
+    arts = {
+        t: artifact_bytes(backbone, P=P, mode=m, C=C, seed=i)
+        for i, (t, (P, m, C)) in enumerate(TASKS.items())
+    }
+    images = [png_bytes(200 + i) for i in range(6)]
+    names = list(arts)
+    proc = ServerProcess(
+        tmp_path,
+        backbone=BACKBONE_SPEC,
+        device="cuda",
+        dtype="float32",
+        max_batch_size=32,
+        max_prompt_length=16,
+    ).wait_ready()
+    try:
+        assert "captured" in proc.log(), proc.log()  # the default VPT_CUDA_GRAPH_MAX_BATCH is on
+        assert "CUDA graphs are off" not in proc.log(), proc.log()
+        for t, data in arts.items():
+            upload(proc.url, t, data)
+        expected = {
+            (t, i): expected_probs(backbone, arts[t], images[i]) for t in arts for i in range(len(images))
+        }
+        one_by_one = [(names[j % 3], j % len(images)) for j in range(12)]  # batch 1: graph replays
+        flood = [(names[j % 3], j % len(images)) for j in range(300)]  # batches up to 32: eager above 8
+        for jobs, concurrent in ((one_by_one, False), (flood, True)):
+            bodies = asyncio.run(classify_all(proc.url, [(t, images[i]) for t, i in jobs], concurrent))
+            for (t, i), body in zip(jobs, bodies, strict=True):
+                got = {p["index"]: p["score"] for p in body["predictions"][0]}
+                want = expected[(t, i)]
+                assert sorted(got) == list(range(want.numel())), body
+                assert [got[k] for k in range(want.numel())] == pytest.approx(want.tolist(), abs=1e-3)
+            sizes = [b["timings"]["batch_size"] for b in bodies]
+            print(
+                f"{'concurrent' if concurrent else 'one by one'}: batch sizes max {max(sizes)}, mean "
+                f"{sum(sizes) / len(sizes):.1f}"
+            )
+            if not concurrent:
+                assert max(sizes) == 1
+            else:
+                assert max(sizes) > 8  # both paths served
+    finally:
+        assert proc.stop() == 0, proc.log()
