@@ -91,9 +91,9 @@ class Settings(BaseSettings):
     decode_threads: int = Field(0, ge=0, description="Image decode threads; 0 = number of CPUs")
     gpu_decode: bool = Field(
         False,
-        description="CUDA only: decode JPEGs with nvJPEG (torchvision.io.decode_jpeg) and resize them on "
-        "the GPU when torchvision is installed; Pillow otherwise. Opt-in: its IDCT and resize differ "
-        "from Pillow's (the trainer's transform) by a few uint8 levels",
+        description="CUDA only: decode JPEGs at least twice the resize side with nvJPEG "
+        "(torchvision.io.decode_jpeg) and resize them on the GPU when torchvision is installed; Pillow "
+        "otherwise. Opt-in: it differs from Pillow's (the trainer's) transform by ~0.1-0.4 uint8 levels",
     )
 
     # --- prompt bank -----------------------------------------------------------------------------
