@@ -1,8 +1,9 @@
 """The README's "Quick start", run as a user would type it, so it stays true (issue F).
 
-Its first block (`bash scripts/serve.sh`) is stood in for by a real vpt-serve with the same embedded
-defaults, started on its first run (no tenants file yet, so it creates one and prints the admin key)
-but on a random tiny backbone: nothing can be downloaded here. The other blocks run in order in one
+Its first block (`bash scripts/serve.sh`) runs as written (when the tests run in this checkout's `.venv`,
+as `scripts/test.sh` sets them up; else `python -m server` stands in) with the embedded defaults, on its
+first run (no tenants file yet, so it creates one and prints the admin key), but on a random tiny
+backbone (`VPT_BACKBONE`): nothing can be downloaded here. The other blocks run in order in one
 bash session (a python block as `python - <<'PY'`), in a folder holding the files the examples name
 (`photos/<class>/*.png`, `cat.jpg`, `more/*.jpg`, a `.venv` link to the tests' environment). Substituted, and
 nothing else: the key placeholder `vpt_...` by the printed key, the server URL by the test server's (in
@@ -76,12 +77,15 @@ def test_quick_start_runs_as_written(tmp_path):
     work.mkdir()
     write_files(work)
     (tmp_path / "srv").mkdir()
+    in_checkout_venv = Path(sys.prefix).resolve() == (ROOT / ".venv").resolve()
     server = ServerProcess(
         tmp_path / "srv",
+        # serve.sh would build a .venv of its own for another environment: minutes, so not here.
+        command=["bash", str(ROOT / blocks[0][1].split()[1])] if in_checkout_venv else None,
         backbone=BACKBONE_SPEC,
         open_mode="false",  # the embedded default
         tenants_file=tmp_path / "srv" / "tenants.toml",  # not there yet: the first-start path
-    ).wait_ready()
+    ).wait_ready(timeout=180)  # serve.sh first runs `pip install -e .`
     try:
         printed = re.search(r"^\s+(vpt_[A-Za-z0-9_-]{40,})\s*$", server.log(), re.M)
         assert printed, f"the server printed no admin key on first start:\n{server.log()}"

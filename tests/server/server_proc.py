@@ -24,7 +24,9 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, tmp: Path, **settings: object) -> None:
+    """vpt-serve on 127.0.0.1 with `settings` as VPT_* variables; `command` replaces `python -m server`."""
+
+    def __init__(self, tmp: Path, command: list[str] | None = None, **settings: object) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = tmp / f"server-{self.port}.log"
@@ -34,7 +36,7 @@ class ServerProcess:
         env.update({f"VPT_{k.upper()}": str(v) for k, v in settings.items()})
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server"], env=env, stdout=self._log, stderr=subprocess.STDOUT
+            command or [sys.executable, "-m", "server"], env=env, stdout=self._log, stderr=subprocess.STDOUT
         )
 
     def log(self) -> str:

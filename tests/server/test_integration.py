@@ -8,6 +8,7 @@ sent; SIGTERM with requests in flight loses none.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
 
@@ -122,6 +123,32 @@ def test_concurrent_mixed_tasks_equal_solo_results(server, backbone):
     batches = metric(after, "vpt_batch_size_count") - metric(before, "vpt_batch_size_count")
     images_in_batches = metric(after, "vpt_batch_size_sum") - metric(before, "vpt_batch_size_sum")
     assert images_in_batches == sent and batches < sent
+
+
+def test_access_log_is_one_json_line_per_request(server, backbone):
+    upload(server.url, "logged", artifact_bytes(backbone, P=2, mode="deep", C=3, seed=9))
+    ids = {"log-ok-1": ("logged", 200), "log-missing-1": ("no-such-task", 404)}
+    for rid, (task, status) in ids.items():
+        r = httpx.post(
+            f"{server.url}/v1/tasks/{task}/classify",
+            content=png_bytes(1),
+            headers={"content-type": "image/png", "x-request-id": rid},
+        )
+        assert r.status_code == status and r.headers["x-request-id"] == rid, r.text
+    deadline = time.monotonic() + 5
+    while True:  # the line is written after the response is sent
+        lines = [ln for ln in server.log().splitlines() if " vpt.access: " in ln]
+        records = [json.loads(ln.split(" vpt.access: ", 1)[1]) for ln in lines]
+        got = {r["request_id"]: r for r in records if r["request_id"] in ids}
+        if len(got) == len(ids) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    for rid, (task, status) in ids.items():
+        rec = got[rid]
+        assert rec["method"] == "POST" and rec["path"] == f"/v1/tasks/{task}/classify"
+        assert rec["route"] == "/v1/tasks/{task_id}/classify" and rec["status"] == status
+        assert rec["tenant"] == "default" and rec["client"] == "127.0.0.1" and rec["duration_ms"] > 0
+    assert sum(r["request_id"] == "log-ok-1" for r in records) == 1  # one line per request
 
 
 def test_replacing_a_task_under_load_never_mixes_versions(server, backbone):
