@@ -8,6 +8,7 @@ In-process (TestClient with lifespan), open mode, tiny random backbone. The case
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -162,6 +163,27 @@ def test_exif_orientation_is_applied(client):
     f_up, f_tag, f_no_tag = features(upright), features(rotated_with_tag), features(rotated_no_tag)
     near, far = (f_tag - f_up).abs().max().item(), (f_no_tag - f_up).abs().max().item()
     assert near < 0.05 * far, (near, far)
+
+
+def test_animated_gif_serves_its_first_frame(client):
+    """An animation is classified by its first frame: same features as that frame sent as a PNG, not
+    the features of a later frame."""
+    gif = corpus.animated_gif()
+    frames = []
+    with Image.open(io.BytesIO(gif)) as im:
+        for i in range(im.n_frames):
+            im.seek(i)
+            frames.append(im.convert("RGB"))
+    assert len(frames) == 3 and np.asarray(decode_image(gif)).tolist() == np.asarray(frames[0]).tolist()
+
+    def features(data: bytes, mime: str) -> torch.Tensor:
+        r = client.post("/v1/tasks/good/embed", content=data, headers={"content-type": mime})
+        assert r.status_code == 200, r.text
+        return torch.tensor(r.json()["features"][0])
+
+    f_gif = features(gif, "image/gif")
+    f_first, f_last = (features(corpus.encoded(f, "PNG"), "image/png") for f in (frames[0], frames[-1]))
+    assert torch.equal(f_gif, f_first) and not torch.equal(f_gif, f_last)
 
 
 def test_extreme_aspect_ratio_is_cheap_and_close_to_the_exact_transform(monkeypatch):

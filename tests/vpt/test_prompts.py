@@ -7,8 +7,12 @@ deep prompts replace the prompt positions before every layer >= 1; final norm; C
 
 from __future__ import annotations
 
+import copy
+from unittest import mock
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from vpt import HeadBatch, PromptBatch, VisionTransformer
 
@@ -122,6 +126,29 @@ def test_batch_invariance_mixed_tasks(tiny_vit):
     assert worst <= TOL, worst
 
 
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
+def test_half_precision_mixed_batch_follows_fp32(tiny_vit, dtype, tol):
+    """The model runs in bf16/fp16 (the server's GPU dtypes) on the masked, mixed-task path: outputs in
+    that dtype, finite, and within the dtype's rounding of the fp32 result (measured: bf16 5.0e-3,
+    fp16 7.9e-4 relative)."""
+    D, L = tiny_vit.cfg.embed_dim, tiny_vit.cfg.depth
+    tasks = _make_tasks(D, L)
+    table, hw, hb, _ = _bank(tasks, D, L)
+    slots = torch.tensor([0, 1, 2, 3, 4, 3])
+    images = torch.randn(len(slots), 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    lengths = [tasks[s][0].shape[1] for s in slots.tolist()]
+    deep = [tasks[s][1] for s in slots.tolist()]
+    ncls = torch.tensor([tasks[s][2] for s in slots.tolist()])
+    want = tiny_vit(images, PromptBatch.build(table, slots, lengths, deep), HeadBatch(hw, hb, slots, ncls))
+    half = copy.deepcopy(tiny_vit).to(dtype)
+    pb = PromptBatch.build(table.to(dtype), slots, lengths, deep)
+    got = half(images.to(dtype), pb, HeadBatch(hw.to(dtype), hb.to(dtype), slots, ncls))
+    assert got.dtype == dtype and not pb.uniform
+    finite = torch.isfinite(want)
+    assert torch.equal(torch.isfinite(got), finite)  # padded classes stay -inf, nothing else overflows
+    assert rel_err(got[finite].float(), want[finite]) <= tol
+
+
 def test_uniform_lengths_take_unmasked_path_and_agree(tiny_vit):
     D, L = tiny_vit.cfg.embed_dim, tiny_vit.cfg.depth
     g = torch.Generator().manual_seed(5)
@@ -134,6 +161,25 @@ def test_uniform_lengths_take_unmasked_path_and_agree(tiny_vit):
     masked = PromptBatch.build(table, slots, [4] * 4, [True, False, True, False])
     masked.uniform = False  # force the masked path on the same data
     assert rel_err(tiny_vit(images, masked), fast) <= TOL
+    # The point of the flag: a uniform batch calls SDPA without a mask (fused kernels), a ragged one with.
+    assert attention_masks(tiny_vit, images, pb) == [False] * L
+    assert attention_masks(tiny_vit, images, masked) == [True] * L
+    ragged = PromptBatch.build(table, slots, [4, 2, 4, 4], [True, False, True, False])
+    assert not ragged.uniform and attention_masks(tiny_vit, images, ragged) == [True] * L
+
+
+def attention_masks(model, images, prompts) -> list[bool]:
+    """Whether each of the model's SDPA calls got an attention mask, in call order."""
+    seen: list[bool] = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("attn_mask") is not None)
+        return sdpa(*args, **kwargs)
+
+    with mock.patch.object(F, "scaled_dot_product_attention", spy):
+        model(images, prompts)
+    return seen
 
 
 def test_prompt_length_over_table_is_refused(tiny_vit):

@@ -286,6 +286,31 @@ def test_deterministic_on_cpu_across_workers(features_bb, digits):
     assert not torch.equal(a.prompts, c.prompts)
 
 
+def test_prompt_dropout_is_applied_in_training_only(features_bb, digits):
+    """Same seed and data: prompt dropout changes what is learned (it is applied in the training
+    forward), and evaluation does not drop (the reported eval of the result equals a fresh evaluation)."""
+    data = TaskData(subsample(digits, 64), None, features_bb.cfg)
+    recipe = Recipe(mode="deep", prompt_length=3, epochs=1, batch_size=16, base_lr=2.5, warmup_epochs=0)
+    recipe = dataclasses.replace(recipe, prompt_dropout=0.0)
+    plain = train_task(features_bb.model, data, recipe, RunOptions(progress=False))
+    again = train_task(features_bb.model, data, recipe, RunOptions(progress=False))
+    dropped = train_task(
+        features_bb.model, data, dataclasses.replace(recipe, prompt_dropout=0.5), RunOptions(progress=False)
+    )
+    assert torch.equal(plain.prompts, again.prompts)
+    assert not torch.equal(plain.prompts, dropped.prompts)
+    x = torch.stack([EvalImages(data.train, features_bb.cfg)[i][0] for i in range(len(data.train))])
+    with torch.no_grad():
+        logits = features_bb.model(
+            features_bb.model.normalize(x),
+            PromptBatch.single_task(dropped.prompts, x.shape[0], deep=True),
+            HeadBatch(
+                dropped.head_weight[None], dropped.head_bias[None], torch.zeros(x.shape[0], dtype=torch.long)
+            ),
+        )
+    assert logits.argmax(1).tolist() == dropped.train_eval.predictions
+
+
 def test_grid_search_reports_every_setting_and_skips_divergence(features_bb, digits):
     train, val = stratified_split(subsample(digits, 100), 0.3, seed=0)
     data = TaskData(train, val, features_bb.cfg)
