@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
-from urllib.parse import quote
 
 from clients import errors as sdk_errors
-from clients.cli_remote import REMOTE_COMMANDS, add_connection_options
+from clients.cli_remote import REMOTE_COMMANDS, add_connection_options, upload_with_progress
 
 Register = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
 
@@ -59,39 +57,13 @@ environment:
 
 
 # ------------------------------------------------------------------------------------------ upload
-def upload_artifact(
-    url: str, task_id: str, data: bytes, api_key: str | None, *, timeout: float = 60.0
-) -> dict[str, Any]:
-    """PUT the artifact bytes to `{url}/v1/tasks/{task_id}`; returns the server's JSON reply.
-
-    An error reply `{"error": {"type", "message"}}` becomes a one-line `CliError`.
-    """
-    import httpx  # here: only uploading commands need it
-
-    headers = {"Content-Type": "application/octet-stream"}
-    if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
-    target = f"{url.rstrip('/')}/v1/tasks/{quote(task_id, safe='')}"
-    try:
-        resp = httpx.put(target, content=data, headers=headers, timeout=timeout)
-    except httpx.HTTPError as e:
-        raise CliError(f"upload to {target} failed: {type(e).__name__}: {e}") from None
-    try:
-        payload = resp.json()
-    except ValueError:
-        payload = None
-    if resp.is_success:
-        return payload if isinstance(payload, dict) else {"status": resp.status_code}
-    err = payload.get("error") if isinstance(payload, dict) else None
-    if isinstance(err, dict):
-        raise CliError(f"upload rejected: HTTP {resp.status_code} {err.get('type')}: {err.get('message')}")
-    body = resp.text.strip().replace("\n", " ")[:200]
-    raise CliError(f"upload rejected: HTTP {resp.status_code}: {body or resp.reason_phrase}")
-
-
 def _add_upload_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("upload (optional)")
-    g.add_argument("--upload", metavar="URL", help="server base URL: PUT the artifact to URL/v1/tasks/ID")
+    g.add_argument(
+        "--upload",
+        metavar="URL",
+        help="server base URL: PUT the artifact to URL/v1/tasks/ID (as `vpt upload` does)",
+    )
     g.add_argument("--task", metavar="ID", help="task id to upload as (required with --upload)")
     # SUPPRESS: the global `vpt --api-key K train ...` is not overwritten by this option's default.
     g.add_argument(
@@ -100,11 +72,19 @@ def _add_upload_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _maybe_upload(args: argparse.Namespace, data: bytes) -> None:
+    """`--upload URL --task ID`: the written artifact goes through the SDK exactly as `vpt upload`
+    sends it (retries on 429/503, progress bar on a terminal); its errors propagate to `main`, which
+    gives them the same one-line message and exit status as `vpt upload`. Prints the task info JSON."""
     if not args.upload:
         return
-    key = args.api_key or os.environ.get("VPT_API_KEY")
-    reply = upload_artifact(args.upload, args.task, data, key)
-    print(json.dumps(reply, indent=2, ensure_ascii=False))
+    from clients.client import Client
+
+    # The global --tenant/--timeout apply too (`vpt --tenant T train ... --upload URL`).
+    with Client(args.upload, args.api_key, timeout=args.timeout) as client:
+        info = upload_with_progress(
+            client, args.task, data, tenant=args.tenant, quiet=getattr(args, "quiet", False)
+        )
+    print(json.dumps(info.model_dump(), indent=2, ensure_ascii=False))
 
 
 def _check_upload_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -197,9 +177,11 @@ def _add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.set_defaults(func=_cmd_train, _parser=p)
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
-    _check_upload_args(args._parser, args)
-    from vpt.train.job import SAVE_DTYPES, default_workers, resolve_device, train_from_paths
+def train_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments `vpt train` passes to `vpt.train.job.train_from_paths` (all but
+    `on_grid_run`): the `Recipe`, the `RunOptions`, the grid and the data options, from the parsed
+    flags. Bad combinations go to `args._parser.error` (exit status 2)."""
+    from vpt.train.job import SAVE_DTYPES, default_workers, resolve_device
     from vpt.train.loop import RunOptions
     from vpt.train.recipe import PAPER_LR_GRID, PAPER_WD_GRID, Recipe
 
@@ -230,6 +212,27 @@ def _cmd_train(args: argparse.Namespace) -> int:
         save_dtype=SAVE_DTYPES[args.dtype],
         progress=not args.quiet,
     )
+    return {
+        "backbone_spec": args.backbone,
+        "data": args.data,
+        "recipe": recipe,
+        "opts": opts,
+        "out": args.out,
+        "val_dir": args.val_dir,
+        "val_split": args.val_split,
+        "img_size": args.img_size,
+        "grid": grid,
+        "cache_bytes": args.cache_mb << 20,
+        "name": args.name,
+        "description": args.description,
+    }
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    _check_upload_args(args._parser, args)
+    from vpt.train.job import train_from_paths
+
+    kwargs = train_arguments(args)
 
     def on_grid_run(run: Any) -> None:
         res = f"val {100 * run.val_accuracy:.2f}%" if run.status == "ok" else run.status
@@ -238,21 +241,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
 
-    out = train_from_paths(
-        backbone_spec=args.backbone,
-        data=args.data,
-        recipe=recipe,
-        opts=opts,
-        out=args.out,
-        val_dir=args.val_dir,
-        val_split=args.val_split,
-        img_size=args.img_size,
-        grid=grid,
-        cache_bytes=args.cache_mb << 20,
-        name=args.name,
-        description=args.description,
-        on_grid_run=None if args.quiet else on_grid_run,
-    )
+    out = train_from_paths(**kwargs, on_grid_run=None if args.quiet else on_grid_run)
     from vpt.train.report import format_report
 
     print(format_report(out.summary))

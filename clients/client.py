@@ -2,7 +2,12 @@
 
 Each public method builds a `_Call` (method, path, body, result type) with the same pure functions, so
 the two clients differ only in how they send it. Retries: 429 and 503 replies (honouring Retry-After)
-and connection failures before the request was sent, with capped exponential backoff and jitter.
+and failures before the request was sent (connection refused, connect or pool timeout), with capped
+exponential backoff and jitter. A read or write timeout, or a connection dropped mid-exchange, is not
+retried: the server may already have acted on the request (an upload would add a version twice).
+Errors: an error reply raises its `clients.errors` class; a transport failure raises
+`ConnectionFailed`, or its subclass `Timeout` when the `timeout` (seconds, for each of connect, read,
+write and pool) ran out; never a raw httpx exception. Task ids are percent-encoded in request paths.
 Depends on httpx and pydantic only (Pillow and numpy are used when you pass such images).
 """
 
@@ -18,11 +23,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 import httpx
 from pydantic import BaseModel
 
-from clients.errors import ConnectionFailed, parse_error
+from clients.errors import ConnectionFailed, Timeout, parse_error
 from clients.types import ClassifyResult, EmbedResult, ServerInfo, TaskInfo, TaskList
 
 T = TypeVar("T", bound=BaseModel)
@@ -80,14 +86,19 @@ def _tenant(params: dict[str, Any], tenant: str | None) -> dict[str, Any]:
     return {**params, "tenant": tenant} if tenant else params
 
 
+def _task_path(task: str, suffix: str = "") -> str:
+    """`/v1/tasks/{task}{suffix}`, the id percent-encoded (a `/`, `?`, `#` or space stays in the id)."""
+    return f"/v1/tasks/{quote(task, safe='')}{suffix}"
+
+
 def classify_call(task: str, images: Any, top_k: int | None, tenant: str | None) -> _Call:
     params = _tenant({"top_k": top_k} if top_k else {}, tenant)
-    return _Call("POST", f"/v1/tasks/{task}/classify", ClassifyResult, params=params, files=_images(images))
+    return _Call("POST", _task_path(task, "/classify"), ClassifyResult, params=params, files=_images(images))
 
 
 def embed_call(task: str, images: Any, tenant: str | None) -> _Call:
     return _Call(
-        "POST", f"/v1/tasks/{task}/embed", EmbedResult, params=_tenant({}, tenant), files=_images(images)
+        "POST", _task_path(task, "/embed"), EmbedResult, params=_tenant({}, tenant), files=_images(images)
     )
 
 
@@ -95,7 +106,7 @@ def upload_call(task: str, artifact: str | os.PathLike[str] | bytes, tenant: str
     data = bytes(artifact) if isinstance(artifact, bytes | bytearray) else Path(artifact).read_bytes()
     return _Call(
         "PUT",
-        f"/v1/tasks/{task}",
+        _task_path(task),
         TaskInfo,
         params=_tenant({}, tenant),
         content=data,
@@ -109,16 +120,16 @@ def tasks_call(limit: int, cursor: str | None, tenant: str | None) -> _Call:
 
 
 def task_call(task: str, tenant: str | None) -> _Call:
-    return _Call("GET", f"/v1/tasks/{task}", TaskInfo, params=_tenant({}, tenant))
+    return _Call("GET", _task_path(task), TaskInfo, params=_tenant({}, tenant))
 
 
 def delete_call(task: str, tenant: str | None) -> _Call:
-    return _Call("DELETE", f"/v1/tasks/{task}", None, params=_tenant({}, tenant))
+    return _Call("DELETE", _task_path(task), None, params=_tenant({}, tenant))
 
 
 def rollback_call(task: str, version: int, tenant: str | None) -> _Call:
     return _Call(
-        "POST", f"/v1/tasks/{task}/rollback", TaskInfo, params=_tenant({}, tenant), json={"version": version}
+        "POST", _task_path(task, "/rollback"), TaskInfo, params=_tenant({}, tenant), json={"version": version}
     )
 
 
@@ -166,15 +177,34 @@ class _Base:
         }
 
     def _should_retry(self, attempt: int, response: httpx.Response | None) -> float | None:
-        """Seconds to wait before retrying, or None to stop."""
+        """Seconds to wait before retrying, or None to stop. `response` None: a failure before the
+        request was sent (see `_failure`)."""
         if attempt >= self.retry.max_retries:
             return None
-        if response is None:  # connect error: the request never reached the server
+        if response is None:  # the request never reached the server
             return self.retry.delay(attempt, None)
         if response.status_code in RETRY_STATUSES:
             ra = response.headers.get("retry-after")
             return self.retry.delay(attempt, float(ra) if ra and ra.replace(".", "", 1).isdigit() else None)
         return None
+
+    def _failure(self, call: _Call, e: httpx.TransportError) -> tuple[ConnectionFailed, bool]:
+        """The SDK error for an httpx transport failure, and whether a retry is safe (True only when
+        the request was never sent: refused, connect timeout, no free pooled connection in time)."""
+        where = f"{call.method} {self.url}{call.path}"
+        if isinstance(e, httpx.TimeoutException):
+            phase = {
+                httpx.ConnectTimeout: "connecting",
+                httpx.ReadTimeout: "waiting for the reply",
+                httpx.WriteTimeout: "sending the request",
+                httpx.PoolTimeout: "waiting for a free connection",
+            }.get(type(e), "waiting")
+            limit = f"{self.timeout:g} s" if isinstance(self.timeout, int | float) else str(self.timeout)
+            unsent = isinstance(e, httpx.ConnectTimeout | httpx.PoolTimeout)
+            return Timeout(f"timed out after {limit} {phase} ({type(e).__name__}, {where})"), unsent
+        if isinstance(e, httpx.ConnectError):
+            return ConnectionFailed(f"cannot reach {self.url}: {e}"), True
+        return ConnectionFailed(f"{where} failed: {type(e).__name__}: {e}"), False
 
     @staticmethod
     def _result(call: _Call, response: httpx.Response) -> Any:
@@ -219,18 +249,16 @@ class Client(_Base):
         attempt = 0
         while True:
             try:
-                response: httpx.Response | None = self._http.request(
-                    call.method, call.path, **self._request_kwargs(call)
-                )
-            except (httpx.ConnectError, httpx.ConnectTimeout) as e:
-                response, error = None, e
+                response = self._http.request(call.method, call.path, **self._request_kwargs(call))
+            except httpx.TransportError as e:
+                error, retryable = self._failure(call, e)
+                wait = self._should_retry(attempt, None) if retryable else None
+                if wait is None:
+                    raise error from e
             else:
-                error = None
-            wait = self._should_retry(attempt, response)
-            if wait is None:
-                if response is None:
-                    raise ConnectionFailed(f"cannot reach {self.url}: {error}") from error
-                return self._result(call, response)
+                wait = self._should_retry(attempt, response)
+                if wait is None:
+                    return self._result(call, response)
             time.sleep(wait)
             attempt += 1
 
@@ -300,18 +328,16 @@ class AsyncClient(_Base):
         attempt = 0
         while True:
             try:
-                response: httpx.Response | None = await self._http.request(
-                    call.method, call.path, **self._request_kwargs(call)
-                )
-            except (httpx.ConnectError, httpx.ConnectTimeout) as e:
-                response, error = None, e
+                response = await self._http.request(call.method, call.path, **self._request_kwargs(call))
+            except httpx.TransportError as e:
+                error, retryable = self._failure(call, e)
+                wait = self._should_retry(attempt, None) if retryable else None
+                if wait is None:
+                    raise error from e
             else:
-                error = None
-            wait = self._should_retry(attempt, response)
-            if wait is None:
-                if response is None:
-                    raise ConnectionFailed(f"cannot reach {self.url}: {error}") from error
-                return self._result(call, response)
+                wait = self._should_retry(attempt, response)
+                if wait is None:
+                    return self._result(call, response)
             await asyncio.sleep(wait)
             attempt += 1
 

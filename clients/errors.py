@@ -1,7 +1,9 @@
 """One exception class per server error type; `parse_error(status, payload)` maps a reply to one.
 
-Mirrors `server/errors.py`: the server answers `{"error": {"type": ..., "message": ...}}` with stable
-types, and each type has a class here, so callers can `except NotFound:`.
+Mirrors `server/errors.py` and the router's own types in `server/api/errors.py`
+(`method_not_allowed`, `http_error`): the server answers `{"error": {"type": ..., "message": ...}}`
+with stable types, and each type has a class here, so callers can `except NotFound:`. Transport
+failures (no reply at all) are `ConnectionFailed`, and its subclass `Timeout`.
 """
 
 from __future__ import annotations
@@ -29,9 +31,19 @@ class VPTError(Exception):
 
 
 class ConnectionFailed(VPTError):
-    """The server could not be reached (refused, DNS, timeout)."""
+    """The exchange with the server failed below HTTP: refused, DNS, a dropped connection, a timeout."""
 
     type = "connection_failed"
+
+
+class Timeout(ConnectionFailed):
+    """No connection, or no reply, within the client's `timeout` (httpx's connect/read/write/pool
+    timeouts). A subclass of `ConnectionFailed`, so `except ConnectionFailed:` catches it too.
+
+    Only a connect or pool timeout is retried (the request was never sent); after a read or write
+    timeout the server may have acted on the request, so the SDK does not send it again."""
+
+    type = "timeout"
 
 
 class APIError(VPTError):
@@ -104,6 +116,18 @@ class InternalError(APIError):
     type = "internal"
 
 
+class MethodNotAllowed(APIError):
+    """405: the route exists, but not for this HTTP method."""
+
+    type = "method_not_allowed"
+
+
+class HTTPError(APIError):
+    """Any other HTTP-level refusal by the server's router (a status without a domain error type)."""
+
+    type = "http_error"
+
+
 ERRORS: dict[str, type[APIError]] = {
     cls.type: cls
     for cls in (
@@ -123,6 +147,8 @@ ERRORS: dict[str, type[APIError]] = {
         StoreUnavailable,
         CorruptArtifact,
         InternalError,
+        MethodNotAllowed,
+        HTTPError,
     )
 }
 
@@ -132,6 +158,7 @@ _BY_STATUS: dict[int, type[APIError]] = {
     401: Unauthorized,
     403: Forbidden,
     404: NotFound,
+    405: MethodNotAllowed,
     413: PayloadTooLarge,
     415: UnsupportedMediaType,
     422: InvalidRequest,

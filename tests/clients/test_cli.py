@@ -1,5 +1,6 @@
 """`vpt` commands over the SDK, through `clients.cli.main` (and once through the installed console
-script), against the real server of tests/clients/conftest.py: output, `--json`, and exit statuses.
+script), against the real server of tests/clients/conftest.py: output, `--json`, and exit statuses;
+`vpt train --upload` / `vpt import-official --upload` answer with the same statuses as `vpt upload`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import sys
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+import torch
 
 from clients import errors
 from clients.cli import (
@@ -192,6 +195,10 @@ def test_exit_status_and_one_line_error(acme, tmp_path, capsys, argv, status, me
         (errors.CorruptArtifact("checksum", status=503), EXIT_ERROR),
         (errors.InternalError("boom", status=500), EXIT_ERROR),
         (errors.Forbidden("admins only", status=403), EXIT_AUTH),
+        (errors.MethodNotAllowed("GET is not allowed", status=405), EXIT_ERROR),
+        (errors.HTTPError("bad", status=400), EXIT_ERROR),
+        (errors.Timeout("timed out after 60 s waiting for the reply"), EXIT_CONNECTION),
+        (errors.ConnectionFailed("RemoteProtocolError"), EXIT_CONNECTION),
         (httpx.ReadTimeout("timed out"), EXIT_CONNECTION),
         (FileNotFoundError(2, "No such file"), EXIT_ERROR),
         (ValueError("a bug"), None),  # not an expected error: the traceback is shown
@@ -200,6 +207,81 @@ def test_exit_status_and_one_line_error(acme, tmp_path, capsys, argv, status, me
 def test_exit_status_of_each_error(error, status):
     """The statuses no real reply above produces (a busy server, a quota, a dropped connection)."""
     assert exit_status(error) == status
+
+
+@pytest.fixture(scope="module")
+def producers(tmp_path_factory) -> dict[str, list[str]]:
+    """`vpt train` and `vpt import-official` argv (less `--out`) that write a small artifact for the
+    live server's backbone, in a few seconds: 2 classes x 2 images, one epoch; a zero prompt file."""
+    d = tmp_path_factory.mktemp("producers")
+    for c, cls in enumerate(("ant", "bee")):
+        (d / "photos" / cls).mkdir(parents=True)
+        for i in range(2):
+            (d / "photos" / cls / f"{i}.png").write_bytes(png_bytes(10 * c + i))
+    torch.save({"shallow_prompt": np.zeros((1, 2, 64), dtype=np.float32)}, d / "prompt_ep1.pth")
+    torch.save({"weight": torch.zeros(3, 64), "bias": torch.zeros(3)}, d / "head.pth")
+    spec = "random:vit_test_tiny@0"  # the live server's backbone (tests/server/helpers.BACKBONE_SPEC)
+    train = ["train", "--backbone", spec, "--data", str(d / "photos"), "--val-split", "0", "--epochs", "1"]
+    train += ["--batch-size", "4", "--prompt-length", "2", "--workers", "0", "-q"]
+    official = [
+        "import-official",
+        str(d / "prompt_ep1.pth"),
+        "--backbone",
+        spec,
+        "--head",
+        str(d / "head.pth"),
+    ]
+    return {"train": train, "import-official": official}
+
+
+@pytest.mark.parametrize("failure", ["unreachable", "bad key"])
+def test_train_and_import_official_upload_exit_like_vpt_upload(
+    live, producers, tmp_path, monkeypatch, capsys, failure
+):
+    """`--upload` goes through the SDK: same message and exit status as `vpt upload` (issue: it used
+    raw httpx, so every failure exited 1)."""
+    monkeypatch.delenv("VPT_URL", raising=False)
+    monkeypatch.delenv("VPT_API_KEY", raising=False)
+    url = f"http://127.0.0.1:{free_port()}" if failure == "unreachable" else live.url
+    (tmp_path / "a.safetensors").write_bytes(live.artifact(seed=15))
+    key = ["--api-key", "vpt_wrong"]
+    rc, _, err = run(capsys, "upload", "up-exit", str(tmp_path / "a.safetensors"), "--url", url, *key)
+    assert rc == {"unreachable": EXIT_CONNECTION, "bad key": EXIT_AUTH}[failure], err
+    message = err.split(": error: ", 1)[1]
+    for name, argv in producers.items():
+        out = tmp_path / f"{name}.safetensors"
+        upload = ["--upload", url, "--task", "up-exit", *key]
+        assert run(capsys, *argv, "--out", str(out), *upload)[::2] == (rc, f"vpt {name}: error: {message}")
+        assert out.is_file()  # written before the upload: it can be retried with `vpt upload`
+
+
+def test_train_and_import_official_upload_to_a_real_server(live, producers, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("VPT_API_KEY", live.keys["root"])
+    for name, argv in producers.items():
+        task = f"up-{name}"
+        # The global --tenant applies to the upload (an admin uploading for beta).
+        rc, out, err = run(
+            capsys,
+            "--tenant",
+            "beta",
+            *argv,
+            "--out",
+            str(tmp_path / "t"),
+            "--upload",
+            live.url,
+            "--task",
+            task,
+        )
+        assert rc == EXIT_OK, err
+        info = json.loads(out[out.index("\n{") :])
+        assert (info["tenant"], info["task_id"], info["num_classes"]) == (
+            "beta",
+            task,
+            {"train": 2}.get(name, 3),
+        )
+        with httpx.Client(base_url=live.url, headers={"authorization": f"Bearer {live.keys['beta']}"}) as c:
+            assert c.get(f"/v1/tasks/{task}").json()["version"] == info["version"]
+            assert c.delete(f"/v1/tasks/{task}").status_code == 204
 
 
 def test_invalid_image_names_the_file(acme, tmp_path, capsys):

@@ -1,12 +1,23 @@
-"""SDK without a server: error mapping, retry policy, image encoding, typed results.
+"""SDK without a vpt-serve: error mapping, retry policy, timeouts, request paths, image encoding,
+typed results.
 
-The transport is httpx.MockTransport (httpx's own test transport), standing in for the network only.
+The transport is httpx.MockTransport (httpx's own test transport), standing in for the network only,
+except in the timeout tests: there a real socket on 127.0.0.1 accepts connections and never answers.
+The server's error types are read from the server's own code (its exception classes and handlers).
 """
 
 from __future__ import annotations
 
 import asyncio
 import io
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from http import HTTPStatus
 
 import httpx
 import numpy as np
@@ -30,14 +41,88 @@ def err(status: int, type_: str, headers: dict | None = None) -> httpx.Response:
     return httpx.Response(status, json={"error": {"type": type_, "message": "boom"}}, headers=headers)
 
 
-@pytest.mark.parametrize(("type_", "cls"), sorted(errors.ERRORS.items()))
-def test_every_server_error_type_has_its_class(type_, cls):
-    e = parse_error(418, {"error": {"type": type_, "message": "m"}})
-    assert type(e) is cls and e.message == "m" and e.status == 418
+def server_error_types() -> set[str]:
+    """Every `error.type` the server can answer, found in its code: the `type` of each `ServingError`
+    class (server/errors.py; the middleware's refusals are such classes too), and what the handlers of
+    server/api/errors.py answer for a validation error and for each 4xx/5xx HTTPException."""
+    from fastapi import FastAPI
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException
+    from starlette.requests import Request
+
+    from server import errors as server_errors
+    from server.api.errors import install_error_handlers
+
+    types: set[str] = set()
+    todo = [server_errors.ServingError]
+    while todo:
+        cls = todo.pop()
+        types.add(cls.type)
+        todo += cls.__subclasses__()
+
+    app = FastAPI()
+    install_error_handlers(app)
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "scheme": "http",
+        "server": ("testserver", 80),
+        "path": "/v1/x",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [],
+    }
+
+    async def answer(key: type[Exception], exc: Exception) -> str:
+        response = await app.exception_handlers[key](Request(scope), exc)
+        return json.loads(response.body)["error"]["type"]
+
+    async def collect() -> None:
+        types.add(await answer(RequestValidationError, RequestValidationError([])))
+        types.add(await answer(Exception, RuntimeError("a bug")))
+        for status in HTTPStatus:
+            if 400 <= status < 600:
+                types.add(await answer(HTTPException, HTTPException(status)))
+
+    asyncio.run(collect())
+    return types
+
+
+SERVER_ERROR_TYPES = sorted(server_error_types())
+
+
+def test_server_error_types_are_found():
+    """The derivation above sees the router's own types, not only the domain classes."""
+    assert {"not_found", "method_not_allowed", "http_error", "invalid_request", "internal"} <= set(
+        SERVER_ERROR_TYPES
+    )
+
+
+@pytest.mark.parametrize("type_", SERVER_ERROR_TYPES)
+def test_every_server_error_type_has_its_class(type_):
+    e = parse_error(418, {"error": {"type": type_, "message": "m"}})  # 418: no status fallback applies
+    assert isinstance(e, errors.APIError) and e.message == "m" and e.status == 418
+    assert type(e).type == type_, f"the SDK has no class for the server's error type {type_!r}"
+    assert errors.ERRORS[type_] is type(e)
+
+
+def test_the_sdk_knows_no_error_type_the_server_does_not_send():
+    assert set(errors.ERRORS) == set(SERVER_ERROR_TYPES)
+
+
+def test_the_sdk_imports_no_server_torch_numpy_or_pil():
+    code = (
+        "import sys, clients, clients.client, clients.errors, clients.types, clients.cli, "
+        "clients.cli_remote\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'server', 'torch', 'numpy', 'PIL'}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_unknown_or_non_json_errors_fall_back_to_status():
     assert type(parse_error(404, "<html>")) is errors.NotFound
+    assert type(parse_error(405, "<html>")) is errors.MethodNotAllowed
     assert type(parse_error(502, "bad gateway")) is errors.InternalError
     assert type(parse_error(400, {"error": {"type": "brand_new", "message": "x"}})) is errors.InvalidRequest
     assert parse_error(429, {}, "3").retry_after == 3.0
@@ -103,6 +188,161 @@ def test_connection_failure_is_typed():
         pytest.raises(errors.ConnectionFailed),
     ):
         c.tasks()
+
+
+def test_connect_timeout_is_retried_read_timeout_is_not(monkeypatch):
+    """Before the request is sent (connect/pool timeout) a retry is safe; after it (read/write
+    timeout) the server may have acted on it, so the SDK stops at once. Either way: `Timeout`."""
+    monkeypatch.setattr("clients.client.time.sleep", lambda s: None)
+    for exc, calls_expected in [
+        (httpx.ConnectTimeout, 4),
+        (httpx.PoolTimeout, 4),
+        (httpx.ReadTimeout, 1),
+        (httpx.WriteTimeout, 1),
+    ]:
+        calls = []
+
+        def handler(request, exc=exc, calls=calls):
+            calls.append(1)
+            raise exc("timed out", request=request)
+
+        with (
+            Client("http://x", retry=FAST, transport=httpx.MockTransport(handler)) as c,
+            pytest.raises(errors.Timeout) as info,
+        ):
+            c.upload("t", b"artifact")
+        assert len(calls) == calls_expected, exc
+        assert isinstance(info.value, errors.ConnectionFailed) and exc.__name__ in str(info.value)
+        assert isinstance(info.value.__cause__, exc)
+
+
+def test_a_dropped_connection_is_connection_failed_and_not_retried():
+    calls = []
+
+    def drop(request):
+        calls.append(1)
+        raise httpx.RemoteProtocolError("Server disconnected without sending a response.", request=request)
+
+    with (
+        Client("http://x", retry=FAST, transport=httpx.MockTransport(drop)) as c,
+        pytest.raises(errors.ConnectionFailed) as info,
+    ):
+        c.classify("t", b"img")
+    assert type(info.value) is errors.ConnectionFailed and len(calls) == 1
+    assert "RemoteProtocolError" in str(info.value)
+
+
+@pytest.fixture
+def silent_server() -> Iterator[tuple[str, list[socket.socket]]]:
+    """A TCP server on 127.0.0.1 that accepts connections, never reads and never answers."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    sock.settimeout(0.05)
+    conns: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                conns.append(sock.accept()[0])
+            except OSError:  # the accept timeout (socket.timeout is an OSError)
+                continue
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}", conns
+    stop.set()
+    t.join()
+    for c in conns:
+        c.close()
+    sock.close()
+
+
+BIG = b"\0" * (64 << 20)  # more than the loopback socket buffers take: a silent peer blocks the write
+
+
+@pytest.mark.parametrize(
+    ("method", "timeout_type"),
+    [("info", "ReadTimeout"), ("upload", "WriteTimeout")],
+)
+def test_timeouts_raise_timeout_sync_and_async(silent_server, method, timeout_type):
+    url, conns = silent_server
+    args = () if method == "info" else ("t", BIG)
+
+    def sync() -> None:
+        with Client(url, retry=FAST, timeout=0.3) as c:
+            getattr(c, method)(*args)
+
+    async def run_async() -> None:
+        async with AsyncClient(url, retry=FAST, timeout=0.3) as c:
+            await getattr(c, method)(*args)
+
+    for attempt in (sync, lambda: asyncio.run(run_async())):
+        conns_before = len(conns)
+        start = time.monotonic()
+        with pytest.raises(errors.Timeout) as info:
+            attempt()
+        assert time.monotonic() - start < 5
+        assert isinstance(info.value, errors.ConnectionFailed) and info.value.status is None
+        assert timeout_type in str(info.value) and "0.3 s" in str(info.value)
+        assert str(info.value).startswith("timeout: timed out after 0.3 s")
+        time.sleep(0.1)  # let the accept loop catch up
+        assert len(conns) - conns_before == 1  # sent once: not retried
+
+
+def test_task_ids_are_percent_encoded_in_every_path():
+    task = "a b/c?d#e%f&g+é"
+    enc = "a%20b%2Fc%3Fd%23e%25f%26g%2B%C3%A9"
+    seen: list[tuple[str, bytes]] = []
+    info = {
+        "task_id": task,
+        "tenant": "acme",
+        "version": 1,
+        "mode": "deep",
+        "prompt_length": 2,
+        "num_classes": 1,
+        "labels": ["a"],
+        "backbone": "b",
+        "backbone_fingerprint": "f",
+        "size": 1,
+        "created": 0.0,
+        "versions": [],
+    }
+    embed = {**CLASSIFY_OK, "features": [[0.0]]}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append((request.method, request.url.raw_path))
+        path = request.url.raw_path.decode()
+        if path.endswith("/classify"):
+            return httpx.Response(200, json=CLASSIFY_OK)
+        if path.endswith("/embed"):
+            return httpx.Response(200, json=embed)
+        return httpx.Response(204) if request.method == "DELETE" else httpx.Response(200, json=info)
+
+    with Client("http://x", retry=FAST, transport=httpx.MockTransport(handler)) as c:
+        c.classify(task, b"img")
+        c.embed(task, b"img")
+        c.upload(task, b"artifact")
+        c.task(task)
+        c.rollback(task, 1)
+        c.delete(task)
+
+    async def run_async() -> None:
+        async with AsyncClient("http://x", retry=FAST, transport=httpx.MockTransport(handler)) as c:
+            await c.task(task)
+
+    asyncio.run(run_async())
+    base = f"/v1/tasks/{enc}".encode()
+    assert seen == [
+        ("POST", base + b"/classify"),
+        ("POST", base + b"/embed"),
+        ("PUT", base),
+        ("GET", base),
+        ("POST", base + b"/rollback"),
+        ("DELETE", base),
+        ("GET", base),
+    ]
 
 
 def test_async_client_same_contract():

@@ -1,29 +1,33 @@
 """`vpt train` through `clients.cli.main`: ImageFolder / CSV in, validated artifact out, upload.
 
-The upload tests answer from a real HTTP server on 127.0.0.1 (http.server in a thread) that records
-the request: method, path, headers and body are checked byte for byte. The end-to-end check against a
-real `vpt-serve` (predictions equal the trainer's) lives with the server's integration tests.
+Every flag is checked to reach the `Recipe`, `RunOptions` or `train_from_paths` argument the command
+builds (`clients.cli.train_arguments`). The upload tests answer from a real HTTP server on 127.0.0.1
+(http.server in a thread) that records the request: method, path, headers and body are checked byte for
+byte. The upload goes through the SDK as `vpt upload` does; that its exit statuses equal `vpt upload`'s
+against a real `vpt-serve` is tested in tests/clients/test_cli.py, and the end-to-end check (predictions
+equal the trainer's) lives with the server's integration tests.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from clients.cli import build_parser, main
+from clients.cli import EXIT_AUTH, EXIT_ERROR, build_parser, main, train_arguments
 from prompt_store.artifact import read_artifact, validate_for_backbone
 from vpt.hub import load_backbone
-from vpt.train.job import signature
+from vpt.train import PAPER_LR_GRID, PAPER_WD_GRID, Recipe
+from vpt.train.job import default_workers, resolve_device, signature
+from vpt.train.loop import RunOptions
 
 SPEC = "random:vit_test_tiny@0"
 FAST = ["--epochs", "2", "--batch-size", "16", "--prompt-length", "2", "--lr", "1", "-q"]
@@ -121,9 +125,106 @@ def test_train_csv_val_dir_grid(digit_folder, tmp_path, capsys):
     assert s["data"]["val_images"] == 80 and "grid (base lr, wd" in capsys.readouterr().out
 
 
+def parse_train(*flags: str) -> Any:
+    return build_parser().parse_args(["train", "--backbone", SPEC, "--data", "d", "--out", "o", *flags])
+
+
+def test_train_defaults_are_the_papers():
+    kw = train_arguments(parse_train())
+    assert kw["recipe"] == Recipe(epochs=100, warmup_epochs=10)  # warm-up: epochs // 10
+    device = resolve_device("auto")
+    assert kw["opts"] == RunOptions(
+        device=device, workers=default_workers(device), save_dtype=torch.float32, progress=True
+    )
+    assert kw["val_split"] == 0.1 and kw["grid"] is None and kw["val_dir"] is None
+
+
+def test_every_train_flag_reaches_the_recipe_options_or_job():
+    """Each value differs from its default, so a flag the command dropped would fail here."""
+    flags = {
+        "--mode": "shallow",
+        "--prompt-length": "3",
+        "--epochs": "7",
+        "--batch-size": "32",
+        "--lr": "0.5",
+        "--weight-decay": "0.003",
+        "--warmup-epochs": "2",
+        "--prompt-dropout": "0.25",
+        "--val-split": "0.3",
+        "--seed": "17",
+        "--device": "cuda:1",  # a torch.device is made, nothing is allocated on it
+        "--dtype": "bfloat16",
+        "--workers": "3",
+        "--img-size": "48",
+        "--cache-mb": "5",
+        "--name": "n",
+        "--description": "about n",
+    }
+    kw = train_arguments(parse_train(*(x for kv in flags.items() for x in kv), "--quiet"))
+    assert kw["recipe"] == Recipe(
+        mode="shallow",
+        prompt_length=3,
+        epochs=7,
+        batch_size=32,
+        base_lr=0.5,
+        weight_decay=0.003,
+        warmup_epochs=2,
+        prompt_dropout=0.25,
+        seed=17,
+    )
+    assert kw["opts"] == RunOptions(
+        device=torch.device("cuda", 1), workers=3, save_dtype=torch.bfloat16, progress=False
+    )
+    assert kw == {
+        "backbone_spec": SPEC,
+        "data": "d",
+        "recipe": kw["recipe"],
+        "opts": kw["opts"],
+        "out": "o",
+        "val_dir": None,
+        "val_split": 0.3,
+        "img_size": 48,
+        "grid": None,
+        "cache_bytes": 5 << 20,
+        "name": "n",
+        "description": "about n",
+    }
+    assert train_arguments(parse_train("--val-dir", "v"))["val_dir"] == "v"
+    # Zero is a value, not "use the default".
+    zeros = train_arguments(parse_train("--weight-decay", "0", "--warmup-epochs", "0", "--workers", "0"))
+    assert zeros["recipe"].weight_decay == 0 and zeros["recipe"].warmup_epochs == 0
+    assert zeros["opts"].workers == 0
+
+
+def test_the_command_passes_what_train_arguments_builds(monkeypatch):
+    seen: dict[str, Any] = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_train_from_paths(**kwargs: Any) -> None:
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr("vpt.train.job.train_from_paths", fake_train_from_paths)
+    argv = ["--weight-decay", "0.02", "--seed", "5", "--device", "cpu", "--dtype", "float16", "--lr-grid"]
+    with pytest.raises(Stop):
+        main(["train", "--backbone", SPEC, "--data", "d", "--out", "o", *argv])
+    assert seen.pop("on_grid_run") is not None  # not --quiet: grid runs are reported
+    assert seen == train_arguments(parse_train(*argv))
+    assert seen["recipe"].weight_decay == 0.02 and seen["opts"].save_dtype == torch.float16
+
+
 def test_grid_flag_without_values_means_the_papers_grid():
-    args = build_parser().parse_args(["train", "--backbone", "x", "--data", "d", "--out", "o", "--lr-grid"])
+    args = parse_train("--lr-grid")
     assert args.lr_grid == [] and args.wd_grid is None
+    assert train_arguments(args)["grid"] == (list(PAPER_LR_GRID), list(PAPER_WD_GRID))
+    assert train_arguments(parse_train("--wd-grid"))["grid"] == (list(PAPER_LR_GRID), list(PAPER_WD_GRID))
+    assert train_arguments(parse_train("--wd-grid", "0"))["grid"] == (list(PAPER_LR_GRID), [0.0])
+    assert train_arguments(parse_train("--lr-grid", "2", "0.5"))["grid"] == ([2.0, 0.5], list(PAPER_WD_GRID))
+    with pytest.raises(SystemExit) as e:  # a grid needs validation data
+        train_arguments(parse_train("--lr-grid", "--val-split", "0"))
+    assert e.value.code == 2
 
 
 def test_train_errors_are_one_line(digit_folder, tmp_path, capsys):
@@ -154,18 +255,41 @@ def test_train_errors_are_one_line(digit_folder, tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------ upload
+def task_info(task_id: str, version: int = 1) -> dict[str, Any]:
+    """A `PUT /v1/tasks/ID` reply as the server sends it (the SDK validates it as `TaskInfo`)."""
+    return {
+        "task_id": task_id,
+        "tenant": "acme",
+        "version": version,
+        "mode": "deep",
+        "prompt_length": 2,
+        "num_classes": 10,
+        "labels": [f"digit{i}" for i in range(10)],
+        "backbone": SPEC,
+        "backbone_fingerprint": "f",
+        "size": 1,
+        "created": 0.0,
+        "versions": [{"version": version, "sha256": "0" * 64, "size": 1, "created": 0.0}],
+    }
+
+
 class _Recorder(BaseHTTPRequestHandler):
     requests: ClassVar[list[dict]] = []  # each fixture makes a subclass with its own list
-    reply: ClassVar[tuple[int, dict]] = (200, {})
+    # (status, JSON, headers) per request, in order; the last one answers every later request
+    replies: ClassVar[list[tuple[int, dict, dict[str, str]]]] = [(200, {}, {})]
 
     def do_PUT(self) -> None:
         body = self.rfile.read(int(self.headers["Content-Length"]))
-        type(self).requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
-        status, payload = type(self).reply
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        type(self).requests.append({"path": self.path, "headers": headers, "body": body})
+        replies = type(self).replies
+        status, payload, extra = replies.pop(0) if len(replies) > 1 else replies[0]
         data = json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        for k, v in extra.items():
+            self.send_header(k, v)
         self.end_headers()
         self.wfile.write(data)
 
@@ -186,7 +310,7 @@ def server() -> Iterator[tuple[str, type[_Recorder]]]:
 
 def test_train_and_upload(digit_folder, tmp_path, capsys, server, monkeypatch):
     url, rec = server
-    rec.reply = (200, {"task_id": "digits-1", "version": 1})
+    rec.replies = [(200, task_info("digits-1"), {})]
     monkeypatch.setenv("VPT_API_KEY", "secret-from-env")
     out = tmp_path / "t.safetensors"
     args = ["train", "--backbone", SPEC, "--data", str(digit_folder), "--out", str(out), *FAST]
@@ -194,31 +318,52 @@ def test_train_and_upload(digit_folder, tmp_path, capsys, server, monkeypatch):
     assert rc == 0
     (req,) = rec.requests
     assert req["path"] == "/v1/tasks/digits-1"
-    assert req["headers"]["Content-Type"] == "application/octet-stream"
-    assert req["headers"]["Authorization"] == "Bearer secret-from-env"
+    assert req["headers"]["content-type"] == "application/octet-stream"
+    assert req["headers"]["authorization"] == "Bearer secret-from-env"
     assert req["body"] == out.read_bytes()
-    assert '"version": 1' in capsys.readouterr().out
+    stdout = capsys.readouterr().out
+    printed = json.loads(stdout[stdout.index("{") :])  # the task info, as `vpt upload --json` prints it
+    assert printed.items() >= task_info("digits-1").items()
 
 
-def test_upload_error_reply_is_one_line_and_nonzero(tmp_path, capsys, server):
-    """import-official shares the upload path (and needs no training, so it keeps this test fast)."""
-    url, rec = server
-    rec.reply = (409, {"error": {"type": "conflict", "message": "task digits-1 is pinned"}})
+@pytest.fixture
+def official_prompts(tmp_path) -> list[str]:
+    """`vpt import-official` arguments for a tiny prompt file + head (no training: fast)."""
     f = tmp_path / "prompt_ep1.pth"
     torch.save({"shallow_prompt": np.zeros((1, 2, 64), dtype=np.float32)}, f)
     head = tmp_path / "head.pth"
     torch.save({"weight": torch.zeros(3, 64), "bias": torch.zeros(3)}, head)
-    args = ["import-official", str(f), "--backbone", SPEC, "--head", str(head), "--out", str(tmp_path / "t")]
-    rc = main([*args, "--upload", url, "--task", "a b/c", "--api-key", "k1"])
-    err = capsys.readouterr().err.strip()
-    assert rc == 1
-    assert err == "vpt import-official: error: upload rejected: HTTP 409 conflict: task digits-1 is pinned"
-    (req,) = rec.requests
-    assert req["path"] == "/v1/tasks/a%20b%2Fc" and req["headers"]["Authorization"] == "Bearer k1"
+    return ["import-official", str(f), "--backbone", SPEC, "--head", str(head), "--out", str(tmp_path / "t")]
 
 
-def test_upload_unreachable_server(tmp_path, capsys):
-    from clients.cli import CliError, upload_artifact
+def test_upload_error_reply_is_one_line_and_nonzero(capsys, server, official_prompts):
+    """import-official shares the upload path (and needs no training, so it keeps this test fast)."""
+    url, rec = server
+    rec.replies = [(422, {"error": {"type": "invalid_artifact", "message": "labels: 3 != 4"}}, {})]
+    rc = main([*official_prompts, "--upload", url, "--task", "a b/c", "--api-key", "k1"])
+    err = capsys.readouterr().err
+    assert rc == EXIT_ERROR
+    assert err == "vpt import-official: error: 422 invalid_artifact: labels: 3 != 4\n"
+    (req,) = rec.requests  # a 4xx is not retried
+    assert req["path"] == "/v1/tasks/a%20b%2Fc" and req["headers"]["authorization"] == "Bearer k1"
 
-    with pytest.raises(CliError, match=re.escape("upload to http://127.0.0.1:9/v1/tasks/t failed")):
-        upload_artifact("http://127.0.0.1:9", "t", b"x", None, timeout=2)
+    rec.requests.clear()
+    rec.replies = [(401, {"error": {"type": "unauthorized", "message": "invalid API key"}}, {})]
+    rc = main([*official_prompts, "--upload", url, "--task", "t", "--api-key", "k1"])
+    assert rc == EXIT_AUTH
+    assert capsys.readouterr().err == "vpt import-official: error: 401 unauthorized: invalid API key\n"
+
+
+def test_upload_retries_a_busy_server_like_vpt_upload(capsys, server, official_prompts):
+    url, rec = server
+    busy = {"error": {"type": "overloaded", "message": "queue full"}}
+    down = {"error": {"type": "unavailable", "message": "draining"}}
+    rec.replies = [
+        (429, busy, {"Retry-After": "0"}),
+        (503, down, {"Retry-After": "0"}),
+        (200, task_info("t"), {}),
+    ]
+    assert main([*official_prompts, "--upload", url, "--task", "t"]) == 0
+    assert len(rec.requests) == 3 and rec.requests[0]["body"] == rec.requests[2]["body"]
+    out = capsys.readouterr().out
+    assert json.loads(out[out.index("{") :])["task_id"] == "t"
