@@ -2,7 +2,8 @@
 
 - `store_spec` / `store`: one parametrized fixture, two backends — a local directory under tmp_path and
   a fresh bucket on a real S3-protocol server (moto's server mode, in its own process on 127.0.0.1,
-  reached by boto3 over HTTP). Every contract test runs against both.
+  reached by boto3 over HTTP: the session fixture `s3_endpoint` in tests/conftest.py, shared with the
+  server tests). Every contract test runs against both.
 - `make_artifact`: tiny valid task artifacts (D=8, a few classes) built with the real writer.
 - `fork_server`: a helper process that has paid for `import torch` once and forks children on demand,
   so the crash test can SIGKILL 50+ real writer processes in seconds, not minutes.
@@ -33,49 +34,6 @@ from prompt_store.url import open_store
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 S3_CREDENTIALS = {"region": "us-east-1", "access_key_id": "testing", "secret_access_key": "testing"}
-
-# moto's ThreadedMotoServer serves each request on its own thread, and moto checks S3's conditional
-# headers (If-None-Match / If-Match) and then writes in two steps without a lock: two racing requests
-# could both pass. Real S3 makes each conditional write atomic, so this server handles one request at
-# a time (threaded=False; HTTP/1.0 so a client cannot hold the only connection open between requests).
-_MOTO_SERVER = r"""
-import logging, sys
-from werkzeug.serving import make_server
-from moto.moto_server.werkzeug_app import MotoRequestHandler, create_backend_app
-
-class Handler(MotoRequestHandler):
-    protocol_version = "HTTP/1.0"
-
-logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
-# The S3 app directly, not moto's multi-service dispatcher: S3 is all we need, and the dispatcher's
-# per-request service lookup costs a third of the server's time.
-server = make_server("127.0.0.1", 0, create_backend_app("s3"), threaded=False, request_handler=Handler)
-print(server.server_address[1], flush=True)
-server.serve_forever()
-"""
-
-
-@pytest.fixture(scope="session")
-def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """URL of a moto S3 server on 127.0.0.1 (random free port), alive for the whole session."""
-    log = tmp_path_factory.mktemp("moto") / "server.log"
-    with open(log, "wb") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", _MOTO_SERVER], stdout=subprocess.PIPE, stderr=err, text=True
-        )
-    line = proc.stdout.readline() if proc.stdout else ""
-    if not line.strip().isdigit():
-        proc.kill()
-        raise RuntimeError(f"moto server did not start:\n{log.read_text()[-4000:]}")
-    endpoint = f"http://127.0.0.1:{int(line)}"
-    try:
-        yield endpoint
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @functools.cache

@@ -17,8 +17,6 @@ import asyncio
 import contextlib
 import os
 import shutil
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -31,27 +29,13 @@ from fastapi.testclient import TestClient
 from prompt_store.s3 import S3Store
 from server.app import create_app
 from server.settings import Settings
+from tests.moto_s3 import moto_server
 from tests.server.helpers import BACKBONE_SPEC, artifact_bytes, png_bytes
 from vpt.hub import load_backbone
 
 OCTET = {"content-type": "application/octet-stream"}
 PNG = {"content-type": "image/png"}
 CREDS = {"region": "us-east-1", "access_key_id": "testing", "secret_access_key": "testing"}
-
-# A one-request-at-a-time moto S3 server (as in tests/prompt_store/conftest.py).
-_MOTO_SERVER = r"""
-import logging
-from werkzeug.serving import make_server
-from moto.moto_server.werkzeug_app import MotoRequestHandler, create_backend_app
-
-class Handler(MotoRequestHandler):
-    protocol_version = "HTTP/1.0"
-
-logging.getLogger("werkzeug").setLevel(logging.ERROR)
-server = make_server("127.0.0.1", 0, create_backend_app("s3"), threaded=False, request_handler=Handler)
-print(server.server_address[1], flush=True)
-server.serve_forever()
-"""
 
 
 @pytest.fixture(scope="module")
@@ -113,26 +97,8 @@ def keeps_serving(client, task: str, seconds: float) -> list[int]:
 # --------------------------------------------------------------------------------- store unavailable
 
 
-@contextlib.contextmanager
-def moto_server(tmp: Path):
-    log = tmp / "moto.log"
-    with open(log, "wb") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", _MOTO_SERVER], stdout=subprocess.PIPE, stderr=err, text=True
-        )
-    try:
-        line = proc.stdout.readline() if proc.stdout else ""
-        if not line.strip().isdigit():
-            raise RuntimeError(f"moto server did not start:\n{log.read_text()[-4000:]}")
-        yield proc, f"http://127.0.0.1:{int(line)}"
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
-
-
 def test_s3_store_stopped_resident_tasks_keep_serving_uploads_503(tmp_path, backbone):
-    with moto_server(tmp_path) as (proc, endpoint):
+    with moto_server(tmp_path / "moto.log") as (proc, endpoint):
         bucket = f"vpt-{uuid.uuid4().hex[:12]}"
         boto3.client(
             "s3",
