@@ -84,6 +84,18 @@ def test_info_reports_versions_and_metadata(store: PromptStore, make_artifact: M
     assert meta.file_size == len(deep)
 
 
+def test_info_reads_no_tensor_data(store_spec: Any, store: PromptStore, make_artifact: Make) -> None:
+    """Metadata comes from the manifest: with the version's bytes cut to 100 (no tensor left, not even
+    the whole header), `info` answers as before while `get` reports the damage."""
+    data = make_artifact(4, num_classes=6)
+    store.put("acme", "owls", data)
+    before = store.info("acme", "owls")
+    store_spec.overwrite_version("acme", "owls", 1, data[:100])
+    assert store.info("acme", "owls") == before and before.metadata.num_classes == 6
+    with pytest.raises(CorruptArtifact):
+        store.get("acme", "owls")
+
+
 def test_store_reopens_with_same_content(store_spec: Any, make_artifact: Make) -> None:
     first = store_spec.open()
     data = make_artifact(3)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from server.engine.bank import BankFull, TaskKey, TaskTooLarge
-from server.engine.engine import Engine, EngineBatch, pick_dtype
+from server.engine.engine import Engine, EngineBatch, pick_device, pick_dtype
 from tests.server.helpers import BACKBONE_SPEC, make_artifact
 from vpt.hub import load_backbone
 
@@ -140,6 +140,15 @@ def test_slot_reuse_leaves_exactly_the_new_task_and_zeros(backbone):
         w, b = torch.zeros_like(bank.head_weight[0]), torch.zeros_like(bank.head_bias[0])
         w[:C], b[:C] = art.head_weight, art.head_bias
         assert torch.equal(bank.head_weight[0], w) and torch.equal(bank.head_bias[0], b), i
+
+
+def test_device_choice(monkeypatch):
+    """auto = CUDA when present (issue C), else the CPU; an explicit device is taken as given."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert pick_device("auto") == torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device("auto") == torch.device("cpu")
+    assert pick_device("cuda:1") == torch.device("cuda", 1) and pick_device("cpu") == torch.device("cpu")
 
 
 def test_dtype_choice():
