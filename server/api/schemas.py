@@ -13,6 +13,12 @@ class ErrorBody(BaseModel):
 class ErrorResponse(BaseModel):
     error: ErrorBody
 
+    model_config = {
+        "json_schema_extra": {
+            "examples": [{"error": {"type": "not_found", "message": "task 'birds' not found"}}]
+        }
+    }
+
 
 class Prediction(BaseModel):
     label: str = Field(description="Class name from the task artifact")
@@ -60,6 +66,25 @@ class EmbedResponse(BaseModel):
     features: list[list[float]] = Field(description="Final-norm CLS feature per image (D floats)")
     timings: Timings
 
+    model_config = {
+        "json_schema_extra": {
+            "examples": [
+                {
+                    "task_id": "birds",
+                    "version": 3,
+                    "features": [[0.12, -1.3, 0.57]],
+                    "timings": {
+                        "decode_ms": 2.1,
+                        "queue_ms": 0.4,
+                        "compute_ms": 5.3,
+                        "total_ms": 8.0,
+                        "batch_size": 12,
+                    },
+                }
+            ]
+        }
+    }
+
 
 class ClassifyJSON(BaseModel):
     """JSON form of a classify/embed request."""
@@ -84,6 +109,29 @@ class TaskUsage(BaseModel):
     last_used: float | None = Field(description="Unix time of the last request")
 
 
+TASK_EXAMPLE = {
+    "task_id": "birds",
+    "tenant": "acme",
+    "version": 3,
+    "mode": "deep",
+    "prompt_length": 50,
+    "num_classes": 3,
+    "labels": ["sparrow", "finch", "robin"],
+    "backbone": "google/vit-base-patch16-224-in21k",
+    "backbone_fingerprint": "v1:cd351a4e56270d2b50e6942be0...",
+    "name": "Garden birds",
+    "description": None,
+    "size": 1077432,
+    "created": 1795939200.0,
+    "versions": [
+        {"version": 2, "sha256": "9f86d08188...", "size": 1077432, "created": 1795852800.0},
+        {"version": 3, "sha256": "60303ae22b...", "size": 1077432, "created": 1795939200.0},
+    ],
+    "resident_versions": [3],
+    "usage": {"requests": 1200, "images": 4100, "errors": 2, "last_used": 1795940000.0},
+}
+
+
 class TaskOut(BaseModel):
     task_id: str
     tenant: str
@@ -102,14 +150,20 @@ class TaskOut(BaseModel):
     resident_versions: list[int] = Field(default_factory=list, description="Versions in this replica's bank")
     usage: TaskUsage | None = None
 
+    model_config = {"json_schema_extra": {"examples": [TASK_EXAMPLE]}}
+
 
 class TaskList(BaseModel):
     tasks: list[TaskOut]
     next_cursor: str | None = Field(description="Pass as ?cursor= for the next page; null at the end")
 
+    model_config = {"json_schema_extra": {"examples": [{"tasks": [TASK_EXAMPLE], "next_cursor": "birds"}]}}
+
 
 class RollbackRequest(BaseModel):
     version: int = Field(ge=1, description="Retained version to make current")
+
+    model_config = {"json_schema_extra": {"examples": [{"version": 2}]}}
 
 
 class BackboneInfo(BaseModel):
@@ -154,3 +208,47 @@ class InfoResponse(BaseModel):
     bank: BankInfo
     batching: str
     version: str = Field(description="Server version")
+
+    model_config = {
+        "json_schema_extra": {
+            "examples": [
+                {
+                    "backbone": {
+                        "backbone_id": "google/vit-base-patch16-224-in21k",
+                        "spec": "hf-hub:google/vit-base-patch16-224-in21k",
+                        "fingerprint": "v1:cd351a4e56270d2b50e6942be0...",
+                        "embed_dim": 768,
+                        "depth": 12,
+                        "num_heads": 12,
+                        "patch_size": 16,
+                        "image_size": 224,
+                        "resize_size": 256,
+                        "mean": [0.5, 0.5, 0.5],
+                        "std": [0.5, 0.5, 0.5],
+                        "device": "cuda:0",
+                        "dtype": "bfloat16",
+                    },
+                    "limits": {
+                        "max_batch_size": 256,
+                        "max_images_per_request": 64,
+                        "max_image_bytes": 20000000,
+                        "max_image_pixels": 40000000,
+                        "max_body_bytes": 100000000,
+                        "max_artifact_bytes": 64000000,
+                        "max_prompt_length": 100,
+                        "max_classes": 1000,
+                        "max_top_k": 100,
+                        "request_timeout_s": 30.0,
+                    },
+                    "bank": {
+                        "capacity": 1024,
+                        "resident": 310,
+                        "allocated_bytes": 6920601600,
+                        "used_bytes": 2095470592,
+                    },
+                    "batching": "mixed",
+                    "version": "0.1.0",
+                }
+            ]
+        }
+    }

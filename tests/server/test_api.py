@@ -11,6 +11,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from prompt_store.artifact import load_artifact, save_artifact
+from server.api import schemas
 from server.app import create_app
 from server.settings import Settings
 from tests.server.helpers import BACKBONE_SPEC, artifact_bytes, make_artifact, png_bytes
@@ -70,6 +71,30 @@ def test_system_endpoints(client, backbone):
     assert info["limits"]["max_prompt_length"] == 16
     assert client.get("/openapi.json").json()["paths"]["/v1/tasks/{task_id}/classify"]["post"]
     assert client.get("/docs").status_code == 200
+
+
+def test_openapi_has_examples_that_validate(client):
+    """Every JSON body of the /v1 API (request or response) has an example in the OpenAPI document, and
+    every example is a valid instance of its model (so the docs cannot drift from the schemas)."""
+    spec = client.get("/openapi.json").json()
+    components = spec["components"]["schemas"]
+    bodies = []
+    for path, ops in spec["paths"].items():
+        if not path.startswith("/v1/"):
+            continue
+        for op in ops.values():
+            contents = [op.get("requestBody", {}).get("content", {})]
+            contents += [r.get("content", {}) for r in op["responses"].values()]
+            bodies += [c["application/json"]["schema"] for c in contents if "application/json" in c]
+    named = {b["$ref"].rsplit("/", 1)[1] if "$ref" in b else b["title"] for b in bodies}
+    assert {"ClassifyJSON", "ClassifyResponse", "EmbedResponse", "TaskOut", "TaskList"} <= named
+    assert {"RollbackRequest", "InfoResponse", "ErrorResponse"} <= named
+    for name in named:
+        examples = components[name].get("examples") if name in components else None
+        examples = examples or next((b.get("examples") for b in bodies if b.get("title") == name), None)
+        assert examples, f"{name} has no example"
+        for ex in examples:
+            getattr(schemas, name).model_validate(ex)
 
 
 def test_upload_classify_all_body_forms(client, backbone):
