@@ -34,6 +34,9 @@ class Timings(BaseModel):
     batch_size: int = Field(description="Images in the forward pass this request rode in")
 
 
+TIMINGS_EXAMPLE = {"decode_ms": 2.1, "queue_ms": 0.4, "compute_ms": 5.3, "total_ms": 8.0, "batch_size": 12}
+
+
 class ClassifyResponse(BaseModel):
     task_id: str
     version: int = Field(description="Task version every image of this request ran on")
@@ -47,13 +50,7 @@ class ClassifyResponse(BaseModel):
                     "task_id": "birds",
                     "version": 3,
                     "predictions": [[{"label": "sparrow", "index": 4, "score": 0.91}]],
-                    "timings": {
-                        "decode_ms": 2.1,
-                        "queue_ms": 0.4,
-                        "compute_ms": 5.3,
-                        "total_ms": 8.0,
-                        "batch_size": 12,
-                    },
+                    "timings": TIMINGS_EXAMPLE,
                 }
             ]
         }
@@ -73,13 +70,7 @@ class EmbedResponse(BaseModel):
                     "task_id": "birds",
                     "version": 3,
                     "features": [[0.12, -1.3, 0.57]],
-                    "timings": {
-                        "decode_ms": 2.1,
-                        "queue_ms": 0.4,
-                        "compute_ms": 5.3,
-                        "total_ms": 8.0,
-                        "batch_size": 12,
-                    },
+                    "timings": TIMINGS_EXAMPLE,
                 }
             ]
         }
