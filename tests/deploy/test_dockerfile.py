@@ -130,6 +130,7 @@ def test_dockerignore_keeps_secrets_and_state_out_of_the_context():
 
 @pytest.mark.slow
 @pytest.mark.integration
+@pytest.mark.timeout(900)  # installs every dependency into a fresh venv: ~175 s here, more on a slow mirror
 def test_build_stage_and_entry_command_run_as_written(tmp_path):
     root = tmp_path / "root"  # stands in for the image's file system
     shim = tmp_path / "base-bin"  # the base image's `python`: this interpreter's base, not a venv
@@ -148,7 +149,7 @@ def test_build_stage_and_entry_command_run_as_written(tmp_path):
     base_env["PATH"] = f"{shim}:{base_env.get('PATH', '')}"
     t0 = time.monotonic()
     run = dfm.run_stage(
-        DF, BUILDER, context=REPO, root=root, build_args=build_args, base_env=base_env, timeout=300
+        DF, BUILDER, context=REPO, root=root, build_args=build_args, base_env=base_env, timeout=600
     )
     print(f"builder stage as written: {time.monotonic() - t0:.0f}s", *run.log, sep="\n  ")
     venv_bin = root / "opt" / "venv" / "bin"
