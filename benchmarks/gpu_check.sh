@@ -4,7 +4,8 @@
 #   bash benchmarks/gpu_check.sh            # on a CUDA machine: ViT-B/16 bf16, 1000 tasks, deep P=50
 #   bash benchmarks/gpu_check.sh --smoke    # tiny CPU sizes (also what runs when CUDA is absent)
 #
-# Steps (each under its own `timeout`; the budgets sum to 600 s, a 10-minute device call):
+# Steps (each under its own `timeout`; the budgets sum to 540 s, which leaves a 10-minute device call
+# room for set-up, --kill-after and the summary):
 #   1. pytest -m gpu                        GPU tests (CUDA graphs vs eager, GPU JPEG decode vs Pillow,
 #                                            training with bf16 autocast, vpt-serve on CUDA with graphs)
 #   2. engine, eager                         img/s by batch (mixed, 1000 tasks), Zipf mixed vs per task,
@@ -34,8 +35,14 @@ mkdir -p "$OUT"
 : > "$OUT/steps.tsv"
 T0=$(date +%s)
 
+# STEPS="name ..." (space-separated) runs only the steps named, e.g. to rerun what failed within a
+# device lease; a name that is no step is refused before anything runs.
+ALL_STEPS="pytest_gpu engine_eager engine_graphs engine_compile load_jpeg load_multi load_decode_pillow load_decode_nvjpeg"
+for s in ${STEPS:-}; do
+    [[ " $ALL_STEPS " == *" $s "* ]] || { echo "STEPS: no step named '$s' (steps: $ALL_STEPS)" >&2; exit 2; }
+done
+
 # step NAME BUDGET_S CMD...: run with a time limit, log to $OUT/NAME.log, record status and seconds.
-# STEPS="name ..." runs only the steps named (e.g. to rerun what failed within a device lease).
 step() {
     local name=$1 budget=$2 start rc
     shift 2
@@ -43,6 +50,7 @@ step() {
         printf '%s\tskipped (STEPS)\t0\n' "$name" >> "$OUT/steps.tsv"
         return
     fi
+    rm -f "$OUT/$name.json"  # a failed rerun must not show an earlier run's figures
     start=$(date +%s)
     echo "== $name (budget ${budget}s): $*" >&2
     timeout --kill-after=10 "$budget" "$@" > "$OUT/$name.log" 2>&1
@@ -89,8 +97,8 @@ if "$PY" -m pytest --markers 2>/dev/null | grep -q '^@pytest.mark.gpu'; then
     else
         # Only the files that hold `gpu` tests: collecting the whole suite would import test-only
         # packages (moto, playwright, ...) a bare GPU image lacks.
-        mapfile -t GPU_FILES < <(grep -rl 'pytest.mark.gpu' tests)
-        step pytest_gpu 90 "$PY" -m pytest -m gpu -q -p no:cacheprovider "${GPU_FILES[@]}"
+        mapfile -t GPU_FILES < <(grep -rl --include='*.py' 'pytest.mark.gpu' tests)
+        step pytest_gpu 80 "$PY" -m pytest -m gpu -q -p no:cacheprovider "${GPU_FILES[@]}"
     fi
 else
     printf 'pytest_gpu\tskipped (no gpu marker)\t0\n' >> "$OUT/steps.tsv"
@@ -98,20 +106,20 @@ fi
 
 # 2-3. Engine, eager then compiled.
 # shellcheck disable=SC2086
-step engine_eager 100 "$PY" -m benchmarks.engine "${DEV[@]}" "${ENGINE_SIZES[@]}" $ENGINE_EXTRA \
+step engine_eager 90 "$PY" -m benchmarks.engine "${DEV[@]}" "${ENGINE_SIZES[@]}" $ENGINE_EXTRA \
     --json "$OUT/engine_eager.json"
 if [ "$SMOKE" = 1 ]; then
     printf 'engine_graphs\tskipped (smoke)\t0\n' >> "$OUT/steps.tsv"
     printf 'engine_compile\tskipped (smoke)\t0\n' >> "$OUT/steps.tsv"
 else
-    step engine_graphs 40 "$PY" -m benchmarks.engine "${DEV[@]}" "${GRAPH_SIZES[@]}" --json "$OUT/engine_graphs.json"
+    step engine_graphs 30 "$PY" -m benchmarks.engine "${DEV[@]}" "${GRAPH_SIZES[@]}" --json "$OUT/engine_graphs.json"
     # shellcheck disable=SC2086
-    step engine_compile 120 "$PY" -m benchmarks.engine "${DEV[@]}" "${COMPILE_SIZES[@]}" --compile $ENGINE_EXTRA \
+    step engine_compile 100 "$PY" -m benchmarks.engine "${DEV[@]}" "${COMPILE_SIZES[@]}" --compile $ENGINE_EXTRA \
         --json "$OUT/engine_compile.json"
 fi
 
 # 4. HTTP load with JPEG uploads.
-step load_jpeg 100 "$PY" -m benchmarks.load "${LOAD[@]}" --json "$OUT/load_jpeg.json" --plot "$OUT/load_jpeg.png"
+step load_jpeg 90 "$PY" -m benchmarks.load "${LOAD[@]}" --json "$OUT/load_jpeg.json" --plot "$OUT/load_jpeg.png"
 step load_multi 50 "$PY" -m benchmarks.load "${LOAD_MULTI[@]}" --json "$OUT/load_multi.json" --plot none
 if [ "$SMOKE" = 1 ]; then
     printf 'load_decode_pillow\tskipped (smoke)\t0\nload_decode_nvjpeg\tskipped (smoke)\t0\n' >> "$OUT/steps.tsv"
@@ -149,7 +157,7 @@ eager, graphs, comp, load_j, load_m, dec_p, dec_n = (
         "load_decode_pillow", "load_decode_nvjpeg",
     )
 )
-machine = next((d["machine"] for d in (eager, comp, load_j) if d), {})
+machine = next((d["machine"] for d in (eager, graphs, comp, load_j, load_m, dec_p, dec_n) if d), {})
 for tag, d in (("eager", eager), ("CUDA graphs", graphs), ("compile", comp)):
     if not d:
         continue

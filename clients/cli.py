@@ -65,9 +65,16 @@ def _add_upload_flags(p: argparse.ArgumentParser) -> None:
         help="server base URL: PUT the artifact to URL/v1/tasks/ID (as `vpt upload` does)",
     )
     g.add_argument("--task", metavar="ID", help="task id to upload as (required with --upload)")
-    # SUPPRESS: the global `vpt --api-key K train ...` is not overwritten by this option's default.
+    # SUPPRESS: the global `vpt --api-key K train ...` (and --tenant, --timeout) is not overwritten by
+    # these options' defaults; given here, after the command, they work too.
     g.add_argument(
         "--api-key", metavar="K", default=argparse.SUPPRESS, help="bearer token (default: $VPT_API_KEY)"
+    )
+    g.add_argument(
+        "--tenant", metavar="NAME", default=argparse.SUPPRESS, help="admins: upload into this tenant"
+    )
+    g.add_argument(
+        "--timeout", metavar="S", type=float, default=argparse.SUPPRESS, help="upload timeout in seconds"
     )
 
 

@@ -4,7 +4,9 @@ Each public method builds a `_Call` (method, path, body, result type) with the s
 the two clients differ only in how they send it. Retries: 429 and 503 replies (honouring Retry-After)
 and failures before the request was sent (connection refused, connect or pool timeout), with capped
 exponential backoff and jitter. A read or write timeout, or a connection dropped mid-exchange, is not
-retried: the server may already have acted on the request (an upload would add a version twice).
+retried: the server may already have acted on the request (an upload would add a version twice); for
+the same reason an upload answered 503 is retried only when the server is draining (`unavailable`), not
+after `store_unavailable`.
 Errors: an error reply raises its `clients.errors` class; a transport failure raises
 `ConnectionFailed`, or its subclass `Timeout` when the `timeout` (seconds, for each of connect, read,
 write and pool) ran out; never a raw httpx exception. Task ids are percent-encoded in request paths.
@@ -34,6 +36,16 @@ from clients.types import ClassifyResult, EmbedResult, ServerInfo, TaskInfo, Tas
 T = TypeVar("T", bound=BaseModel)
 DEFAULT_URL = "http://127.0.0.1:8000"
 RETRY_STATUSES = (429, 503)
+
+
+def _error_type(response: httpx.Response) -> str | None:
+    """The `error.type` of a JSON error reply, or None."""
+    try:
+        err = response.json().get("error")
+    except (ValueError, AttributeError):
+        return None
+    return err.get("type") if isinstance(err, dict) else None
+
 
 ImageInput = Any  # str | os.PathLike | bytes | PIL.Image.Image | numpy.ndarray
 
@@ -176,21 +188,26 @@ class _Base:
             "headers": call.headers,
         }
 
-    def _should_retry(self, attempt: int, response: httpx.Response | None) -> float | None:
+    def _should_retry(self, attempt: int, response: httpx.Response | None, call: _Call) -> float | None:
         """Seconds to wait before retrying, or None to stop. `response` None: a failure before the
         request was sent (see `_failure`)."""
         if attempt >= self.retry.max_retries:
             return None
         if response is None:  # the request never reached the server
             return self.retry.delay(attempt, None)
+        if call.method == "PUT" and response.status_code == 503 and _error_type(response) != "unavailable":
+            # e.g. store_unavailable: the store may have committed before it failed to answer, and
+            # sending the upload again would add a second version. Only a draining server is retried.
+            return None
         if response.status_code in RETRY_STATUSES:
             ra = response.headers.get("retry-after")
             return self.retry.delay(attempt, float(ra) if ra and ra.replace(".", "", 1).isdigit() else None)
         return None
 
-    def _failure(self, call: _Call, e: httpx.TransportError) -> tuple[ConnectionFailed, bool]:
-        """The SDK error for an httpx transport failure, and whether a retry is safe (True only when
-        the request was never sent: refused, connect timeout, no free pooled connection in time)."""
+    def _failure(self, call: _Call, e: httpx.RequestError) -> tuple[ConnectionFailed, bool]:
+        """The SDK error for an httpx failure without a usable reply (transport, or a body that cannot be
+        decoded), and whether a retry is safe (True only when the request was never sent: refused,
+        connect timeout, no free pooled connection in time)."""
         where = f"{call.method} {self.url}{call.path}"
         if isinstance(e, httpx.TimeoutException):
             phase = {
@@ -250,13 +267,13 @@ class Client(_Base):
         while True:
             try:
                 response = self._http.request(call.method, call.path, **self._request_kwargs(call))
-            except httpx.TransportError as e:
+            except httpx.RequestError as e:
                 error, retryable = self._failure(call, e)
-                wait = self._should_retry(attempt, None) if retryable else None
+                wait = self._should_retry(attempt, None, call) if retryable else None
                 if wait is None:
                     raise error from e
             else:
-                wait = self._should_retry(attempt, response)
+                wait = self._should_retry(attempt, response, call)
                 if wait is None:
                     return self._result(call, response)
             time.sleep(wait)
@@ -329,13 +346,13 @@ class AsyncClient(_Base):
         while True:
             try:
                 response = await self._http.request(call.method, call.path, **self._request_kwargs(call))
-            except httpx.TransportError as e:
+            except httpx.RequestError as e:
                 error, retryable = self._failure(call, e)
-                wait = self._should_retry(attempt, None) if retryable else None
+                wait = self._should_retry(attempt, None, call) if retryable else None
                 if wait is None:
                     raise error from e
             else:
-                wait = self._should_retry(attempt, response)
+                wait = self._should_retry(attempt, response, call)
                 if wait is None:
                     return self._result(call, response)
             await asyncio.sleep(wait)

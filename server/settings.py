@@ -93,7 +93,7 @@ class Settings(BaseSettings):
         False,
         description="CUDA only: decode JPEGs at least twice the resize side with nvJPEG "
         "(torchvision.io.decode_jpeg) and resize them on the GPU when torchvision is installed; Pillow "
-        "otherwise. Opt-in: it differs from Pillow's (the trainer's) transform by ~0.1-0.4 uint8 levels",
+        "otherwise. Opt-in: it differs from Pillow's (the trainer's) transform by ~0.05-0.4 uint8 levels",
     )
 
     # --- prompt bank -----------------------------------------------------------------------------

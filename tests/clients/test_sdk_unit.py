@@ -27,8 +27,10 @@ from PIL import Image
 from clients import errors
 from clients.client import AsyncClient, Client, RetryPolicy, _images
 from clients.errors import parse_error
+from server.api.schemas import TASK_EXAMPLE
 
 FAST = RetryPolicy(max_retries=3, backoff_s=0.001, max_backoff_s=0.01)
+TASK_OK = TASK_EXAMPLE  # the server's own OpenAPI example of a task reply
 CLASSIFY_OK = {
     "task_id": "t",
     "version": 2,
@@ -177,6 +179,48 @@ def test_no_retry_on_client_errors_and_gives_up_after_max(monkeypatch):
     ):
         c.info()
     assert len(calls) == 4  # first try + 3 retries
+
+
+def test_an_upload_is_not_resent_after_store_unavailable(monkeypatch):
+    """A 503 store_unavailable may come after the store committed: resending the upload could add a
+    version twice, so only a draining server's 503 (`unavailable`) is retried for an upload; reads
+    retry both."""
+    monkeypatch.setattr("clients.client.time.sleep", lambda s: None)
+    calls: list[str] = []
+
+    def store_down(request):
+        calls.append(request.method)
+        return err(503, "store_unavailable")
+
+    with Client("http://x", retry=FAST, transport=httpx.MockTransport(store_down)) as c:
+        with pytest.raises(errors.StoreUnavailable):
+            c.upload("t", b"artifact")
+        assert calls == ["PUT"]
+        calls.clear()
+        with pytest.raises(errors.StoreUnavailable):
+            c.task("t")
+        assert calls == ["GET"] * 4
+    replies = [err(503, "unavailable"), httpx.Response(201, json=TASK_OK)]
+
+    def draining_then_ok(request):
+        calls.append(request.method)
+        return replies.pop(0)
+
+    calls.clear()
+    with Client("http://x", retry=FAST, transport=httpx.MockTransport(draining_then_ok)) as c:
+        assert c.upload("t", b"artifact").task_id == TASK_OK["task_id"]
+    assert calls == ["PUT", "PUT"]
+
+
+def test_an_undecodable_reply_is_an_sdk_error():
+    def gzip_lies(request):
+        return httpx.Response(200, content=b"not gzip", headers={"content-encoding": "gzip"})
+
+    with (
+        Client("http://x", retry=FAST, transport=httpx.MockTransport(gzip_lies)) as c,
+        pytest.raises(errors.ConnectionFailed, match="DecodingError"),
+    ):
+        c.info()
 
 
 def test_connection_failure_is_typed():

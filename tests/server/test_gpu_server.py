@@ -59,6 +59,9 @@ def test_server_on_cuda_with_graphs_equals_solo_results(tmp_path):
         dtype="float32",
         max_batch_size=32,
         max_prompt_length=16,
+        # A tiny backbone on a GPU computes faster than requests arrive: a short wait lets the flood
+        # form batches over 8 (the eager path) however fast the host is; one-by-one requests stay at 1.
+        max_batch_delay_ms=20,
     ).wait_ready()
     try:
         assert "captured" in proc.log(), proc.log()  # the default VPT_CUDA_GRAPH_MAX_BATCH is on
