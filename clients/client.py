@@ -1,12 +1,11 @@
 """Python SDK for vpt-serve: `Client` (sync) and `AsyncClient` (asyncio), both over httpx.
 
 Each public method builds a `_Call` (method, path, body, result type) with the same pure functions, so
-the two clients differ only in how they send it. Retries: 429 and 503 replies (honouring Retry-After)
+the two clients differ only in how they send it. Retries: 429 and 503 refusals that did nothing
+(`overloaded`, `unavailable`; `store_unavailable` too, except for uploads), honouring Retry-After,
 and failures before the request was sent (connection refused, connect or pool timeout), with capped
 exponential backoff and jitter. A read or write timeout, or a connection dropped mid-exchange, is not
-retried: the server may already have acted on the request (an upload would add a version twice); for
-the same reason an upload answered 503 is retried only when the server is draining (`unavailable`), not
-after `store_unavailable`.
+retried: the server may already have acted on the request (an upload would add a version twice).
 Errors: an error reply raises its `clients.errors` class; a transport failure raises
 `ConnectionFailed`, or its subclass `Timeout` when the `timeout` (seconds, for each of connect, read,
 write and pool) ran out; never a raw httpx exception. Task ids are percent-encoded in request paths.
@@ -30,7 +29,15 @@ from urllib.parse import quote
 import httpx
 from pydantic import BaseModel
 
-from clients.errors import ConnectionFailed, Timeout, parse_error
+from clients.errors import (
+    APIError,
+    ConnectionFailed,
+    Overloaded,
+    StoreUnavailable,
+    Timeout,
+    Unavailable,
+    parse_error,
+)
 from clients.types import ClassifyResult, EmbedResult, ServerInfo, TaskInfo, TaskList
 
 T = TypeVar("T", bound=BaseModel)
@@ -38,13 +45,14 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 RETRY_STATUSES = (429, 503)
 
 
-def _error_type(response: httpx.Response) -> str | None:
-    """The `error.type` of a JSON error reply, or None."""
-    try:
-        err = response.json().get("error")
-    except (ValueError, AttributeError):
-        return None
-    return err.get("type") if isinstance(err, dict) else None
+def _worth_retrying(error: APIError, method: str) -> bool:
+    """Whether a 429/503 refusal may be sent again after a wait. A full queue or a draining server did
+    nothing with the request. After `store_unavailable` a read can be repeated, but an upload may have
+    committed before the store failed to answer: sending it again could add a second version. A
+    corrupt stored artifact stays corrupt."""
+    if isinstance(error, Overloaded | Unavailable):
+        return True
+    return isinstance(error, StoreUnavailable) and method != "PUT"
 
 
 ImageInput = Any  # str | os.PathLike | bytes | PIL.Image.Image | numpy.ndarray
@@ -195,14 +203,10 @@ class _Base:
             return None
         if response is None:  # the request never reached the server
             return self.retry.delay(attempt, None)
-        if call.method == "PUT" and response.status_code == 503 and _error_type(response) != "unavailable":
-            # e.g. store_unavailable: the store may have committed before it failed to answer, and
-            # sending the upload again would add a second version. Only a draining server is retried.
+        if response.status_code not in RETRY_STATUSES:
             return None
-        if response.status_code in RETRY_STATUSES:
-            ra = response.headers.get("retry-after")
-            return self.retry.delay(attempt, float(ra) if ra and ra.replace(".", "", 1).isdigit() else None)
-        return None
+        error = self._error(response)
+        return self.retry.delay(attempt, error.retry_after) if _worth_retrying(error, call.method) else None
 
     def _failure(self, call: _Call, e: httpx.RequestError) -> tuple[ConnectionFailed, bool]:
         """The SDK error for an httpx failure without a usable reply (transport, or a body that cannot be
@@ -224,13 +228,18 @@ class _Base:
         return ConnectionFailed(f"{where} failed: {type(e).__name__}: {e}"), False
 
     @staticmethod
-    def _result(call: _Call, response: httpx.Response) -> Any:
+    def _error(response: httpx.Response) -> APIError:
+        """The `clients.errors` exception for an error reply."""
+        try:
+            payload: Any = response.json()
+        except ValueError:
+            payload = response.text
+        return parse_error(response.status_code, payload, response.headers.get("retry-after"))
+
+    @classmethod
+    def _result(cls, call: _Call, response: httpx.Response) -> Any:
         if response.status_code >= 400:
-            try:
-                payload: Any = response.json()
-            except ValueError:
-                payload = response.text
-            raise parse_error(response.status_code, payload, response.headers.get("retry-after"))
+            raise cls._error(response)
         if call.result is None:
             return None
         return call.result.model_validate(response.json())

@@ -181,10 +181,10 @@ def test_no_retry_on_client_errors_and_gives_up_after_max(monkeypatch):
     assert len(calls) == 4  # first try + 3 retries
 
 
-def test_an_upload_is_not_resent_after_store_unavailable(monkeypatch):
+def test_only_refusals_that_did_nothing_are_retried(monkeypatch):
     """A 503 store_unavailable may come after the store committed: resending the upload could add a
     version twice, so only a draining server's 503 (`unavailable`) is retried for an upload; reads
-    retry both."""
+    retry both. A corrupt_artifact 503 is never retried."""
     monkeypatch.setattr("clients.client.time.sleep", lambda s: None)
     calls: list[str] = []
 
@@ -200,6 +200,18 @@ def test_an_upload_is_not_resent_after_store_unavailable(monkeypatch):
         with pytest.raises(errors.StoreUnavailable):
             c.task("t")
         assert calls == ["GET"] * 4
+    calls.clear()
+
+    def corrupt(request):
+        calls.append(request.method)
+        return err(503, "corrupt_artifact")
+
+    with (
+        Client("http://x", retry=FAST, transport=httpx.MockTransport(corrupt)) as c,
+        pytest.raises(errors.CorruptArtifact),
+    ):
+        c.classify("t", b"\x89PNG...")
+    assert calls == ["POST"]  # a damaged stored version stays damaged: not worth a retry
     replies = [err(503, "unavailable"), httpx.Response(201, json=TASK_OK)]
 
     def draining_then_ok(request):
@@ -339,20 +351,7 @@ def test_task_ids_are_percent_encoded_in_every_path():
     task = "a b/c?d#e%f&g+é"
     enc = "a%20b%2Fc%3Fd%23e%25f%26g%2B%C3%A9"
     seen: list[tuple[str, bytes]] = []
-    info = {
-        "task_id": task,
-        "tenant": "acme",
-        "version": 1,
-        "mode": "deep",
-        "prompt_length": 2,
-        "num_classes": 1,
-        "labels": ["a"],
-        "backbone": "b",
-        "backbone_fingerprint": "f",
-        "size": 1,
-        "created": 0.0,
-        "versions": [],
-    }
+    info = {**TASK_OK, "task_id": task}
     embed = {**CLASSIFY_OK, "features": [[0.0]]}
 
     def handler(request: httpx.Request) -> httpx.Response:
