@@ -206,7 +206,7 @@ class Engine:
                 self.model.pool(self._features(x, None))
         if self.device.type == "cuda" and self.cuda_graph_max_batch > 0:
             if self.compiled:
-                # Not a problem to warn about: graphs are on by default, and compiled graphs replace them.
+                # Not worth a warning: graphs are on by default, and a compiled backbone runs without them.
                 log.info("CUDA graphs are off: the backbone is compiled (torch.compile)")
             else:
                 graphs = FeatureGraphs(self.model, self.bank.prompts, self.cuda_graph_max_batch, capture=True)

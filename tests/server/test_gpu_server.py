@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import asyncio
 
-import httpx
 import pytest
 import torch
 
 from tests.server.helpers import BACKBONE_SPEC, artifact_bytes, png_bytes
 from tests.server.server_proc import ServerProcess
 from tests.server.test_api import expected_probs
-from tests.server.test_integration import upload
+from tests.server.test_integration import classify_many, upload
 from vpt.hub import load_backbone
 
 pytestmark = [
@@ -27,21 +26,6 @@ pytestmark = [
 ]
 
 TASKS = {"deep5": (5, "deep", 4), "shallow2": (2, "shallow", 6), "linear": (0, "shallow", 3)}
-
-
-async def classify_all(url: str, jobs: list[tuple[str, bytes]], concurrent: bool) -> list[dict]:
-    async with httpx.AsyncClient(base_url=url, timeout=60, limits=httpx.Limits(max_connections=64)) as c:
-
-        async def one(task: str, img: bytes) -> dict:
-            r = await c.post(
-                f"/v1/tasks/{task}/classify?top_k=10", content=img, headers={"content-type": "image/png"}
-            )
-            assert r.status_code == 200, r.text
-            return r.json()
-
-        if concurrent:
-            return await asyncio.gather(*(one(t, im) for t, im in jobs))
-        return [await one(t, im) for t, im in jobs]
 
 
 def test_server_on_cuda_with_graphs_equals_solo_results(tmp_path):
@@ -71,23 +55,26 @@ def test_server_on_cuda_with_graphs_equals_solo_results(tmp_path):
         expected = {
             (t, i): expected_probs(backbone, arts[t], images[i]) for t in arts for i in range(len(images))
         }
-        one_by_one = [(names[j % 3], j % len(images)) for j in range(12)]  # batch 1: graph replays
-        flood = [(names[j % 3], j % len(images)) for j in range(300)]  # batches up to 32: eager above 8
-        for jobs, concurrent in ((one_by_one, False), (flood, True)):
-            bodies = asyncio.run(classify_all(proc.url, [(t, images[i]) for t, i in jobs], concurrent))
+
+        def check(jobs: list[tuple[str, int]], bodies: list[dict]) -> list[int]:
+            """Every score within 1e-3 of the reference; returns the batch sizes the requests rode in."""
             for (t, i), body in zip(jobs, bodies, strict=True):
                 got = {p["index"]: p["score"] for p in body["predictions"][0]}
                 want = expected[(t, i)]
                 assert sorted(got) == list(range(want.numel())), body
                 assert [got[k] for k in range(want.numel())] == pytest.approx(want.tolist(), abs=1e-3)
-            sizes = [b["timings"]["batch_size"] for b in bodies]
-            print(
-                f"{'concurrent' if concurrent else 'one by one'}: batch sizes max {max(sizes)}, mean "
-                f"{sum(sizes) / len(sizes):.1f}"
-            )
-            if not concurrent:
-                assert max(sizes) == 1
-            else:
-                assert max(sizes) > 8  # both paths served
+            return [b["timings"]["batch_size"] for b in bodies]
+
+        # One at a time: batches of 1, graph replays.
+        one_by_one = [(names[j % 3], j % len(images)) for j in range(12)]
+        bodies = [asyncio.run(classify_many(proc.url, [(t, images[i])], top_k=10))[0] for t, i in one_by_one]
+        assert max(check(one_by_one, bodies)) == 1
+        # All at once: batches up to 32, eager above 8.
+        flood = [(names[j % 3], j % len(images)) for j in range(300)]
+        sizes = check(
+            flood, asyncio.run(classify_many(proc.url, [(t, images[i]) for t, i in flood], top_k=10))
+        )
+        print(f"flood: batch sizes max {max(sizes)}, mean {sum(sizes) / len(sizes):.1f}")
+        assert max(sizes) > 8  # both paths served
     finally:
         assert proc.stop() == 0, proc.log()

@@ -11,26 +11,24 @@ Credentials come from the AWS variables (the settings have no credential fields,
 
 from __future__ import annotations
 
+import contextlib
 import json
-import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import boto3
 import pytest
-import torch
 from fastapi.testclient import TestClient
 
-from prompt_store.artifact import load_artifact
 from prompt_store.s3 import S3Store
 from server.app import create_app
 from server.settings import Settings
 from tests.server.helpers import BACKBONE_SPEC, artifact_bytes, png_bytes
+from tests.server.server_proc import free_port
+from tests.server.test_api import expected_probs
 from vpt.hub import Backbone, load_backbone
-from vpt.prompts import PromptBatch
-from vpt.transforms import decode_image, eval_transform
 
 REGION = "eu-west-1"  # what the settings say
 ENV_REGION = "us-west-2"  # what boto3 would use without it
@@ -72,10 +70,7 @@ def bucket(s3_endpoint: str) -> str:
 
 def dead_endpoint() -> str:
     """A loopback URL nobody listens on (connection refused)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
+    return f"http://127.0.0.1:{free_port()}"
 
 
 def app_settings(**kw: Any) -> Settings:
@@ -91,27 +86,15 @@ def keys_in(endpoint: str, bucket: str) -> set[str]:
 
 
 def top1(backbone: Backbone, art: bytes, image: bytes) -> int:
-    """The reference class for `image` under the task in `art` (as tests/server/test_api.py)."""
-    a = load_artifact(art)
-    x = backbone.model.normalize(eval_transform(decode_image(image), backbone.cfg)[None])
-    with torch.no_grad():
-        feats = backbone.model(x, PromptBatch.single_task(a.prompts, 1, deep=a.mode == "deep"))
-        return int((feats @ a.head_weight.T + a.head_bias).argmax())
+    """The reference class for `image` under the task in `art`."""
+    return int(expected_probs(backbone, art, image).argmax())
 
 
 @pytest.fixture
-def client_for() -> Iterator[Any]:
-    clients: list[TestClient] = []
-
-    def start(settings: Settings) -> TestClient:
-        client = TestClient(create_app(settings))
-        client.__enter__()  # lifespan: Services.start opens the store from the settings
-        clients.append(client)
-        return client
-
-    yield start
-    for client in clients:
-        client.__exit__(None, None, None)
+def client_for() -> Iterator[Callable[[Settings], TestClient]]:
+    """Starts the app in-process with its lifespan (Services.start opens the store from the settings)."""
+    with contextlib.ExitStack() as stack:
+        yield lambda settings: stack.enter_context(TestClient(create_app(settings)))
 
 
 def test_s3_settings_reach_the_store(

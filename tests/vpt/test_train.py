@@ -192,15 +192,16 @@ def test_backbone_frozen_bit_identical_and_in_eval_mode(deep_run, features_bb):
     assert not any(p.requires_grad for p in features_bb.model.parameters())
 
 
-def _served_logits(model: VisionTransformer, art, x: torch.Tensor) -> torch.Tensor:
-    """The artifact's logits for images `x` through the serving path (PromptBatch/HeadBatch)."""
+def _served_logits(model: VisionTransformer, task, x: torch.Tensor, deep: bool = True) -> torch.Tensor:
+    """Logits of a task (an artifact or a `TrainResult`: prompts, head_weight, head_bias) for images `x`
+    through the serving path (PromptBatch/HeadBatch)."""
     B = x.shape[0]
     return model(
         model.normalize(x),
-        PromptBatch.single_task(art.prompts.to(x.device), B, deep=art.mode == "deep"),
+        PromptBatch.single_task(task.prompts.to(x.device), B, deep=deep),
         HeadBatch(
-            art.head_weight[None].to(x.device),
-            art.head_bias[None].to(x.device),
+            task.head_weight[None].to(x.device),
+            task.head_bias[None].to(x.device),
             torch.zeros(B, dtype=torch.long, device=x.device),
         ),
     )
@@ -301,13 +302,7 @@ def test_prompt_dropout_is_applied_in_training_only(features_bb, digits):
     assert not torch.equal(plain.prompts, dropped.prompts)
     x = torch.stack([EvalImages(data.train, features_bb.cfg)[i][0] for i in range(len(data.train))])
     with torch.no_grad():
-        logits = features_bb.model(
-            features_bb.model.normalize(x),
-            PromptBatch.single_task(dropped.prompts, x.shape[0], deep=True),
-            HeadBatch(
-                dropped.head_weight[None], dropped.head_bias[None], torch.zeros(x.shape[0], dtype=torch.long)
-            ),
-        )
+        logits = _served_logits(features_bb.model, dropped, x)
     assert logits.argmax(1).tolist() == dropped.train_eval.predictions
 
 

@@ -5,7 +5,7 @@ builds (`clients.cli.train_arguments`). The upload tests answer from a real HTTP
 (http.server in a thread) that records the request: method, path, headers and body are checked byte for
 byte. The upload goes through the SDK as `vpt upload` does; that its exit statuses equal `vpt upload`'s
 against a real `vpt-serve` is tested in tests/clients/test_cli.py, and the end-to-end check (predictions
-equal the trainer's) lives with the server's integration tests.
+equal the trainer's) in tests/vpt/test_train_e2e.py.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from PIL import Image
 
 from clients.cli import EXIT_AUTH, EXIT_ERROR, build_parser, main, train_arguments
 from prompt_store.artifact import read_artifact, validate_for_backbone
+from server.api.schemas import TASK_EXAMPLE
 from vpt.hub import load_backbone
 from vpt.train import PAPER_LR_GRID, PAPER_WD_GRID, Recipe
 from vpt.train.job import default_workers, resolve_device, signature
@@ -255,22 +256,9 @@ def test_train_errors_are_one_line(digit_folder, tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------ upload
-def task_info(task_id: str, version: int = 1) -> dict[str, Any]:
-    """A `PUT /v1/tasks/ID` reply as the server sends it (the SDK validates it as `TaskInfo`)."""
-    return {
-        "task_id": task_id,
-        "tenant": "acme",
-        "version": version,
-        "mode": "deep",
-        "prompt_length": 2,
-        "num_classes": 10,
-        "labels": [f"digit{i}" for i in range(10)],
-        "backbone": SPEC,
-        "backbone_fingerprint": "f",
-        "size": 1,
-        "created": 0.0,
-        "versions": [{"version": version, "sha256": "0" * 64, "size": 1, "created": 0.0}],
-    }
+def task_info(task_id: str) -> dict[str, Any]:
+    """A `PUT /v1/tasks/ID` reply as the server sends it (its OpenAPI example, for this task)."""
+    return {**TASK_EXAMPLE, "task_id": task_id}
 
 
 class _Recorder(BaseHTTPRequestHandler):
