@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import ipaddress
 import logging
@@ -19,13 +20,14 @@ from prompt_store.errors import ArtifactError
 from prompt_store.url import open_store
 from server.engine.bank import TaskTooLarge
 from server.engine.engine import Engine, pick_device, pick_dtype
+from server.engine.process import EngineStartError, ProcessConfig
 from server.metrics import Metrics, TaskStats
 from server.preprocess import Preprocessor
 from server.ratelimit import RateLimiter
 from server.scheduler.scheduler import Scheduler, SchedulerConfig
 from server.settings import Settings
 from server.tenants import TenantRegistry, TenantsFileError, keygen_line
-from server.threads import available_cpus, engine_cpu_set
+from server.threads import available_cpus, engine_cpu_set, pin_process
 from vpt.hub import Backbone, load_backbone
 from vpt.transforms import ImageLimits
 
@@ -45,6 +47,7 @@ class Services:
     rate_limiter: RateLimiter = field(default_factory=RateLimiter)
     draining: bool = False
     switch_interval_before: float | None = None  # restored by stop (setswitchinterval is process-wide)
+    affinity_before: frozenset[int] | None = None  # this process's CPUs before it left the engine's
 
     @classmethod
     async def start(
@@ -56,10 +59,12 @@ class Services:
         device = pick_device(settings.device)
         dtype = pick_dtype(settings.dtype, device)
         threads = settings.torch_threads or (max(1, available_cpus() - 1) if device.type == "cpu" else 0)
+        in_process = not settings.effective_engine_process(device.type)
         if threads:
             # On CPU the engine shares cores with HTTP and decoding; one core left for them keeps
-            # torch's threads from spinning against the event loop (measured 8x on 2 cores).
-            torch.set_num_threads(threads)
+            # torch's threads from spinning against the event loop (measured 8x on 2 cores). With an
+            # engine process, this one's torch only transforms images: one thread.
+            torch.set_num_threads(threads if in_process else 1)
         # On CPU the engine thread keeps to its own cores: moved around and sharing cores with the
         # event loop and the decoders, it used ~1.6x the CPU per image it uses alone (load benchmark,
         # 2 cores: +25-40% img/s at saturation pinned). The other threads may use every core.
@@ -82,69 +87,90 @@ class Services:
         log.info(
             "backbone %s (fingerprint %s) on %s/%s", backbone.backbone_id, backbone.fingerprint, device, dtype
         )
-        engine = Engine(
-            backbone,
-            bank_slots=settings.bank_slots,
-            max_prompt_length=settings.max_prompt_length,
-            max_classes=settings.max_classes,
-            bank_bytes=settings.bank_bytes,
-            compile=settings.compile,
-            cuda_graph_max_batch=min(settings.cuda_graph_max_batch, settings.max_batch_size),
-            fault_oom_over=settings.fault_oom_over,
-            fault_fail_every=settings.fault_fail_every,
-        )
-        for item in settings.pinned_tasks:
-            engine.bank.pin(*item.split("/", 1))
-        if store is None:
-            s3 = {"endpoint_url": settings.s3_endpoint_url, "region": settings.s3_region}
-            store = open_store(
-                settings.store,
-                keep_versions=settings.keep_versions,
-                limits=artifact_limits(settings),
-                **(s3 if settings.store.startswith("s3://") else {}),
+        try:
+            engine = Engine(
+                backbone,
+                bank_slots=settings.bank_slots,
+                max_prompt_length=settings.max_prompt_length,
+                max_classes=settings.max_classes,
+                bank_bytes=settings.bank_bytes,
+                compile=settings.compile,
+                cuda_graph_max_batch=min(settings.cuda_graph_max_batch, settings.max_batch_size),
+                fault_oom_over=settings.fault_oom_over,
+                fault_fail_every=settings.fault_fail_every,
+                process=None
+                if in_process
+                else ProcessConfig(
+                    settings.max_batch_size,
+                    threads=threads,
+                    cpus=engine_cpus,
+                    lanes=settings.effective_pipeline_depth(device.type) + 1,  # + an overtaker
+                ),
             )
-        metrics = metrics or Metrics()
-        scheduler = Scheduler(
-            engine,
-            store,
-            SchedulerConfig(
-                max_batch_size=settings.max_batch_size,
-                max_batch_delay_s=settings.max_batch_delay_ms / 1000,
-                max_queue_images=settings.max_queue_images,
-                batching=settings.batching,
-                pipeline_depth=settings.effective_pipeline_depth(device.type),
-                version_ttl_s=settings.version_ttl_s,
-                preempt=settings.effective_preempt(device.type),
-                engine_cpus=engine_cpus,
-            ),
-            hooks=metrics,
-        )
-        metrics.bind(engine.bank.stats, lambda: scheduler.queued_images, lambda: scheduler.in_flight)
-        await asyncio.to_thread(engine.warmup, tuple(sorted({1, min(8, settings.max_batch_size)})))
-        await scheduler.start()
-        preprocess = Preprocessor(
-            backbone.cfg,
-            ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels),
-            settings.decode_threads,
-            device=device,
-            gpu_decode=settings.gpu_decode,
-        )
-        # Everything alive now (torch, FastAPI, the backbone's Python objects: ~250k tracked objects)
-        # lives as long as the server. A full collection scans them all and holds the GIL for ~150 ms,
-        # every thread stalled: those were the rare 100-200 ms latency spikes under load. Frozen, they
-        # are left out of every collection (CPython's gc.freeze, meant for exactly this).
-        gc.collect()
-        gc.freeze()
-        return cls(
-            settings,
-            engine,
-            store,
-            scheduler,
-            preprocess,
-            metrics,
-            tenants=tenants,
-            switch_interval_before=switch_interval_before,
-        )
+        except EngineStartError as e:  # e.g. too little shared memory: the fix is in the message
+            raise SystemExit(str(e)) from None
+        with contextlib.ExitStack() as undo:  # undone if start-up fails from here on
+            undo.callback(engine.close)
+            affinity_before = None
+            if engine.process is not None and engine_cpus:
+                # The engine process has its cores; this one (HTTP, decoding) keeps off them.
+                affinity_before = frozenset(os.sched_getaffinity(0))
+                pin_process(affinity_before - engine_cpus)
+                undo.callback(pin_process, affinity_before)
+            for item in settings.pinned_tasks:
+                engine.bank.pin(*item.split("/", 1))
+            if store is None:
+                s3 = {"endpoint_url": settings.s3_endpoint_url, "region": settings.s3_region}
+                store = open_store(
+                    settings.store,
+                    keep_versions=settings.keep_versions,
+                    limits=artifact_limits(settings),
+                    **(s3 if settings.store.startswith("s3://") else {}),
+                )
+            metrics = metrics or Metrics()
+            scheduler = Scheduler(
+                engine,
+                store,
+                SchedulerConfig(
+                    max_batch_size=settings.max_batch_size,
+                    max_batch_delay_s=settings.max_batch_delay_ms / 1000,
+                    max_queue_images=settings.max_queue_images,
+                    batching=settings.batching,
+                    pipeline_depth=settings.effective_pipeline_depth(device.type),
+                    version_ttl_s=settings.version_ttl_s,
+                    preempt=settings.effective_preempt(device.type),
+                    engine_cpus=engine_cpus if in_process else frozenset(),
+                ),
+                hooks=metrics,
+            )
+            metrics.bind(engine.bank.stats, lambda: scheduler.queued_images, lambda: scheduler.in_flight)
+            await asyncio.to_thread(engine.warmup, tuple(sorted({1, min(8, settings.max_batch_size)})))
+            await scheduler.start()
+            preprocess = Preprocessor(
+                backbone.cfg,
+                ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels),
+                settings.decode_threads,
+                device=device,
+                gpu_decode=settings.gpu_decode,
+            )
+            # Everything alive now (torch, FastAPI, the backbone's Python objects: ~250k tracked objects)
+            # lives as long as the server. A full collection scans them all and holds the GIL for ~150 ms,
+            # every thread stalled: those were the rare 100-200 ms latency spikes under load. Frozen, they
+            # are left out of every collection (CPython's gc.freeze, meant for exactly this).
+            gc.collect()
+            gc.freeze()
+            undo.pop_all()  # started: `stop` undoes it from now on
+            return cls(
+                settings,
+                engine,
+                store,
+                scheduler,
+                preprocess,
+                metrics,
+                tenants=tenants,
+                switch_interval_before=switch_interval_before,
+                affinity_before=affinity_before,
+            )
 
     @property
     def ready(self) -> bool:
@@ -164,6 +190,7 @@ class Services:
         self.draining = True
         await self.scheduler.drain(timeout_s=self.settings.request_timeout_s)
         await self.scheduler.close()
+        self.engine.close()
         self.preprocess.close()
         self.store.close()
         # start's process-wide settings, undone: an in-process app (tests, embedding) leaves the
@@ -171,6 +198,8 @@ class Services:
         gc.unfreeze()
         if self.switch_interval_before is not None:
             sys.setswitchinterval(self.switch_interval_before)
+        if self.affinity_before is not None:
+            pin_process(self.affinity_before)
 
 
 def open_tenants(settings: Settings) -> TenantRegistry | None:

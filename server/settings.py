@@ -39,6 +39,12 @@ class Settings(BaseSettings):
         "~200 per forward: batch-1 latency 3.4 -> 1.1 ms for ViT-B/16 on an H200); 0 = off. Captured at "
         "start-up, checked against eager mode; ignored on CPU and with VPT_COMPILE",
     )
+    engine_process: bool = Field(
+        True,
+        description="CPU: compute in an engine process of its own, out of reach of the HTTP front end's "
+        "GIL (under a flood of refused requests another tenant's compute stayed at its solo speed "
+        "instead of slowing ~2x); ignored on CUDA",
+    )
     torch_threads: int = Field(
         0,
         ge=0,
@@ -46,8 +52,9 @@ class Settings(BaseSettings):
     )
     pin_threads: bool = Field(
         True,
-        description="CPU: keep the engine thread (and torch's threads) on the last VPT_TORCH_THREADS of "
-        "the allowed CPUs, where the other threads' work does not move it or evict its caches",
+        description="CPU: keep the engine (its process or thread, and torch's threads) on the last "
+        "VPT_TORCH_THREADS of the allowed CPUs, where the other threads' work does not move it or evict "
+        "its caches",
     )
     gil_switch_interval_ms: float = Field(
         0.1,
@@ -138,6 +145,9 @@ class Settings(BaseSettings):
         if self.pipeline_depth:
             return self.pipeline_depth
         return 2 if device_type == "cuda" else 1
+
+    def effective_engine_process(self, device_type: str) -> bool:
+        return self.engine_process and device_type == "cpu"
 
     def effective_preempt(self, device_type: str) -> bool:
         """Preemption between blocks: CPU only (a GPU overlaps batches instead), with one batch in flight

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 
@@ -30,3 +31,13 @@ def pin_thread(cpus: frozenset[int]) -> None:
     """
     if cpus and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, cpus)
+
+
+def pin_process(cpus: frozenset[int]) -> None:
+    """Restrict every thread of this process to `cpus` (threads started later inherit it from their
+    creator); empty: leave them."""
+    if not cpus or not hasattr(os, "sched_setaffinity"):
+        return
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(ProcessLookupError):  # the thread ended meanwhile
+            os.sched_setaffinity(int(tid), cpus)

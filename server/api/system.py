@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 import server
 from server.api.common import ERRORS
 from server.api.deps import PrincipalDep, ServicesDep
 from server.api.schemas import BackboneInfo, BankInfo, InfoResponse, Limits
+from server.services import Services
 
 router = APIRouter(tags=["system"])
 
@@ -59,8 +60,16 @@ async def info(services: ServicesDep, _: PrincipalDep) -> InfoResponse:
     )
 
 
-@router.get("/healthz", summary="Liveness: the process serves HTTP")
-async def healthz() -> dict[str, str]:
+@router.get(
+    "/healthz",
+    summary="Liveness: the process serves HTTP and its engine can compute",
+    responses={503: {"description": "The engine process exited: restart the server"}},
+)
+async def healthz(request: Request, response: Response) -> dict[str, str]:
+    services: Services | None = getattr(request.app.state, "services", None)
+    if services is not None and not services.engine.alive:
+        response.status_code = 503
+        return {"status": "engine process exited"}
     return {"status": "ok"}
 
 

@@ -13,20 +13,26 @@ batch k+1 while batch k still computes; on CPU it computes at once.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol, TypeVar
 
 import torch
 
 from prompt_store.artifact import BackboneSignature, TaskArtifact
 from server.engine.bank import PromptBank, SlotInfo, TaskKey
+from server.engine.faults import Faults
 from server.engine.graphs import FeatureGraphs
+from server.engine.process import EngineProcess, ProcessConfig
 from vpt.hub import Backbone
 from vpt.prompts import HeadBatch, PromptBatch
+from vpt.vit import VisionTransformer
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 Output = Literal["classify", "embed"]
 
@@ -54,10 +60,65 @@ class EngineResult:
 
 @dataclass
 class _Pending:
-    out: tuple[torch.Tensor, ...]
+    out: tuple[torch.Tensor, ...] | Future[tuple[torch.Tensor, ...]]  # a Future: the engine process's
     output: Output
     started: float
     event: torch.cuda.Event | None
+
+
+class BankTables(Protocol):
+    """The bank's device tables a forward pass reads (a `PromptBank`, or their shared-memory views in
+    the engine process)."""
+
+    prompts: torch.Tensor  # (S, L, Pmax, D)
+    head_weight: torch.Tensor  # (S, Cmax, D)
+    head_bias: torch.Tensor  # (S, Cmax)
+
+
+def forward(
+    model: VisionTransformer,
+    features: Callable[..., torch.Tensor],
+    bank: BankTables,
+    images: torch.Tensor,
+    batch: EngineBatch,
+    between_blocks: Callable[[], None] | None = None,
+    graphs: FeatureGraphs | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """One mixed-task batch on `images`' device: (top-k scores, indices) or (CLS features,), as device
+    tensors. Each sample reads its own slot's prompts and head (VPT, Jia et al. 2022, Sec. 3.2), so its
+    result is the same in any batch. `graphs`: replay a captured CUDA graph when one fits."""
+    cuda = images.device.type == "cuda"
+    x = model.normalize(images)  # (B, 3, H, W) in the model dtype
+    index = torch.tensor(batch.slots, dtype=torch.long).to(images.device, non_blocking=cuda)
+    lengths = [i.prompt_length for i in batch.infos]
+    deep = [i.deep for i in batch.infos]
+    # A graph replay returns its output buffer, read below on this stream before a later replay.
+    feats = graphs.run(x, batch.slots, lengths, deep) if graphs is not None else None
+    if feats is None:
+        prompts = PromptBatch.build(bank.prompts, index, lengths, deep)
+        feats = model.pool(features(x, prompts, between_blocks))  # (B, D)
+    if batch.output == "embed":
+        return (feats.float(),)
+    classes = [i.num_classes for i in batch.infos]
+    c_max = max(classes)
+    heads = HeadBatch(
+        weight=bank.head_weight[:, :c_max],
+        bias=bank.head_bias[:, :c_max],
+        index=index,
+        num_classes=None
+        if min(classes) == c_max
+        else torch.tensor(classes, dtype=torch.long).to(images.device, non_blocking=cuda),
+    )
+    probs = heads(feats).float().softmax(dim=-1)  # (B, C) — padded classes score exactly 0
+    scores, indices = probs.topk(min(batch.top_k, c_max), dim=-1)  # (B, k)
+    return scores, indices
+
+
+def _resolve(fut: Future[T], compute: Callable[[], T]) -> None:
+    try:
+        fut.set_result(compute())
+    except Exception as e:
+        fut.set_exception(e)
 
 
 def pick_device(name: str) -> torch.device:
@@ -88,11 +149,11 @@ class Engine:
         cuda_graph_max_batch: int = 0,
         fault_oom_over: int = 0,
         fault_fail_every: int = 0,
+        process: ProcessConfig | None = None,
     ) -> None:
+        """`process`: compute in an engine process of its own (CPU; `server/engine/process.py`)."""
         self.backbone = backbone
-        # Test hooks (issue D, faults): simulate device OOM on large batches / a failing batch.
-        self._fault_oom_over, self._fault_fail_every = fault_oom_over, fault_fail_every
-        self._launched = 0
+        self._faults = Faults(fault_oom_over, fault_fail_every)  # test hooks
         self.cfg = backbone.cfg
         self.model = backbone.model
         self.device = self.model.pos_embed.device
@@ -115,7 +176,30 @@ class Engine:
         # CUDA graphs for batches up to this size (captured in `warmup`; see server/engine/graphs.py).
         self.cuda_graph_max_batch = cuda_graph_max_batch
         self.graphs: FeatureGraphs | None = None
-        self.ready = False
+        self._warm = False
+        # Batches handed over by `overtake`, run between blocks of the preemptible batch computing now.
+        self._inbox: list[tuple[EngineBatch, Future[EngineResult]]] = []
+        self._inbox_lock = threading.Lock()
+        self.process: EngineProcess | None = None
+        if process is not None:
+            if self.device.type != "cpu":
+                raise ValueError("the engine process is for CPU engines (on CUDA the device computes)")
+            self.process = EngineProcess(self.model, self.bank, process, compile=compile, faults=self._faults)
+
+    @property
+    def ready(self) -> bool:
+        """Warmed up, and its engine process (if any) alive."""
+        return self._warm and self.alive
+
+    @property
+    def alive(self) -> bool:
+        """False once the engine process has died: nothing can compute (liveness fails)."""
+        return self.process is None or self.process.alive
+
+    def close(self) -> None:
+        """Stop the engine process (if any); in-process engines hold nothing to release."""
+        if self.process is not None:
+            self.process.close()
 
     @property
     def signature(self) -> BackboneSignature:
@@ -130,76 +214,87 @@ class Engine:
         """Copy a validated task into a bank slot (engine thread)."""
         return self.bank.install(key, artifact)
 
-    def _inject_faults(self, batch: EngineBatch) -> None:
-        self._launched += 1
-        if self._fault_oom_over and len(batch.slots) > self._fault_oom_over:
-            raise torch.OutOfMemoryError(f"injected: batch of {len(batch.slots)} > {self._fault_oom_over}")
-        if self._fault_fail_every and self._launched % self._fault_fail_every == 0:
-            raise RuntimeError(f"injected engine failure on batch {self._launched}")
-
     @torch.inference_mode()
-    def launch(self, batch: EngineBatch, between_blocks: Callable[[], None] | None = None) -> _Pending:
-        """Start a batch (on CPU: compute it). `between_blocks` runs after each transformer block but
-        the last (the scheduler's preemption point on CPU; never given with a compiled backbone:
-        `Settings.effective_preempt`)."""
-        if self._fault_oom_over or self._fault_fail_every:
-            self._inject_faults(batch)
+    def launch(self, batch: EngineBatch, preemptible: bool = False) -> _Pending:
+        """Start a batch (on CPU: compute it, here or in the engine process). `preemptible`: batches
+        handed to `overtake` meanwhile run between two of its transformer blocks (CPU only; never with
+        a compiled backbone: `Settings.effective_preempt`)."""
         started = time.perf_counter()
+        if self.process is not None:  # which counts the test hooks' faults itself
+            return _Pending(self.process.submit(batch, preemptible), batch.output, started, None)
+        if self._faults:
+            self._faults.check(len(batch.slots))
         cuda = self.device.type == "cuda"
-        images = batch.images.to(self.device, non_blocking=cuda)
-        x = self.model.normalize(images)  # (B, 3, H, W) in the model dtype
-        index = torch.tensor(batch.slots, dtype=torch.long).to(self.device, non_blocking=cuda)
-        lengths = [i.prompt_length for i in batch.infos]
-        deep = [i.deep for i in batch.infos]
-        # A graph replay when one fits; `feats` is then its output buffer, read below on this stream
-        # before any later replay can overwrite it.
-        feats = self.graphs.run(x, batch.slots, lengths, deep) if self.graphs is not None else None
-        if feats is None:
-            prompts = PromptBatch.build(self.bank.prompts, index, lengths, deep)
-            feats = self.model.pool(self._features(x, prompts, between_blocks))  # (B, D)
-        if batch.output == "embed":
-            out: tuple[torch.Tensor, ...] = (feats.float().to("cpu", non_blocking=cuda),)
-        else:
-            classes = [i.num_classes for i in batch.infos]
-            c_max = max(classes)
-            heads = HeadBatch(
-                weight=self.bank.head_weight[:, :c_max],
-                bias=self.bank.head_bias[:, :c_max],
-                index=index,
-                num_classes=None
-                if min(classes) == c_max
-                else torch.tensor(classes, dtype=torch.long).to(self.device, non_blocking=cuda),
-            )
-            probs = heads(feats).float().softmax(dim=-1)  # (B, C) — padded classes score exactly 0
-            scores, indices = probs.topk(min(batch.top_k, c_max), dim=-1)  # (B, k)
-            out = (scores.to("cpu", non_blocking=cuda), indices.to("cpu", non_blocking=cuda))
+        out = forward(
+            self.model,
+            self._features,
+            self.bank,
+            batch.images.to(self.device, non_blocking=cuda),
+            batch,
+            between_blocks=self.serve_overtakers if preemptible else None,
+            graphs=self.graphs,
+        )
+        out = tuple(t.to("cpu", non_blocking=cuda) for t in out)
         event = None
         if cuda:
             event = torch.cuda.Event()
             event.record()
-        return _Pending(out=out, output=batch.output, started=started, event=event)
+        return _Pending(out, batch.output, started, event)
 
     def collect(self, pending: _Pending) -> EngineResult:
-        if pending.event is not None:
-            pending.event.synchronize()
+        if isinstance(pending.out, Future):
+            out = pending.out.result()
+        else:
+            if pending.event is not None:
+                pending.event.synchronize()
+            out = pending.out
         elapsed = time.perf_counter() - pending.started
         if pending.output == "embed":
-            return EngineResult(scores=None, indices=None, features=pending.out[0], compute_s=elapsed)
-        scores, indices = pending.out
+            return EngineResult(scores=None, indices=None, features=out[0], compute_s=elapsed)
+        scores, indices = out
         return EngineResult(scores=scores, indices=indices, features=None, compute_s=elapsed)
+
+    def run(self, batch: EngineBatch, preemptible: bool = False) -> EngineResult:
+        """Compute a batch (engine thread). A preemptible one runs what `overtake` hands over at its
+        block boundaries."""
+        return self.collect(self.launch(batch, preemptible))
+
+    def overtake(self, batch: EngineBatch) -> Future[EngineResult]:
+        """Hand over a batch to run at the next block boundary of the preemptible batch computing now
+        (any thread). One handed over after the last boundary runs at the next `serve_overtakers`,
+        which the caller must then submit to the engine thread (the engine process instead runs it
+        next on its own: its pipe is FIFO)."""
+        fut: Future[EngineResult] = Future()
+        if self.process is None:
+            with self._inbox_lock:
+                self._inbox.append((batch, fut))
+        else:
+            pending = _Pending(self.process.submit(batch), batch.output, time.perf_counter(), None)
+            pending.out.add_done_callback(lambda _: _resolve(fut, lambda: self.collect(pending)))  # type: ignore[union-attr]
+        return fut
+
+    def serve_overtakers(self) -> None:
+        """Engine thread: run the batches handed over and not run yet (an overtaker is not itself
+        preempted). Between two blocks of a preemptible batch, and after it."""
+        while True:
+            with self._inbox_lock:
+                if not self._inbox:
+                    return
+                batch, fut = self._inbox.pop(0)
+            _resolve(fut, lambda b=batch: self.run(b))  # type: ignore[misc]
 
     def release_cached_memory(self) -> None:
         """After an out-of-memory error: give cached blocks back before retrying smaller batches."""
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def run(self, batch: EngineBatch, between_blocks: Callable[[], None] | None = None) -> EngineResult:
-        return self.collect(self.launch(batch, between_blocks))
-
     def warmup(self, batch_sizes: tuple[int, ...] = (1, 8)) -> None:
         """Run the plain backbone once per batch size (kernel selection, compile, allocator)."""
         s = self.cfg.img_size
         t0 = time.perf_counter()
+        if self.process is not None:
+            self.process.warmup(batch_sizes)
+            batch_sizes = ()  # this process computes nothing
         with torch.inference_mode():
             for b in batch_sizes:
                 x = self.model.normalize(torch.zeros(b, 3, s, s, dtype=torch.uint8, device=self.device))
@@ -219,5 +314,5 @@ class Engine:
                     log.error("CUDA graphs are off: %s", e)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        log.info("engine warm-up done in %.2fs (batch sizes %s)", time.perf_counter() - t0, batch_sizes)
-        self.ready = True
+        log.info("engine warm-up done in %.2fs", time.perf_counter() - t0)
+        self._warm = True

@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import queue
 import time
 from collections.abc import Coroutine, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -127,7 +126,7 @@ class Scheduler:
         self._loop_task: asyncio.Task[None] | None = None
         self._batches: set[asyncio.Task[None]] = set()
         self._running_tag: float | None = None  # start tag of the preemptible CPU batch computing now
-        self._handoff: queue.SimpleQueue[_Planned] = queue.SimpleQueue()  # overtakers for that batch
+        self._overtaking = False  # a batch handed over to overtake it has not finished yet
         self._accepting = False
         self._closing = False
         self.batches_run = 0
@@ -413,6 +412,9 @@ class Scheduler:
             self._finish(planned, e)
         else:
             self._finish(planned, None)
+        finally:
+            if planned.handed_over is not None:
+                self._overtaking = False
 
     def _finish(self, planned: _Planned, error: Exception | None) -> None:
         """A started batch is over: fail what it did not answer (on error), release its slots."""
@@ -466,39 +468,26 @@ class Scheduler:
         self._running_tag = tag
         self._wake()  # requests already waiting may overtake it
         try:
-            return await loop.run_in_executor(self._engine_ex, self.engine.run, batch, self._between_blocks)
+            return await loop.run_in_executor(self._engine_ex, self.engine.run, batch, True)
         finally:
             self._running_tag = None
-            if not self._handoff.empty():  # handed over after its last block boundary
-                self._engine_ex.submit(self._between_blocks)
+            if self._overtaking:  # may have been handed over after the batch's last boundary
+                self._engine_ex.submit(self.engine.serve_overtakers)
 
     def _hand_over_overtakers(self) -> None:
         """While a preemptible batch runs: plan the requests that may overtake it and hand them to
-        the engine thread, which runs them at its next block boundary; they are delivered and
-        finished like any batch (`_execute`)."""
+        the engine (`Engine.overtake`), which runs them at the batch's next block boundary; they are
+        delivered and finished like any batch (`_execute`). One overtaking batch at a time."""
         tag = self._running_tag
-        if tag is None or not self._handoff.empty():
+        if tag is None or self._overtaking:
             return
         planned = self._plan(before=tag)
-        if planned is not None:
-            planned.handed_over = Future()
-            self._handoff.put(planned)
-            self._start(planned)
-            self._spawn(self._execute(planned))
-
-    def _between_blocks(self) -> None:
-        """Engine thread, between two blocks of a preemptible batch: run what was handed over (an
-        overtaking batch is not itself preempted)."""
-        while True:
-            try:
-                planned = self._handoff.get_nowait()
-            except queue.Empty:
-                return
-            assert planned.handed_over is not None
-            try:
-                planned.handed_over.set_result(self.engine.run(planned.batch))
-            except Exception as e:
-                planned.handed_over.set_exception(e)
+        if planned is None:
+            return
+        planned.handed_over = self.engine.overtake(planned.batch)
+        self._overtaking = True
+        self._start(planned)
+        self._spawn(self._execute(planned))
 
     def _deliver(self, part: list[tuple[Request, int]], batch: EngineBatch, result: EngineResult) -> None:
         B = batch.images.shape[0]

@@ -11,6 +11,7 @@ import torch
 
 from prompt_store.local import LocalStore
 from server.engine.engine import Engine
+from server.engine.process import ProcessConfig
 from server.errors import DeadlineExceeded, TaskNotFound, Unavailable
 from server.scheduler.scheduler import Scheduler, SchedulerConfig
 from tests.server.helpers import BACKBONE_SPEC, artifact_bytes
@@ -162,7 +163,10 @@ def overtake(bb: Backbone, tmp_path, preempt: bool, engine_kw: dict | None = Non
                     done.append(tenant)
 
             heavy = asyncio.create_task(run("heavy", big))
-            while not sched.in_flight:  # the heavy batch has been dispatched
+            proc = sched.engine.process
+            # The heavy batch has been dispatched (and, to an engine process, sent: else the light one
+            # could reach its pipe first and simply go first).
+            while not sched.in_flight or (proc is not None and not proc.in_flight):
                 await asyncio.sleep(0.0005)
             light = await run("light", one)
             assert not isinstance(await heavy, Exception)
@@ -170,16 +174,22 @@ def overtake(bb: Backbone, tmp_path, preempt: bool, engine_kw: dict | None = Non
             return alone, light, done
         finally:
             await sched.close()
+            sched.engine.close()
 
     return asyncio.run(scenario())
 
 
+# The engine thread in this process, or the engine process (server/engine/process.py).
+ENGINES = {"thread": {}, "process": {"process": ProcessConfig(max_batch_size=48)}}
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("preempt", [True, False])
-def test_cpu_preemption_lets_a_light_tenant_overtake_a_running_batch(tmp_path, preempt):
+def test_cpu_preemption_lets_a_light_tenant_overtake_a_running_batch(tmp_path, preempt, engine):
     """A light tenant's request that arrives while a heavy tenant's big batch computes runs between
     two of that batch's blocks (preempt=True) instead of after it, with the same result as alone."""
     bb = load_backbone("random:vit_test_small@0")  # 4 blocks: a 48-image batch takes ~0.1 s on CPU
-    alone, light, done = overtake(bb, tmp_path, preempt)
+    alone, light, done = overtake(bb, tmp_path, preempt, ENGINES[engine])
     assert done == (["light", "heavy"] if preempt else ["heavy", "light"])
     assert light.batch_size == 1
     assert [p.index for p in light.predictions[0]] == [p.index for p in alone.predictions[0]]
@@ -187,21 +197,23 @@ def test_cpu_preemption_lets_a_light_tenant_overtake_a_running_batch(tmp_path, p
         assert a.score == pytest.approx(b.score, rel=1e-5, abs=1e-7)
 
 
-def test_a_failing_overtaker_fails_only_its_own_request(tmp_path):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_failing_overtaker_fails_only_its_own_request(tmp_path, engine):
     """The overtaking batch (the 4th launch) fails: its request gets a 503, the batch it overtook
     completes, and nothing stays in flight."""
     bb = load_backbone("random:vit_test_small@0")
-    _, light, done = overtake(bb, tmp_path, True, {"fault_fail_every": 4})
+    _, light, done = overtake(bb, tmp_path, True, {"fault_fail_every": 4, **ENGINES[engine]})
     assert isinstance(light, Unavailable) and "inference failed" in str(light)
     assert done == ["light", "heavy"]
 
 
-def test_an_overtaker_handed_over_after_the_last_block_boundary_still_runs(tmp_path):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_an_overtaker_handed_over_after_the_last_block_boundary_still_runs(tmp_path, engine):
     """A one-block backbone has no block boundary: the overtaker handed over while the batch runs
-    is run right after it by the engine thread (not stranded), with the same result as alone."""
+    is run right after it (not stranded), with the same result as alone."""
     cfg = dataclasses.replace(get_preset("vit_test_small"), depth=1)
     model = VisionTransformer(cfg).init_random(torch.Generator().manual_seed(0)).eval().requires_grad_(False)
     bb = Backbone(model, cfg, backbone_fingerprint(model.state_dict()), "random:depth1", "random:depth1")
-    alone, light, done = overtake(bb, tmp_path, True)
+    alone, light, done = overtake(bb, tmp_path, True, ENGINES[engine])
     assert done == ["heavy", "light"]
     assert [p.index for p in light.predictions[0]] == [p.index for p in alone.predictions[0]]

@@ -28,6 +28,13 @@ def test_preemption_only_where_it_can_work():
     assert not Settings(preempt=False).effective_preempt("cpu")
 
 
+def test_engine_process_on_cpu_only():
+    """On by default on CPU (the forward out of the front end's GIL); a GPU computes in process."""
+    assert Settings().effective_engine_process("cpu")
+    assert not Settings().effective_engine_process("cuda")
+    assert not Settings(engine_process=False).effective_engine_process("cpu")
+
+
 @pytest.mark.parametrize(
     ("var", "value"), [("VPT_MAX_BATCH_SIZE", "0"), ("VPT_PINNED_TASKS", '["nosep"]'), ("VPT_DTYPE", "int8")]
 )
