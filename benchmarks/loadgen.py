@@ -345,12 +345,23 @@ def batch_stats(before: Samples, after: Samples, wall_s: float) -> dict[str, Any
 
 
 def proc_cpu_seconds(pid: int | None) -> float | None:
-    """user + system CPU seconds of a process and all its threads (Linux /proc)."""
+    """user + system CPU seconds of a process, its threads and its live child processes, recursively
+    (Linux /proc): a CPU vpt-serve computes in an engine process of its own."""
     if pid is None:
         return None
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        children = [c for t in os.listdir(f"/proc/{pid}/task") for c in _children(pid, t)]
     except (OSError, ValueError, IndexError):
         return None
+    return total + sum(proc_cpu_seconds(int(c)) or 0.0 for c in children)
+
+
+def _children(pid: int, tid: str) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/task/{tid}/children") as f:
+            return f.read().split()
+    except OSError:  # the thread ended meanwhile
+        return []

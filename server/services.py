@@ -58,7 +58,8 @@ class Services:
         tenants = open_tenants(settings)  # first: a misconfiguration fails before any slow work
         device = pick_device(settings.device)
         dtype = pick_dtype(settings.dtype, device)
-        threads = settings.torch_threads or (max(1, available_cpus() - 1) if device.type == "cpu" else 0)
+        cpus = available_cpus()
+        threads = settings.torch_threads or (max(1, cpus - 1) if device.type == "cpu" else 0)
         in_process = not settings.effective_engine_process(device.type)
         if threads:
             # On CPU the engine shares cores with HTTP and decoding; one core left for them keeps
@@ -149,7 +150,9 @@ class Services:
             preprocess = Preprocessor(
                 backbone.cfg,
                 ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels),
-                settings.decode_threads,
+                # As many as the CPUs, counted before this process left the engine's: a request's
+                # decode must not queue behind another's in a pool of one thread.
+                settings.decode_threads or cpus,
                 device=device,
                 gpu_decode=settings.gpu_decode,
             )

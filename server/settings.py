@@ -48,7 +48,8 @@ class Settings(BaseSettings):
     torch_threads: int = Field(
         0,
         ge=0,
-        description="CPU threads for torch; 0 = auto (all cores but one on CPU, torch's default on GPU)",
+        description="torch's threads for the forward (in the engine process on CPU); 0 = auto (all cores "
+        "but one on CPU, torch's default on GPU)",
     )
     pin_threads: bool = Field(
         True,

@@ -73,6 +73,14 @@ class BankStats:
     loads: int
 
 
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, shared: bool) -> torch.Tensor:
+    if not shared:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    # Straight into shared memory: `zeros(...).share_memory_()` would hold the table twice for a moment
+    # (GBs for a large bank); the untouched `empty` pages cost nothing to copy from.
+    return torch.empty(shape, dtype=dtype).share_memory_().zero_()
+
+
 class PromptBank:
     def __init__(
         self,
@@ -85,24 +93,22 @@ class PromptBank:
         device: torch.device,
         dtype: torch.dtype,
         byte_budget: int | None = None,
+        shared: bool = False,
     ) -> None:
+        """`shared`: the tables live in shared memory (CPU), for an engine process to read."""
         elem = torch.empty((), dtype=dtype).element_size()
-        slot_bytes = (depth * max_prompt_length * embed_dim + max_classes * embed_dim + max_classes) * elem
-        capacity = max_slots if byte_budget is None else min(max_slots, byte_budget // slot_bytes)
-        if capacity < 1:
-            raise ValueError(
-                f"bank byte budget {byte_budget} is smaller than one slot ({slot_bytes} bytes for "
-                f"P<={max_prompt_length}, C<={max_classes}); raise the budget or lower the limits"
-            )
+        capacity, slot_bytes = self.plan(
+            depth, embed_dim, max_slots, max_prompt_length, max_classes, dtype, byte_budget
+        )
         self.capacity = capacity
         self.depth, self.embed_dim = depth, embed_dim
         self.max_prompt_length, self.max_classes = max_prompt_length, max_classes
         self.device, self.dtype, self.elem_size = device, dtype, elem
         self.slot_bytes = slot_bytes
         S, L, P, C, D = capacity, depth, max_prompt_length, max_classes, embed_dim
-        self.prompts = torch.zeros(S, L, P, D, dtype=dtype, device=device)  # (S, L, Pmax, D)
-        self.head_weight = torch.zeros(S, C, D, dtype=dtype, device=device)  # (S, Cmax, D)
-        self.head_bias = torch.zeros(S, C, dtype=dtype, device=device)  # (S, Cmax)
+        self.prompts = _zeros((S, L, P, D), dtype, device, shared)  # (S, L, Pmax, D)
+        self.head_weight = _zeros((S, C, D), dtype, device, shared)  # (S, Cmax, D)
+        self.head_bias = _zeros((S, C), dtype, device, shared)  # (S, Cmax)
         self._lock = threading.Lock()
         self._slots: dict[int, SlotInfo] = {}
         self._by_key: dict[TaskKey, int] = {}
@@ -111,6 +117,27 @@ class PromptBank:
         self._pinned: set[tuple[str, str]] = set()
         self._extent: dict[int, tuple[int, int, int]] = {}  # slot → (L_p, P, C) last written
         self.hits = self.misses = self.evictions = self.loads = 0
+
+    @staticmethod
+    def plan(
+        depth: int,
+        embed_dim: int,
+        max_slots: int,
+        max_prompt_length: int,
+        max_classes: int,
+        dtype: torch.dtype,
+        byte_budget: int | None,
+    ) -> tuple[int, int]:
+        """(slots, bytes per slot) of a bank with these limits; its tables take their product."""
+        elem = torch.empty((), dtype=dtype).element_size()
+        slot_bytes = (depth * max_prompt_length * embed_dim + max_classes * embed_dim + max_classes) * elem
+        capacity = max_slots if byte_budget is None else min(max_slots, byte_budget // slot_bytes)
+        if capacity < 1:
+            raise ValueError(
+                f"bank byte budget {byte_budget} is smaller than one slot ({slot_bytes} bytes for "
+                f"P<={max_prompt_length}, C<={max_classes}); raise the budget or lower the limits"
+            )
+        return capacity, slot_bytes
 
     # --- lookups (event loop) -------------------------------------------------------------------
 

@@ -7,7 +7,9 @@ and padded prompt keys are masked (see `vpt.vit`).
 
 The scheduler calls `launch` from one engine thread and, on CUDA, `collect` from another. On CUDA
 `launch` only enqueues kernels (nothing in it waits for the device), so the engine thread can launch
-batch k+1 while batch k still computes; on CPU it computes at once.
+batch k+1 while batch k still computes; on CPU it computes at once, in this process or (the default,
+`process=`) in an engine process of its own, to which `submit` sends a batch without waiting
+(`server/engine/process.py`). Both run the same `forward`.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from prompt_store.artifact import BackboneSignature, TaskArtifact
 from server.engine.bank import PromptBank, SlotInfo, TaskKey
 from server.engine.faults import Faults
 from server.engine.graphs import FeatureGraphs
-from server.engine.process import EngineProcess, ProcessConfig
+from server.engine.process import EngineProcess, ProcessConfig, check_shared_memory, shared_bytes
 from vpt.hub import Backbone
 from vpt.prompts import HeadBatch, PromptBatch
 from vpt.vit import VisionTransformer
@@ -158,6 +160,20 @@ class Engine:
         self.model = backbone.model
         self.device = self.model.pos_embed.device
         self.dtype = self.model.pos_embed.dtype
+        if process is not None:
+            if self.device.type != "cpu":
+                raise ValueError("the engine process is for CPU engines (on CUDA the device computes)")
+            # Before the bank takes its share: running out of /dev/shm later is a SIGBUS, not an error.
+            slots, slot_bytes = PromptBank.plan(
+                self.cfg.depth,
+                self.cfg.embed_dim,
+                bank_slots,
+                max_prompt_length,
+                max_classes,
+                self.dtype,
+                bank_bytes,
+            )
+            check_shared_memory(shared_bytes(self.model, slots * slot_bytes, max_classes, process))
         self.bank = PromptBank(
             depth=self.cfg.depth,
             embed_dim=self.cfg.embed_dim,
@@ -167,6 +183,7 @@ class Engine:
             device=self.device,
             dtype=self.dtype,
             byte_budget=bank_bytes,
+            shared=process is not None,
         )
         self._features = self.model.forward_features
         self.compiled = compile
@@ -182,8 +199,6 @@ class Engine:
         self._inbox_lock = threading.Lock()
         self.process: EngineProcess | None = None
         if process is not None:
-            if self.device.type != "cpu":
-                raise ValueError("the engine process is for CPU engines (on CUDA the device computes)")
             self.process = EngineProcess(self.model, self.bank, process, compile=compile, faults=self._faults)
 
     @property
@@ -264,13 +279,20 @@ class Engine:
         (any thread). One handed over after the last boundary runs at the next `serve_overtakers`,
         which the caller must then submit to the engine thread (the engine process instead runs it
         next on its own: its pipe is FIFO)."""
+        if self.process is not None:
+            return self.submit(batch)
         fut: Future[EngineResult] = Future()
-        if self.process is None:
-            with self._inbox_lock:
-                self._inbox.append((batch, fut))
-        else:
-            pending = _Pending(self.process.submit(batch), batch.output, time.perf_counter(), None)
-            pending.out.add_done_callback(lambda _: _resolve(fut, lambda: self.collect(pending)))  # type: ignore[union-attr]
+        with self._inbox_lock:
+            self._inbox.append((batch, fut))
+        return fut
+
+    def submit(self, batch: EngineBatch, preemptible: bool = False) -> Future[EngineResult]:
+        """Engine process only: send a batch without waiting for it (any thread, the event loop too:
+        it copies the images and writes one message); the Future resolves with its result."""
+        assert self.process is not None
+        fut: Future[EngineResult] = Future()
+        pending = _Pending(self.process.submit(batch, preemptible), batch.output, time.perf_counter(), None)
+        pending.out.add_done_callback(lambda _: _resolve(fut, lambda: self.collect(pending)))  # type: ignore[union-attr]
         return fut
 
     def serve_overtakers(self) -> None:

@@ -62,6 +62,14 @@ _BATCH, _WARMUP, _STOP = 0, 1, 2
 _OK, _FAILED, _OOM = 0, 1, 2
 
 
+def shared_bytes(model: VisionTransformer, bank_bytes: int, max_classes: int, config: ProcessConfig) -> int:
+    """Shared memory an engine process needs: the weights, the bank's tables and the lanes."""
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    cfg = model.cfg
+    lanes = _Lanes.nbytes(config.lanes, config.max_batch_size, cfg.img_size, max_classes, cfg.embed_dim)
+    return weights + bank_bytes + lanes
+
+
 def check_shared_memory(need: int, path: str = "/dev/shm") -> None:
     """Fail at start-up, with the fixes, when `path` (where torch puts shared tensors on Linux) has less
     room than the weights, bank and lanes need: a container's default /dev/shm is 64 MB, and running
@@ -157,14 +165,11 @@ class EngineProcess:
         faults: Faults | None = None,
     ) -> None:
         cfg = model.cfg
-        shape = (config.lanes, config.max_batch_size, cfg.img_size, bank.max_classes, cfg.embed_dim)
-        shared = (*model.state_dict().values(), bank.prompts, bank.head_weight, bank.head_bias)
-        check_shared_memory(sum(t.numel() * t.element_size() for t in shared) + _Lanes.nbytes(*shape))
-        self._lanes = _Lanes.allocate(*shape)
-        model.share_memory()
-        tables = _Tables(
-            bank.prompts.share_memory_(), bank.head_weight.share_memory_(), bank.head_bias.share_memory_()
+        self._lanes = _Lanes.allocate(
+            config.lanes, config.max_batch_size, cfg.img_size, bank.max_classes, cfg.embed_dim
         )
+        model.share_memory()
+        tables = _Tables(bank.prompts, bank.head_weight, bank.head_bias)  # allocated shared (`PromptBank`)
         ctx = tmp.get_context("spawn")  # fork would copy this process's threads' locks mid-state
         self._conn, child_conn = ctx.Pipe()
         self._proc = ctx.Process(
@@ -266,24 +271,12 @@ class EngineProcess:
                 msg = self._conn.recv_bytes()
             except (EOFError, OSError):
                 break
-            job_id, status, k = _REPLY.unpack_from(msg)
-            with self._lock:
-                job = self._jobs.pop(job_id)
-            if status == _OK:
-                lanes, n = self._lanes, job.size
-                out = (
-                    (lanes.features[job.lane, :n].clone(),)
-                    if job.embed
-                    else (lanes.scores[job.lane, :n, :k].clone(), lanes.indices[job.lane, :n, :k].clone())
-                )
-                self._free.put(job.lane)  # after the copy: the next batch may overwrite the lane
-                job.future.set_result(out)
-            else:
-                self._free.put(job.lane)
-                text = msg[_REPLY.size :].decode()
-                job.future.set_exception(
-                    torch.OutOfMemoryError(text) if status == _OOM else RuntimeError(text)
-                )
+            try:
+                self._reply(msg)
+            except Exception:  # a bug here would leave every later batch waiting: stop serving loudly
+                log.exception("unreadable reply from the engine process; stopping it")
+                self._proc.kill()
+                break
         with self._lock:
             self.alive = False
             jobs, self._jobs = self._jobs, {}
@@ -296,6 +289,24 @@ class EngineProcess:
         for job in jobs.values():
             self._free.put(job.lane)
             job.future.set_exception(EngineProcessDied("the engine process has exited"))
+
+    def _reply(self, msg: bytes) -> None:
+        job_id, status, k = _REPLY.unpack_from(msg)
+        with self._lock:
+            job = self._jobs.pop(job_id)
+        if status != _OK:
+            self._free.put(job.lane)
+            text = msg[_REPLY.size :].decode()
+            job.future.set_exception(torch.OutOfMemoryError(text) if status == _OOM else RuntimeError(text))
+            return
+        lanes, n = self._lanes, job.size
+        out = (
+            (lanes.features[job.lane, :n].clone(),)
+            if job.embed
+            else (lanes.scores[job.lane, :n, :k].clone(), lanes.indices[job.lane, :n, :k].clone())
+        )
+        self._free.put(job.lane)  # after the copy: the next batch may overwrite the lane
+        job.future.set_result(out)
 
 
 def _child_main(

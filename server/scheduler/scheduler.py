@@ -447,6 +447,8 @@ class Scheduler:
                 result = await loop.run_in_executor(self._collect_ex, self.engine.collect, pending)
             elif self.config.preempt:
                 result = await self._run_preemptible(batch, tag)
+            elif self.engine.process is not None:  # sent from here: no engine-thread hop either way
+                result = await asyncio.wrap_future(self.engine.submit(batch))
             else:  # CPU computes inside run: one thread hop instead of two
                 result = await loop.run_in_executor(self._engine_ex, self.engine.run, batch)
         except torch.OutOfMemoryError:
@@ -468,6 +470,8 @@ class Scheduler:
         self._running_tag = tag
         self._wake()  # requests already waiting may overtake it
         try:
+            if self.engine.process is not None:
+                return await asyncio.wrap_future(self.engine.submit(batch, preemptible=True))
             return await loop.run_in_executor(self._engine_ex, self.engine.run, batch, True)
         finally:
             self._running_tag = None

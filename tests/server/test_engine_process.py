@@ -156,6 +156,21 @@ def test_too_little_shared_memory_is_refused_with_the_fixes(tmp_path):
         assert fix in str(e.value)
 
 
+def test_a_bank_beyond_shared_memory_is_refused_before_it_is_allocated(backbone):
+    """Checked up front: touching shared memory past /dev/shm's size would be a SIGBUS, not an error."""
+    with pytest.raises(EngineStartError, match="VPT_ENGINE_PROCESS=false"):
+        make_engine(backbone, slots=2**40, bank_bytes=2**60, process=ProcessConfig(max_batch_size=4))
+
+
+@pytest.mark.integration
+def test_server_without_enough_shared_memory_exits_with_the_fixes(tmp_path):
+    proc = ServerProcess(tmp_path, backbone=BACKBONE_SPEC, bank_slots=2**40, bank_bytes=2**60)
+    with pytest.raises(RuntimeError, match="exited") as e:
+        proc.wait_ready()
+    assert proc.stop() != 0
+    assert "--shm-size" in str(e.value)
+
+
 # ------------------------------------------------------------------- a real vpt-serve with its engine process
 
 

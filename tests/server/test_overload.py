@@ -72,6 +72,11 @@ class Samples:
     timings: list[dict[str, float]] = field(default_factory=list)  # the server's own breakdown
     failures: list[tuple[int, str]] = field(default_factory=list)
 
+    def extend(self, other: Samples) -> None:
+        self.latency_s += other.latency_s
+        self.timings += other.timings
+        self.failures += other.failures
+
     def q(self, p: float) -> float:
         xs = sorted(self.latency_s)
         return xs[min(len(xs) - 1, int(p * len(xs)))]
@@ -192,61 +197,73 @@ def start(
 def test_fair_share_under_a_10x_flood(server, tmp_path):
     path = "/v1/tasks/t/classify"
     a_body, b_body = json_images(BATCH, seed=100), json_images(1, seed=7)
-    b_rate, seconds = 20.0, 10.0  # 200 samples a phase: p99 is the 2nd-3rd slowest, not the slowest
+    # B: 20 requests/s in ROUNDS rounds of a solo phase and a flood phase of PHASE_S each, interleaved
+    # so that this shared machine's own load drifts fall on both sides alike; 400 samples a side, so
+    # p99 is the 4th slowest, not the slowest.
+    b_rate, rounds, phase_s = 20.0, 4, 5.0
     (tmp_path / "a.json").write_bytes(a_body)
 
     async def scenario():
         cap = await capacity(server.port, a_body, auth("probe"), BATCH, 2.5)
+        a_rate = 10 * cap / BATCH  # requests/s: 10x capacity in images
         b = RawClient(server.port)
         await steady(b, path, b_body, auth("b"), b_rate, 1.0)  # warm B's connection and task
-        solo = await steady(b, path, b_body, auth("b"), b_rate, seconds)
-        a_rate = 10 * cap / BATCH  # requests/s: 10x capacity in images
-        # A's flood runs in its own process: in this one, its event loop would delay B's requests
-        # and responses and that lag would be counted as the server's. At nice 15 it uses the CPU
-        # the server leaves idle (a real flood's sender is another machine); `offered` below checks
-        # that it still sends 10x capacity.
-        a_proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "tests.server.rawhttp", "--port", str(server.port), "--path", path,
-            "--body", str(tmp_path / "a.json"), "--key", KEYS["a"], "--rate", f"{a_rate:.1f}",
-            "--seconds", str(seconds + 2.0), "--nice", "15", stdout=subprocess.PIPE, cwd=Path(__file__).parents[2],
-        )  # fmt: skip
         stop = asyncio.Event()
         ready_task = asyncio.create_task(watch_ready(server.url, stop))
-        await asyncio.sleep(1.0)  # A's queue is full and its rate exhausted before B is measured
-        under = await steady(b, path, b_body, auth("b"), b_rate, seconds)
-        out, _ = await a_proc.communicate()
+        solo, under, floods = Samples(), Samples(), []
+        for _ in range(rounds):
+            solo.extend(await steady(b, path, b_body, auth("b"), b_rate, phase_s))
+            # A's flood runs in its own process: in this one, its event loop would delay B's requests
+            # and responses and that lag would be counted as the server's. At nice 15 it uses the CPU
+            # the server leaves idle (a real flood's sender is another machine); `offered` below
+            # checks that it still sends 10x capacity.
+            a_proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "tests.server.rawhttp", "--port", str(server.port), "--path", path,
+                "--body", str(tmp_path / "a.json"), "--key", KEYS["a"], "--rate", f"{a_rate:.1f}",
+                "--seconds", str(phase_s + 1.5), "--nice", "15", stdout=subprocess.PIPE,
+                cwd=Path(__file__).parents[2],
+            )  # fmt: skip
+            await asyncio.sleep(1.0)  # A's queue is full and its rate exhausted before B is measured
+            under.extend(await steady(b, path, b_body, auth("b"), b_rate, phase_s))
+            out, _ = await a_proc.communicate()
+            floods.append(Flood(**json.loads(out)))
+            await asyncio.sleep(0.5)  # A's queued batches drain before B is measured solo again
         stop.set()
-        a, ready = Flood(**json.loads(out)), await ready_task
+        ready = await ready_task
         b.close()
-        return cap, solo, under, a, ready
+        return cap, solo, under, floods, ready
 
-    cap, solo, under, a, ready = asyncio.run(scenario())
-    offered = a.sent * BATCH / (a.stopped - a.started)
+    cap, solo, under, floods, ready = asyncio.run(scenario())
+    offered = [a.sent * BATCH / (a.stopped - a.started) for a in floods]
+    outcomes: dict[str, int] = {}
+    for a in floods:
+        for k, v in a.outcomes.items():
+            outcomes[k] = outcomes.get(k, 0) + v
+    sent = sum(a.sent for a in floods)
     ratio = under.q(0.99) / solo.q(0.99)
     print(
-        f"\ncapacity {cap:.0f} images/s (max_batch_size {BATCH}); A offered {offered:.0f} images/s "
-        f"({offered / cap:.1f}x) in {a.sent} requests: {a.outcomes}"
+        f"\ncapacity {cap:.0f} images/s (max_batch_size {BATCH}); A offered "
+        f"{', '.join(f'{o / cap:.1f}x' for o in offered)} in {sent} requests: {outcomes}"
         f"\nB solo : n={len(solo.latency_s)} p50 {solo.q(0.5) * 1e3:.1f} ms p99 {solo.q(0.99) * 1e3:.1f} ms; "
         f"server {solo.breakdown()}"
         f"\nB flood: n={len(under.latency_s)} p50 {under.q(0.5) * 1e3:.1f} ms p99 {under.q(0.99) * 1e3:.1f} ms; "
         f"server {under.breakdown()}"
         f"\nB p99 ratio flood/solo = {ratio:.2f}; /readyz seen {sorted(set(ready))}"
     )
-    assert offered >= 10 * cap * 0.95, "the generator fell behind: not a 10x flood"
+    assert min(offered) >= 10 * cap * 0.95, "the generator fell behind: not a 10x flood"
     assert not solo.failures and not under.failures, (solo.failures, under.failures)  # B: no rejections
-    assert len(under.latency_s) == b_rate * seconds  # ...and all of its requests served
-    assert a.outcomes.get("429 rate", 0) + a.outcomes.get("429 queue", 0) > 0.5 * a.sent
-    assert a.retry_after_missing == 0
-    assert a.outcomes.get("200", 0) > 0  # A is throttled, not starved
+    assert len(under.latency_s) == b_rate * phase_s * rounds  # ...and all of its requests served
+    assert outcomes.get("429 rate", 0) + outcomes.get("429 queue", 0) > 0.5 * sent
+    assert sum(a.retry_after_missing for a in floods) == 0
+    assert outcomes.get("200", 0) > 0  # A is throttled, not starved
     assert ready and set(ready) == {200}
-    assert under.q(0.99) < 1.0  # a guard against collapse (e.g. B queued behind A's decodes: seconds)
-    # Without preemption and the rate gate B's ratio was 5-20x; with them 1.9-4.5x (median 2.4x), up to ~8x
-    # when other jobs load this shared machine. The bound catches a return to the old behaviour.
-    assert ratio <= 10.0, f"B p99 under flood is {ratio:.2f}x its solo p99"
+    # With the engine process B's ratio is 0.86-3.2x (median 1.5x, 11 of 13 runs within 2x); before it
+    # (the forward in the server's process, sharing its GIL) 1.9-8x, median 2.4x. The bound catches a
+    # return to that.
+    assert ratio <= 5.0, f"B p99 under flood is {ratio:.2f}x its solo p99"
     if ratio > 2.0:
-        # The 2x target is met in some runs, not reliably, on 2 shared CPU cores: the flood's HTTP
-        # handling competes with B's decode and compute for the GIL and the cores. docs/security.md
-        # ("Fair share") has the figures and the structural fix. Reported loudly, not asserted away.
+        # The 2x target holds in most runs, not all, on 2 shared cores where this test's own clients
+        # compete with the server: docs/security.md ("Fair share"). Reported loudly, not asserted away.
         pytest.xfail(f"B p99 under flood is {ratio:.2f}x its solo p99 (target 2x)")
 
 
