@@ -175,12 +175,16 @@ def test_server_without_enough_shared_memory_exits_with_the_fixes(tmp_path):
 
 
 def engine_pid(server_pid: int) -> int:
-    """The server's engine process (multiprocessing's spawn child; its resource tracker is the other)."""
-    found = []
-    for task in Path(f"/proc/{server_pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
-                found.append(int(child))
+    """The server's engine process: the one child of its multiprocessing fork server."""
+
+    def children(pid: int) -> list[int]:
+        return [
+            int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()
+        ]
+
+    servers = [c for c in children(server_pid) if b"forkserver" in Path(f"/proc/{c}/cmdline").read_bytes()]
+    assert len(servers) == 1, servers
+    found = children(servers[0])
     assert len(found) == 1, found
     return found[0]
 
