@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import ipaddress
 import logging
@@ -88,28 +89,30 @@ class Services:
         log.info(
             "backbone %s (fingerprint %s) on %s/%s", backbone.backbone_id, backbone.fingerprint, device, dtype
         )
+        make_engine = functools.partial(
+            Engine,
+            backbone,
+            bank_slots=settings.bank_slots,
+            max_prompt_length=settings.max_prompt_length,
+            max_classes=settings.max_classes,
+            bank_bytes=settings.bank_bytes,
+            compile=settings.compile,
+            cuda_graph_max_batch=min(settings.cuda_graph_max_batch, settings.max_batch_size),
+            fault_oom_over=settings.fault_oom_over,
+            fault_fail_every=settings.fault_fail_every,
+        )
         try:
-            engine = Engine(
-                backbone,
-                bank_slots=settings.bank_slots,
-                max_prompt_length=settings.max_prompt_length,
-                max_classes=settings.max_classes,
-                bank_bytes=settings.bank_bytes,
-                compile=settings.compile,
-                cuda_graph_max_batch=min(settings.cuda_graph_max_batch, settings.max_batch_size),
-                fault_oom_over=settings.fault_oom_over,
-                fault_fail_every=settings.fault_fail_every,
-                process=None
-                if in_process
-                else ProcessConfig(
-                    settings.max_batch_size,
-                    threads=threads,
-                    cpus=engine_cpus,
-                    lanes=settings.effective_pipeline_depth(device.type) + 1,  # + an overtaker
-                ),
+            process = ProcessConfig(
+                settings.max_batch_size,
+                threads=threads,
+                cpus=engine_cpus,
+                lanes=settings.effective_pipeline_depth(device.type) + 1,  # + an overtaker
             )
-        except EngineStartError as e:  # e.g. too little shared memory: the fix is in the message
-            raise SystemExit(str(e)) from None
+            engine = make_engine(process=None if in_process else process)
+        except EngineStartError as e:  # too little shared memory: serve anyway, slower under load
+            log.warning("%s. Computing in the server process instead.", e)
+            torch.set_num_threads(threads)
+            engine = make_engine()
         with contextlib.ExitStack() as undo:  # undone if start-up fails from here on
             undo.callback(engine.close)
             affinity_before = None
@@ -140,7 +143,7 @@ class Services:
                     pipeline_depth=settings.effective_pipeline_depth(device.type),
                     version_ttl_s=settings.version_ttl_s,
                     preempt=settings.effective_preempt(device.type),
-                    engine_cpus=engine_cpus if in_process else frozenset(),
+                    engine_cpus=engine_cpus if engine.process is None else frozenset(),
                 ),
                 hooks=metrics,
             )

@@ -60,8 +60,9 @@ class Settings(BaseSettings):
     gil_switch_interval_ms: float = Field(
         0.1,
         gt=0,
-        description="Python's GIL switch interval in the server (Python's default, 5 ms, makes the engine "
-        "thread wait for the event loop between torch ops)",
+        description="Python's GIL switch interval in the server process: its threads (event loop, decoders, "
+        "and the engine thread when it computes in process) hand the GIL over sooner than with Python's "
+        "default 5 ms, which made the engine thread wait for the event loop between torch ops",
     )
     hf_cache_dir: str | None = Field(
         None, description="Where hf-hub: backbones are cached (default: HF_HOME)"

@@ -10,8 +10,8 @@ server process, and the forward runs here undisturbed, the split vLLM (API serve
 TGI (router / shards) make for the same reason.
 
 What crosses, and how (no pickle after start-up):
-- At start, once: the model's weights and the prompt bank's tables, moved to shared memory by
-  torch.multiprocessing (no copy per batch; `PromptBank.install` writes the tables in place, so the
+- At start, once: the model's weights (one buffer) and the prompt bank's tables, in shared memory
+  (torch.multiprocessing (no copy per batch; `PromptBank.install` writes the tables in place, so the
   child reads every installed task), plus `lanes`: shared buffers for one batch's images and outputs.
 - Per batch: the server copies the images into a free lane and sends a small `struct` message (slots,
   prompt lengths, modes, class counts); the child computes with the same `forward` as the in-process
@@ -24,13 +24,15 @@ Installs stay safe without a lock: a slot is only written while no batch refers 
 becomes visible to the scheduler only afterwards (`PromptBank`).
 
 If the child dies, every batch in flight fails (503) and `alive` turns False: readiness and liveness
-fail, so the orchestrator restarts the server (a half-working engine is never served from).
+fail (`/readyz`, `/healthz` answer 503), for a liveness probe to restart the server; nothing is
+computed by a half-working engine.
 """
 
 from __future__ import annotations
 
 import gc
 import logging
+import math
 import os
 import queue
 import signal
@@ -38,6 +40,7 @@ import struct
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
+from multiprocessing import util as mp_util
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
 
@@ -49,6 +52,7 @@ from server.engine.faults import Faults
 if TYPE_CHECKING:
     from server.engine.bank import PromptBank
     from server.engine.engine import EngineBatch
+    from vpt.config import ViTConfig
     from vpt.vit import VisionTransformer
 
 log = logging.getLogger(__name__)
@@ -71,9 +75,10 @@ def shared_bytes(model: VisionTransformer, bank_bytes: int, max_classes: int, co
 
 
 def check_shared_memory(need: int, path: str = "/dev/shm") -> None:
-    """Fail at start-up, with the fixes, when `path` (where torch puts shared tensors on Linux) has less
-    room than the weights, bank and lanes need: a container's default /dev/shm is 64 MB, and running
-    out later would kill the engine process with SIGBUS mid-batch."""
+    """Refuse to start an engine process, with the fixes, when `path` (where torch puts shared tensors
+    on Linux) has less room than the weights, bank and lanes need: a container's default /dev/shm is
+    64 MB, and running out later would kill the engine process with SIGBUS mid-batch. (The server
+    then computes in its own process and says so.)"""
     if not os.path.isdir(path):
         return  # not Linux: torch shares memory another way
     st = os.statvfs(path)
@@ -127,6 +132,50 @@ class _Lanes:
 
 
 @dataclass
+class _SharedWeights:
+    """Every parameter and buffer of the model in one shared-memory buffer.
+
+    One buffer, because each shared storage crosses to the child as a file descriptor of its own, and
+    a fork server passes at most ~250 (ViT-L/16 has ~300 tensors)."""
+
+    cfg: ViTConfig
+    flat: torch.Tensor  # uint8, shared
+    layout: list[tuple[str, torch.dtype, tuple[int, ...], int]]  # name, dtype, shape, byte offset
+
+    @classmethod
+    def of(cls, model: VisionTransformer) -> _SharedWeights:
+        """Copy the weights into one shared buffer and make `model`'s tensors views of it (so they are
+        not held twice)."""
+        state = model.state_dict()
+        layout, offset = [], 0
+        for name, t in state.items():
+            layout.append((name, t.dtype, tuple(t.shape), offset))
+            offset += -(-t.numel() * t.element_size() // 64) * 64  # 64-byte aligned: any dtype views it
+        flat = torch.empty(offset, dtype=torch.uint8).share_memory_()
+        weights = cls(model.cfg, flat, layout)
+        views = weights.tensors()
+        for name, t in state.items():
+            views[name].copy_(t)
+        model.load_state_dict(views, assign=True)
+        return weights
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            name: self.flat[off : off + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+            for name, dtype, shape, off in self.layout
+        }
+
+    def model(self) -> VisionTransformer:
+        """The model on these weights (no copy): built on the meta device, then given the views."""
+        from vpt.vit import VisionTransformer
+
+        with torch.device("meta"):
+            model = VisionTransformer(self.cfg)
+        model.load_state_dict(self.tensors(), assign=True)
+        return model.eval().requires_grad_(False)
+
+
+@dataclass
 class _Job:
     future: Future[tuple[torch.Tensor, ...]]
     lane: int
@@ -168,7 +217,7 @@ class EngineProcess:
         self._lanes = _Lanes.allocate(
             config.lanes, config.max_batch_size, cfg.img_size, bank.max_classes, cfg.embed_dim
         )
-        model.share_memory()
+        weights = _SharedWeights.of(model)
         tables = _Tables(bank.prompts, bank.head_weight, bank.head_bias)  # allocated shared (`PromptBank`)
         # Forked from a fork server that has imported torch and this module: a start (or a restart,
         # or another engine in this process, as in tests) takes ~0.2 s instead of spawn's ~2 s, for
@@ -181,7 +230,7 @@ class EngineProcess:
             target=_child_main,
             args=(
                 child_conn,
-                model,
+                weights,
                 tables,
                 self._lanes,
                 config.threads,
@@ -204,6 +253,9 @@ class EngineProcess:
         self.alive = True
         self._reader = threading.Thread(target=self._read, name="vpt-engine-reader", daemon=True)
         self._reader.start()
+        # At interpreter exit, before multiprocessing joins its daemon children (without a timeout):
+        # the child ignores SIGTERM and leaves only when told or when its pipe closes.
+        self._finalizer = mp_util.Finalize(self, self.close, exitpriority=10)
 
     @property
     def in_flight(self) -> int:
@@ -214,14 +266,18 @@ class EngineProcess:
         """Send one batch; the Future resolves with (scores, indices) or (features,) host tensors."""
         n = len(batch.slots)
         lane = self._take_lane()
-        self._lanes.images[lane, :n].copy_(batch.images)
-        columns = (
-            torch.tensor(batch.slots, dtype=torch.int32),
-            torch.tensor([i.prompt_length for i in batch.infos], dtype=torch.int32),
-            torch.tensor([i.num_classes for i in batch.infos], dtype=torch.int32),
-            torch.tensor([i.deep for i in batch.infos], dtype=torch.uint8),
-        )
-        body = b"".join(c.numpy().tobytes() for c in columns)
+        try:
+            self._lanes.images[lane, :n].copy_(batch.images)
+            columns = (
+                torch.tensor(batch.slots, dtype=torch.int32),
+                torch.tensor([i.prompt_length for i in batch.infos], dtype=torch.int32),
+                torch.tensor([i.num_classes for i in batch.infos], dtype=torch.int32),
+                torch.tensor([i.deep for i in batch.infos], dtype=torch.uint8),
+            )
+            body = b"".join(c.numpy().tobytes() for c in columns)
+        except BaseException:
+            self._free.put(lane)
+            raise
         embed = batch.output == "embed"
         return self._send(_BATCH, _Job(Future(), lane, embed, n), batch.top_k, preemptible, body)
 
@@ -232,6 +288,8 @@ class EngineProcess:
             self._send(_WARMUP, _Job(Future(), lane, True, b)).result()
 
     def close(self) -> None:
+        if self._closing:
+            return
         self._closing = True
         if self.alive:
             try:
@@ -243,8 +301,8 @@ class EngineProcess:
         if self._proc.is_alive():
             self._proc.kill()
             self._proc.join()
+        self._reader.join(timeout=10)  # it ends on the child's EOF
         self._conn.close()
-        self._reader.join(timeout=10)
 
     def _take_lane(self) -> int:
         # The scheduler never has more than `lanes` batches in flight, so this does not wait; the
@@ -263,10 +321,14 @@ class EngineProcess:
             if not self.alive:
                 self._free.put(job.lane)
                 raise EngineProcessDied("the engine process has exited")
-            job_id = self._next_job = self._next_job + 1
-            self._jobs[job_id] = job
+            job_id = self._next_job = (self._next_job + 1) & 0x7FFFFFFF  # the header's int32
             header = _REQUEST.pack(kind, job_id, job.lane, job.size, top_k, job.embed, preemptible)
-            self._conn.send_bytes(header + body)
+            try:
+                self._conn.send_bytes(header + body)
+            except OSError:  # the child is gone: the reader thread fails what is in flight
+                self._free.put(job.lane)
+                raise EngineProcessDied("the engine process has exited") from None
+            self._jobs[job_id] = job
         return job.future
 
     def _read(self) -> None:
@@ -316,7 +378,7 @@ class EngineProcess:
 
 def _child_main(
     conn: Connection,
-    model: VisionTransformer,
+    weights: _SharedWeights,
     tables: _Tables,
     lanes: _Lanes,
     threads: int,
@@ -331,7 +393,9 @@ def _child_main(
     # drains its requests first and then stops it (`close`), or it exits when the server's end closes.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the server's tenants-file reload signal
     torch.set_num_threads(threads)
+    model = weights.model()
     if cpus and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, cpus)
     features = torch.compile(model.forward_features, dynamic=True) if compile else model.forward_features

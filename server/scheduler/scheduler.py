@@ -488,9 +488,13 @@ class Scheduler:
         planned = self._plan(before=tag)
         if planned is None:
             return
-        planned.handed_over = self.engine.overtake(planned.batch)
-        self._overtaking = True
         self._start(planned)
+        try:
+            planned.handed_over = self.engine.overtake(planned.batch)
+        except Exception as e:  # e.g. the engine process died: these requests fail like a failed batch
+            self._finish(planned, e)
+            return
+        self._overtaking = True
         self._spawn(self._execute(planned))
 
     def _deliver(self, part: list[tuple[Request, int]], batch: EngineBatch, result: EngineResult) -> None:

@@ -7,8 +7,11 @@ shared memory stops the start with the fixes in the message.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -23,7 +26,10 @@ from tests.server.helpers import BACKBONE_SPEC, artifact_bytes, make_artifact, p
 from tests.server.server_proc import ServerProcess
 from tests.server.test_engine import TASKS, make_engine, run
 from tests.server.test_integration import upload
-from vpt.hub import load_backbone
+from vpt.config import get_preset
+from vpt.fingerprint import backbone_fingerprint
+from vpt.hub import Backbone, load_backbone
+from vpt.vit import VisionTransformer
 
 
 @pytest.fixture(scope="module")
@@ -162,26 +168,70 @@ def test_a_bank_beyond_shared_memory_is_refused_before_it_is_allocated(backbone)
         make_engine(backbone, slots=2**40, bank_bytes=2**60, process=ProcessConfig(max_batch_size=4))
 
 
+def small_shm_available() -> bool:
+    cmd = ["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /dev/shm"]
+    try:
+        return subprocess.run(cmd, capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
 @pytest.mark.integration
-def test_server_without_enough_shared_memory_exits_with_the_fixes(tmp_path):
-    proc = ServerProcess(tmp_path, backbone=BACKBONE_SPEC, bank_slots=2**40, bank_bytes=2**60)
-    with pytest.raises(RuntimeError, match="exited") as e:
-        proc.wait_ready()
-    assert proc.stop() != 0
-    assert "--shm-size" in str(e.value)
+@pytest.mark.skipif(not small_shm_available(), reason="needs unshare -rm (user and mount namespaces)")
+def test_server_without_enough_shared_memory_computes_in_process_and_says_how_to_fix_it(tmp_path, backbone):
+    """A container's small /dev/shm (1 MiB here, in a mount namespace of its own): the server still
+    serves, from its own process, and its log names the fixes."""
+    shell = f"mount -t tmpfs -o size=1m tmpfs /dev/shm && exec {sys.executable} -m server"
+    proc = ServerProcess(tmp_path, command=["unshare", "-rm", "sh", "-c", shell], backbone=BACKBONE_SPEC)
+    proc.wait_ready()
+    try:
+        assert not [
+            c for c in children(proc.proc.pid) if b"forkserver" in Path(f"/proc/{c}/cmdline").read_bytes()
+        ]
+        upload(proc.url, "t", artifact_bytes(backbone, P=2, mode="deep", C=3, seed=0))
+        files = [("images", ("0.png", png_bytes(0)))]
+        assert httpx.post(f"{proc.url}/v1/tasks/t/classify", files=files).status_code == 200
+    finally:
+        assert proc.stop() == 0, proc.log()[-3000:]
+    assert "--shm-size" in proc.log() and "Computing in the server process instead" in proc.log()
+
+
+def test_a_deep_backbone_crosses_as_one_buffer():
+    """~500 weight tensors: one shared buffer, where one descriptor per tensor would pass the fork
+    server's limit (~250); the engine process computes what the in-process engine does."""
+    cfg = dataclasses.replace(get_preset("vit_test_tiny"), depth=40)
+
+    def backbone() -> Backbone:
+        model = (
+            VisionTransformer(cfg).init_random(torch.Generator().manual_seed(0)).eval().requires_grad_(False)
+        )
+        return Backbone(
+            model, cfg, backbone_fingerprint(model.state_dict()), "random:depth40", "random:depth40"
+        )
+
+    local, remote = make_engine(backbone()), make_engine(backbone(), process=ProcessConfig(max_batch_size=2))
+    try:
+        assert len(remote.model.state_dict()) > 300
+        art = make_artifact(local.backbone, P=3, mode="deep", C=4, seed=0)
+        slot = local.install(TaskKey("t", "x", 1), art)
+        assert remote.install(TaskKey("t", "x", 1), art) == slot
+        x = images(2)
+        torch.testing.assert_close(
+            run(remote, x, [slot, slot], "embed").features, run(local, x, [slot, slot], "embed").features
+        )
+    finally:
+        remote.close()
 
 
 # ------------------------------------------------------------------- a real vpt-serve with its engine process
 
 
+def children(pid: int) -> list[int]:
+    return [int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()]
+
+
 def engine_pid(server_pid: int) -> int:
     """The server's engine process: the one child of its multiprocessing fork server."""
-
-    def children(pid: int) -> list[int]:
-        return [
-            int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()
-        ]
-
     servers = [c for c in children(server_pid) if b"forkserver" in Path(f"/proc/{c}/cmdline").read_bytes()]
     assert len(servers) == 1, servers
     found = children(servers[0])

@@ -259,7 +259,8 @@ def test_fair_share_under_a_10x_flood(server, tmp_path):
     assert ready and set(ready) == {200}
     # With the engine process B's ratio is 0.86-3.2x (median 1.5x, 11 of 13 runs within 2x); before it
     # (the forward in the server's process, sharing its GIL) 1.9-8x, median 2.4x. The bound catches a
-    # return to that.
+    # gross regression (5-20x before preemption and the rate gate, 41x with torch on both cores); a
+    # return to the in-process engine would show as more xfails, not as failures.
     assert ratio <= 5.0, f"B p99 under flood is {ratio:.2f}x its solo p99"
     if ratio > 2.0:
         # The 2x target holds in most runs, not all, on 2 shared cores where this test's own clients
