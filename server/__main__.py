@@ -37,22 +37,31 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    app = create_app(settings)
     config = uvicorn.Config(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
         access_log=False,  # our JSON access log replaces uvicorn's
         timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
     )
-    _Server(config).run()
-    return 0
+    server = _Server(config)
+    app.state.on_engine_death = server.fail
+    server.run()
+    return 1 if server.failed else 0
 
 
 class _Server(uvicorn.Server):
     """SIGTERM/SIGINT: stop accepting, finish in-flight requests, run the lifespan shutdown (which
     drains the scheduler), then exit 0. Stock uvicorn re-raises the signal afterwards, which turns a
-    clean shutdown into exit status -15 for supervisors."""
+    clean shutdown into exit status -15 for supervisors. `fail` (any thread): the same shutdown, exit 1."""
+
+    failed = False
+
+    def fail(self) -> None:
+        self.failed = True
+        self.should_exit = True  # uvicorn's main loop checks it every 0.1 s
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:

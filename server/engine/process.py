@@ -24,8 +24,8 @@ Installs stay safe without a lock: a slot is only written while no batch refers 
 becomes visible to the scheduler only afterwards (`PromptBank`).
 
 If the child dies, every batch in flight fails (503) and `alive` turns False: readiness and liveness
-fail (`/readyz`, `/healthz` answer 503), for a liveness probe to restart the server; nothing is
-computed by a half-working engine.
+fail (`/readyz`, `/healthz` answer 503), and `on_death` runs: `vpt-serve` then shuts down with exit
+status 1, for its supervisor to restart it (as vLLM's API server does when its engine core dies).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ import queue
 import signal
 import struct
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from multiprocessing import util as mp_util
@@ -251,6 +252,7 @@ class EngineProcess:
         self._next_job = 0
         self._closing = False
         self.alive = True
+        self.on_death: Callable[[], None] | None = None  # called (reader thread) if the child dies
         self._reader = threading.Thread(target=self._read, name="vpt-engine-reader", daemon=True)
         self._reader.start()
         # At interpreter exit, before multiprocessing joins its daemon children (without a timeout):
@@ -347,15 +349,17 @@ class EngineProcess:
         with self._lock:
             self.alive = False
             jobs, self._jobs = self._jobs, {}
+        for job in jobs.values():
+            self._free.put(job.lane)
+            job.future.set_exception(EngineProcessDied("the engine process has exited"))
         if not self._closing:
             self._proc.join(timeout=5)
             log.critical(
                 "the engine process exited (code %s): nothing can compute; liveness now fails",
                 self._proc.exitcode,
             )
-        for job in jobs.values():
-            self._free.put(job.lane)
-            job.future.set_exception(EngineProcessDied("the engine process has exited"))
+            if self.on_death is not None:
+                self.on_death()
 
     def _reply(self, msg: bytes) -> None:
         job_id, status, k = _REPLY.unpack_from(msg)

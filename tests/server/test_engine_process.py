@@ -18,13 +18,17 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from fastapi.testclient import TestClient
 
+from server.app import create_app
 from server.engine.bank import TaskKey
 from server.engine.engine import EngineBatch
 from server.engine.process import EngineProcessDied, EngineStartError, ProcessConfig, check_shared_memory
 from tests.server.helpers import BACKBONE_SPEC, artifact_bytes, make_artifact, png_bytes
 from tests.server.server_proc import ServerProcess
 from tests.server.test_engine import TASKS, make_engine, run
+from tests.server.test_faults import OCTET, assert_error, classify
+from tests.server.test_faults import settings as fault_settings
 from tests.server.test_integration import upload
 from vpt.config import get_preset
 from vpt.fingerprint import backbone_fingerprint
@@ -246,26 +250,36 @@ def gone(pid: int, timeout: float = 10.0) -> bool:
     return not Path(f"/proc/{pid}").exists()
 
 
+def test_embedded_app_whose_engine_process_dies_fails_liveness_and_answers_503(tmp_path, backbone):
+    """In an embedded app (no `vpt-serve` to exit) the server keeps answering: 503s, /healthz 503."""
+    app = create_app(fault_settings(tmp_path))
+    with TestClient(app) as client:
+        assert client.put("/v1/tasks/t", content=artifact_bytes(backbone, P=2, mode="deep", C=3, seed=0),
+                          headers=OCTET).status_code == 201  # fmt: skip
+        assert classify(client, "t").status_code == 200
+        process = app.state.services.engine.process
+        assert process is not None and client.get("/healthz").json() == {"status": "ok"}
+        os.kill(process._proc.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while client.get("/healthz").status_code == 200 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        health = client.get("/healthz")
+        assert (health.status_code, health.json()) == (503, {"status": "engine process exited"})
+        assert client.get("/readyz").status_code == 503
+        assert_error(classify(client, "t"), 503, "unavailable", "inference failed")
+
+
 @pytest.mark.integration
-def test_server_whose_engine_process_dies_fails_liveness_and_answers_503(tmp_path, backbone):
+def test_vpt_serve_whose_engine_process_dies_exits_1_for_its_supervisor(tmp_path, backbone):
     proc = ServerProcess(tmp_path, backbone=BACKBONE_SPEC).wait_ready()
     try:
         upload(proc.url, "t", artifact_bytes(backbone, P=2, mode="deep", C=3, seed=0))
         files = [("images", ("0.png", png_bytes(0)))]
         assert httpx.post(f"{proc.url}/v1/tasks/t/classify", files=files).status_code == 200
-        assert httpx.get(f"{proc.url}/healthz").json() == {"status": "ok"}
-        child = engine_pid(proc.proc.pid)
-        os.kill(child, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while httpx.get(f"{proc.url}/healthz").status_code == 200 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        health = httpx.get(f"{proc.url}/healthz")
-        assert (health.status_code, health.json()) == (503, {"status": "engine process exited"})
-        assert httpx.get(f"{proc.url}/readyz").status_code == 503
-        r = httpx.post(f"{proc.url}/v1/tasks/t/classify", files=files)
-        assert r.status_code == 503 and r.json()["error"]["type"] == "unavailable", r.text
+        os.kill(engine_pid(proc.proc.pid), signal.SIGKILL)
+        assert proc.proc.wait(timeout=30) == 1
     finally:
-        assert proc.stop() == 0, proc.log()[-3000:]
+        proc.stop()
     assert "the engine process exited" in proc.log()
 
 
