@@ -194,11 +194,13 @@ class Services:
 
     async def stop(self) -> None:
         self.draining = True
-        await self.scheduler.drain(timeout_s=self.settings.request_timeout_s)
-        await self.scheduler.close()
-        self.engine.close()
-        self.preprocess.close()
-        self.store.close()
+        try:
+            await self.scheduler.drain(timeout_s=self.settings.request_timeout_s)
+            await self.scheduler.close()
+        finally:  # whatever happened, the engine process is stopped (it waits up to ~10 s: a thread)
+            await asyncio.to_thread(self.engine.close)
+            self.preprocess.close()
+            self.store.close()
         # start's process-wide settings, undone: an in-process app (tests, embedding) leaves the
         # interpreter as it found it, and its engine can be collected.
         gc.unfreeze()
