@@ -291,7 +291,7 @@ class Engine:
         it copies the images and writes one message); the Future resolves with its result."""
         assert self.process is not None
         fut: Future[EngineResult] = Future()
-        pending = _Pending(self.process.submit(batch, preemptible), batch.output, time.perf_counter(), None)
+        pending = self.launch(batch, preemptible)  # with an engine process: sent, not waited for
         pending.out.add_done_callback(lambda _: _resolve(fut, lambda: self.collect(pending)))  # type: ignore[union-attr]
         return fut
 
