@@ -1,11 +1,14 @@
 """Python SDK for vpt-serve: `Client` (sync) and `AsyncClient` (asyncio), both over httpx.
 
 Each public method builds a `_Call` (method, path, body, result type) with the same pure functions, so
-the two clients differ only in how they send it. Retries: 429 and 503 refusals that did nothing
-(`overloaded`, `unavailable`; `store_unavailable` too, except for uploads), honouring Retry-After,
-and failures before the request was sent (connection refused, connect or pool timeout), with capped
-exponential backoff and jitter. A read or write timeout, or a connection dropped mid-exchange, is not
-retried: the server may already have acted on the request (an upload would add a version twice).
+the two clients differ only in how they send it. Retries, with capped exponential backoff and jitter:
+429 and 503 refusals that did nothing (`overloaded`, `unavailable`; `store_unavailable` too for a
+repeatable call), honouring Retry-After; failures before the request was sent (connection refused,
+connect or pool timeout); and, for a repeatable call only, a connection closed or reset before any
+reply (a keep-alive connection the server closed as the request went out). A call is repeatable when
+sending it twice does what sending it once does (reads, classify, embed, rollback); an upload or a
+delete that may have arrived is never resent. A read or write timeout is not retried: the server may
+still be working on the request. Each retry is logged at INFO on the `clients.client` logger.
 Errors: an error reply raises its `clients.errors` class; a transport failure raises
 `ConnectionFailed`, or its subclass `Timeout` when the `timeout` (seconds, for each of connect, read,
 write and pool) ran out; never a raw httpx exception. Task ids are percent-encoded in request paths.
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import mimetypes
 import os
 import random
@@ -43,16 +47,16 @@ from clients.types import ClassifyResult, EmbedResult, ServerInfo, TaskInfo, Tas
 T = TypeVar("T", bound=BaseModel)
 DEFAULT_URL = "http://127.0.0.1:8000"
 RETRY_STATUSES = (429, 503)
+log = logging.getLogger(__name__)
 
 
-def _worth_retrying(error: APIError, method: str) -> bool:
+def _worth_retrying(error: APIError, call: _Call) -> bool:
     """Whether a 429/503 refusal may be sent again after a wait. A full queue or a draining server did
-    nothing with the request. After `store_unavailable` a read can be repeated, but an upload may have
-    committed before the store failed to answer: sending it again could add a second version. A
-    corrupt stored artifact stays corrupt."""
+    nothing with the request. `store_unavailable` may come after the store committed (an upload's new
+    version, a delete): only a repeatable call is sent again. A corrupt stored artifact stays corrupt."""
     if isinstance(error, Overloaded | Unavailable):
         return True
-    return isinstance(error, StoreUnavailable) and method != "PUT"
+    return isinstance(error, StoreUnavailable) and call.repeatable
 
 
 ImageInput = Any  # str | os.PathLike | bytes | PIL.Image.Image | numpy.ndarray
@@ -63,6 +67,13 @@ class _Call:
     method: str
     path: str
     result: type[BaseModel] | None  # None: no body expected (204)
+    # Sending it twice does what sending it once does, so it is resent even when it may have arrived (a
+    # connection lost before the reply, 503 store_unavailable). True for reads; for rollback (to a named
+    # version: the same state, the same reply); for classify and embed, which change no task (a repeat
+    # costs compute and counts once more in the tenant's usage, as a 429/503 retry already does). False
+    # for an upload (a second version) and a delete (a repeat answers 404 to a delete that worked, or
+    # deletes a task re-uploaded in between).
+    repeatable: bool = False
     params: dict[str, Any] = field(default_factory=dict)
     content: bytes | None = None
     files: list[tuple[str, tuple[str, bytes, str]]] | None = None
@@ -113,12 +124,24 @@ def _task_path(task: str, suffix: str = "") -> str:
 
 def classify_call(task: str, images: Any, top_k: int | None, tenant: str | None) -> _Call:
     params = _tenant({"top_k": top_k} if top_k else {}, tenant)
-    return _Call("POST", _task_path(task, "/classify"), ClassifyResult, params=params, files=_images(images))
+    return _Call(
+        "POST",
+        _task_path(task, "/classify"),
+        ClassifyResult,
+        repeatable=True,
+        params=params,
+        files=_images(images),
+    )
 
 
 def embed_call(task: str, images: Any, tenant: str | None) -> _Call:
     return _Call(
-        "POST", _task_path(task, "/embed"), EmbedResult, params=_tenant({}, tenant), files=_images(images)
+        "POST",
+        _task_path(task, "/embed"),
+        EmbedResult,
+        repeatable=True,
+        params=_tenant({}, tenant),
+        files=_images(images),
     )
 
 
@@ -136,11 +159,11 @@ def upload_call(task: str, artifact: str | os.PathLike[str] | bytes, tenant: str
 
 def tasks_call(limit: int, cursor: str | None, tenant: str | None) -> _Call:
     params = _tenant({"limit": limit, **({"cursor": cursor} if cursor else {})}, tenant)
-    return _Call("GET", "/v1/tasks", TaskList, params=params)
+    return _Call("GET", "/v1/tasks", TaskList, repeatable=True, params=params)
 
 
 def task_call(task: str, tenant: str | None) -> _Call:
-    return _Call("GET", _task_path(task), TaskInfo, params=_tenant({}, tenant))
+    return _Call("GET", _task_path(task), TaskInfo, repeatable=True, params=_tenant({}, tenant))
 
 
 def delete_call(task: str, tenant: str | None) -> _Call:
@@ -149,12 +172,17 @@ def delete_call(task: str, tenant: str | None) -> _Call:
 
 def rollback_call(task: str, version: int, tenant: str | None) -> _Call:
     return _Call(
-        "POST", _task_path(task, "/rollback"), TaskInfo, params=_tenant({}, tenant), json={"version": version}
+        "POST",
+        _task_path(task, "/rollback"),
+        TaskInfo,
+        repeatable=True,
+        params=_tenant({}, tenant),
+        json={"version": version},
     )
 
 
 def info_call() -> _Call:
-    return _Call("GET", "/v1/info", ServerInfo)
+    return _Call("GET", "/v1/info", ServerInfo, repeatable=True)
 
 
 @dataclass
@@ -196,22 +224,37 @@ class _Base:
             "headers": call.headers,
         }
 
-    def _should_retry(self, attempt: int, response: httpx.Response | None, call: _Call) -> float | None:
-        """Seconds to wait before retrying, or None to stop. `response` None: a failure before the
-        request was sent (see `_failure`)."""
-        if attempt >= self.retry.max_retries:
-            return None
-        if response is None:  # the request never reached the server
-            return self.retry.delay(attempt, None)
-        if response.status_code not in RETRY_STATUSES:
-            return None
-        error = self._error(response)
-        return self.retry.delay(attempt, error.retry_after) if _worth_retrying(error, call.method) else None
+    def _after(
+        self, attempt: int, call: _Call, outcome: httpx.Response | httpx.RequestError
+    ) -> httpx.Response | float:
+        """The one retry decision of both clients, after attempt number `attempt` (0 first): the reply to
+        hand to `_result`, or seconds to wait before sending again. Raises the SDK error of a transport
+        failure that is not retried."""
+        if isinstance(outcome, httpx.Response):
+            if outcome.status_code not in RETRY_STATUSES:
+                return outcome
+            error = self._error(outcome)
+            if not _worth_retrying(error, call) or attempt >= self.retry.max_retries:
+                return outcome
+            wait, why = self.retry.delay(attempt, error.retry_after), f"{outcome.status_code} {error.type}"
+        else:
+            failure, safe = self._failure(call, outcome)
+            if not safe or attempt >= self.retry.max_retries:
+                raise failure from outcome
+            wait, why = self.retry.delay(attempt, None), f"{type(outcome).__name__}: {outcome}"
+        log.info("retry %d of %s %s in %.2f s after %s", attempt + 1, call.method, call.path, wait, why)
+        return wait
 
     def _failure(self, call: _Call, e: httpx.RequestError) -> tuple[ConnectionFailed, bool]:
         """The SDK error for an httpx failure without a usable reply (transport, or a body that cannot be
-        decoded), and whether a retry is safe (True only when the request was never sent: refused,
-        connect timeout, no free pooled connection in time)."""
+        decoded), and whether sending the call again is safe. Always when the request never left
+        (refused, connect timeout, no free pooled connection in time). For a repeatable call also when
+        the connection was closed or reset before a complete reply: typically a pooled keep-alive
+        connection the server closed as the request went out (httpx: RemoteProtocolError "Server
+        disconnected without sending a response", or ReadError "connection reset"), but the server may
+        also have read the request and died, so only what may be sent twice is. Never after a read or
+        write timeout: the server may still be working on it, and resending piles work on a slow
+        server."""
         where = f"{call.method} {self.url}{call.path}"
         if isinstance(e, httpx.TimeoutException):
             phase = {
@@ -225,7 +268,8 @@ class _Base:
             return Timeout(f"timed out after {limit} {phase} ({type(e).__name__}, {where})"), unsent
         if isinstance(e, httpx.ConnectError):
             return ConnectionFailed(f"cannot reach {self.url}: {e}"), True
-        return ConnectionFailed(f"{where} failed: {type(e).__name__}: {e}"), False
+        lost = isinstance(e, httpx.RemoteProtocolError | httpx.ReadError | httpx.WriteError)
+        return ConnectionFailed(f"{where} failed: {type(e).__name__}: {e}"), lost and call.repeatable
 
     @staticmethod
     def _error(response: httpx.Response) -> APIError:
@@ -274,18 +318,15 @@ class Client(_Base):
     def _send(self, call: _Call) -> Any:
         attempt = 0
         while True:
+            outcome: httpx.Response | httpx.RequestError
             try:
-                response = self._http.request(call.method, call.path, **self._request_kwargs(call))
+                outcome = self._http.request(call.method, call.path, **self._request_kwargs(call))
             except httpx.RequestError as e:
-                error, retryable = self._failure(call, e)
-                wait = self._should_retry(attempt, None, call) if retryable else None
-                if wait is None:
-                    raise error from e
-            else:
-                wait = self._should_retry(attempt, response, call)
-                if wait is None:
-                    return self._result(call, response)
-            time.sleep(wait)
+                outcome = e
+            step = self._after(attempt, call, outcome)
+            if isinstance(step, httpx.Response):
+                return self._result(call, step)
+            time.sleep(step)
             attempt += 1
 
     def classify(
@@ -353,18 +394,15 @@ class AsyncClient(_Base):
     async def _send(self, call: _Call) -> Any:
         attempt = 0
         while True:
+            outcome: httpx.Response | httpx.RequestError
             try:
-                response = await self._http.request(call.method, call.path, **self._request_kwargs(call))
+                outcome = await self._http.request(call.method, call.path, **self._request_kwargs(call))
             except httpx.RequestError as e:
-                error, retryable = self._failure(call, e)
-                wait = self._should_retry(attempt, None, call) if retryable else None
-                if wait is None:
-                    raise error from e
-            else:
-                wait = self._should_retry(attempt, response, call)
-                if wait is None:
-                    return self._result(call, response)
-            await asyncio.sleep(wait)
+                outcome = e
+            step = self._after(attempt, call, outcome)
+            if isinstance(step, httpx.Response):
+                return self._result(call, step)
+            await asyncio.sleep(step)
             attempt += 1
 
     async def classify(

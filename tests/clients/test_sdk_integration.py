@@ -1,5 +1,7 @@
 """The SDK against a real `vpt-serve` (tests/clients/conftest.py): every method, sync and async, and the
-error classes built from the server's real replies (401, 403, 404, 400, 422, 429 with Retry-After).
+error classes built from the server's real replies (401, 403, 404, 400, 422, 429 with Retry-After), and
+a kept-alive connection lost as the next request goes out (tests/clients/dropping_proxy.py in front of
+the real server): reads are resent once, an upload or a delete never.
 
 The sync and async clients run one shared scenario through `Calls`, so both are held to the same
 expectations; predictions are checked against the reference forward pass (tests/server/test_api.py).
@@ -8,6 +10,7 @@ expectations; predictions are checked against the reference forward pass (tests/
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,6 +21,7 @@ from PIL import Image
 from clients import errors
 from clients.client import AsyncClient, Client, RetryPolicy
 from clients.types import ClassifyResult
+from tests.clients.dropping_proxy import DroppingProxy, Seen
 from tests.server.helpers import BACKBONE_SPEC, png_bytes
 from tests.server.server_proc import free_port
 from tests.server.test_api import expected_probs
@@ -186,3 +190,68 @@ def test_429_carries_retry_after_and_the_client_waits_it_out(live, make):
     assert e.value.status == 429 and e.value.retry_after is not None and e.value.retry_after >= 1
     patient = make(live.url, live.keys["slow"], retry=RetryPolicy(max_retries=3, max_backoff_s=3.0))
     assert patient.tasks().tasks == []
+
+
+@pytest.fixture
+def proxy(live) -> Iterator[DroppingProxy]:
+    p = DroppingProxy(live.url)
+    yield p
+    p.close()
+
+
+@pytest.mark.parametrize("close", ["fin", "rst"])
+def test_a_lost_keep_alive_connection_resends_reads_but_never_an_upload_or_delete(
+    live, make, proxy, close, caplog
+):
+    """The connection the client kept alive is closed (or reset) as the next request goes out. Unsent
+    (the server never saw it): a read is sent again, once, on a new connection and answered; an
+    upload is not (no new version: the caller may upload again). Processed (the server acted, the
+    reply was lost): the upload committed exactly once and is not resent; classify is resent and
+    answered; delete is not resent (a resend would answer 404). The server's task versions show it."""
+    caplog.set_level(logging.INFO, logger="clients.client")
+    c = make(proxy.url, live.keys["acme"], retry=RetryPolicy(max_retries=3, backoff_s=0.01))
+    task = f"sdk-keepalive-{make.mode}-{close}"
+    path = f"/v1/tasks/{task}"
+
+    def versions() -> list[int]:  # a GET on a new connection (the lost one is gone)
+        return [v.version for v in c.task(task).versions]
+
+    def sent(method: str, p: str = path) -> list[Seen]:
+        return [s for s in proxy.seen if (s.method, s.path) == (method, p)]
+
+    v1 = c.upload(task, live.artifact(seed=11)).version
+
+    proxy.lose_next("unsent", close)
+    assert c.task(task).version == v1
+    assert [(s.connection, s.lost) for s in sent("GET")] == [(1, "unsent"), (2, None)]  # retried once
+
+    proxy.lose_next("unsent", close)
+    with pytest.raises(errors.ConnectionFailed) as e:
+        c.upload(task, live.artifact(seed=12))
+    assert type(e.value) is errors.ConnectionFailed
+    assert [s.lost for s in sent("PUT")] == [None, "unsent"]  # not resent
+    assert versions() == [v1]
+
+    proxy.lose_next("processed", close)
+    with pytest.raises(errors.ConnectionFailed):
+        c.upload(task, live.artifact(seed=13))
+    assert [s.lost for s in sent("PUT")] == [None, "unsent", "processed"]
+    assert len(versions()) == 2  # the server committed it, once
+
+    proxy.lose_next("processed", close)
+    assert len(c.classify(task, png_bytes(1)).predictions) == 1
+    assert [s.lost for s in sent("POST", f"{path}/classify")] == ["processed", None]
+
+    proxy.lose_next("processed", close)
+    with pytest.raises(errors.ConnectionFailed):
+        c.delete(task)
+    assert [s.lost for s in sent("DELETE")] == ["processed"]
+    with pytest.raises(errors.NotFound):  # deleted by the one DELETE that arrived
+        c.task(task)
+
+    retries = [r.getMessage() for r in caplog.records if r.name == "clients.client"]
+    assert [r.split(" in ")[0] for r in retries] == [
+        f"retry 1 of GET {path}",
+        f"retry 1 of POST {path}/classify",
+    ]
+    assert all(("RemoteProtocolError" if close == "fin" else "ReadError") in r for r in retries)

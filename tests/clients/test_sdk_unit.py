@@ -182,9 +182,9 @@ def test_no_retry_on_client_errors_and_gives_up_after_max(monkeypatch):
 
 
 def test_only_refusals_that_did_nothing_are_retried(monkeypatch):
-    """A 503 store_unavailable may come after the store committed: resending the upload could add a
-    version twice, so only a draining server's 503 (`unavailable`) is retried for an upload; reads
-    retry both. A corrupt_artifact 503 is never retried."""
+    """A 503 store_unavailable may come after the store committed: resending an upload could add a
+    version twice, a delete answer 404, so only a draining server's 503 (`unavailable`) is retried for
+    them; reads retry both. A corrupt_artifact 503 is never retried."""
     monkeypatch.setattr("clients.client.time.sleep", lambda s: None)
     calls: list[str] = []
 
@@ -200,6 +200,10 @@ def test_only_refusals_that_did_nothing_are_retried(monkeypatch):
         with pytest.raises(errors.StoreUnavailable):
             c.task("t")
         assert calls == ["GET"] * 4
+        calls.clear()
+        with pytest.raises(errors.StoreUnavailable):  # the delete may have committed too
+            c.delete("t")
+        assert calls == ["DELETE"]
     calls.clear()
 
     def corrupt(request):
@@ -272,20 +276,75 @@ def test_connect_timeout_is_retried_read_timeout_is_not(monkeypatch):
         assert isinstance(info.value.__cause__, exc)
 
 
-def test_a_dropped_connection_is_connection_failed_and_not_retried():
-    calls = []
+# Every SDK method: its arguments, and whether it may be sent twice (resent after a lost connection).
+REPEATABLE = {
+    "info": ((), True),
+    "tasks": ((), True),
+    "task": (("t",), True),
+    "classify": (("t", b"img"), True),
+    "embed": (("t", b"img"), True),
+    "rollback": (("t", 1), True),
+    "upload": (("t", b"artifact"), False),
+    "delete": (("t",), False),
+}
+
+
+@pytest.mark.parametrize(
+    ("exc", "message"),
+    [
+        (httpx.RemoteProtocolError, "Server disconnected without sending a response."),
+        (httpx.ReadError, "[Errno 104] Connection reset by peer"),
+        (httpx.WriteError, "[Errno 32] Broken pipe"),
+    ],
+)
+def test_a_lost_connection_is_resent_only_for_calls_that_may_be_sent_twice(exc, message):
+    """A connection closed or reset before the reply (a keep-alive connection the server closed as the
+    request went out, or a server that read it and died): reads, classify, embed and rollback are sent
+    again, by both clients; an upload or a delete, which may have arrived, is sent once."""
 
     def drop(request):
-        calls.append(1)
-        raise httpx.RemoteProtocolError("Server disconnected without sending a response.", request=request)
+        sent.append(request.method)
+        raise exc(message, request=request)
 
-    with (
-        Client("http://x", retry=FAST, transport=httpx.MockTransport(drop)) as c,
-        pytest.raises(errors.ConnectionFailed) as info,
-    ):
-        c.classify("t", b"img")
-    assert type(info.value) is errors.ConnectionFailed and len(calls) == 1
-    assert "RemoteProtocolError" in str(info.value)
+    for name, (args, repeatable) in REPEATABLE.items():
+        for kind in ("sync", "async"):
+            sent: list[str] = []
+            with pytest.raises(errors.ConnectionFailed) as info:
+                if kind == "sync":
+                    with Client("http://x", retry=FAST, transport=httpx.MockTransport(drop)) as c:
+                        getattr(c, name)(*args)
+                else:
+
+                    async def run(name=name, args=args):
+                        async with AsyncClient(
+                            "http://x", retry=FAST, transport=httpx.MockTransport(drop)
+                        ) as c:
+                            await getattr(c, name)(*args)
+
+                    asyncio.run(run())
+            assert len(sent) == (4 if repeatable else 1), (name, kind)  # first try + 3 retries, or once
+            assert type(info.value) is errors.ConnectionFailed and exc.__name__ in str(info.value)
+            assert isinstance(info.value.__cause__, exc)
+
+
+def test_a_lost_keep_alive_connection_is_retried_once_then_answered(caplog):
+    replies: list[Exception | httpx.Response] = [
+        httpx.RemoteProtocolError("Server disconnected without sending a response."),
+        httpx.Response(200, json=CLASSIFY_OK),
+    ]
+
+    def handler(request):
+        reply = replies.pop(0)
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    caplog.set_level("INFO", logger="clients.client")
+    with Client("http://x", retry=FAST, transport=httpx.MockTransport(handler)) as c:
+        assert c.classify("t", b"img").version == 2
+    assert not replies
+    [retry] = [r.getMessage() for r in caplog.records if r.name == "clients.client"]
+    assert retry.startswith("retry 1 of POST /v1/tasks/t/classify in ") and "RemoteProtocolError" in retry
 
 
 @pytest.fixture
