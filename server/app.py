@@ -16,8 +16,9 @@ from fastapi.staticfiles import StaticFiles
 import server
 from prompt_store.base import PromptStore
 from server.api import inference, system, tasks
+from server.api.bodies import largest_body
 from server.api.errors import install_error_handlers
-from server.api.middleware import RateGate, RequestContext
+from server.api.middleware import BodyLimit, RateGate, RequestContext
 from server.metrics import Metrics
 from server.services import Services
 from server.settings import Settings
@@ -52,7 +53,10 @@ def create_app(settings: Settings, *, store: PromptStore | None = None) -> FastA
         lifespan=lifespan,
     )
     metrics = Metrics()  # built here so the middleware and the services share one registry
-    app.add_middleware(RateGate)  # inside RequestContext: its refusals are logged and counted too
+    # Inside out: BodyLimit, RateGate, RequestContext (the last added runs first). A caller without a
+    # valid key gets its 401 before anything else looks at the request; every refusal is logged.
+    app.add_middleware(BodyLimit, limit=largest_body(settings))
+    app.add_middleware(RateGate)
     app.add_middleware(RequestContext, metrics=metrics, enabled_log=settings.access_log)
     install_error_handlers(app)
     for router in (inference.router, tasks.router, system.router):

@@ -1,7 +1,9 @@
-"""Reading request bodies: images as multipart, raw bytes or JSON base64; artifacts as raw or multipart.
+"""Reading request bodies: images as multipart, raw bytes or JSON base64; artifacts as raw or multipart;
+small JSON requests as pydantic models.
 
 Bodies are read with a byte limit (413 beyond it, also for chunked uploads without Content-Length),
-then parsed; every malformed input is a 4xx naming the problem.
+then parsed; every malformed input is a 4xx naming the problem. No route lets FastAPI parse a body:
+FastAPI reads a declared body whole, without a limit, before the route runs.
 """
 
 from __future__ import annotations
@@ -9,15 +11,27 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from typing import TypeVar
 
 from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
 from server.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
+from server.settings import Settings
 
 IMAGE_TYPES = ("image/", "application/octet-stream")
+MULTIPART_OVERHEAD = 64 * 1024  # bytes an artifact's multipart envelope may add (boundaries, part headers)
+SMALL_JSON_BYTES = 16 * 1024  # the limit of a small JSON request body (a rollback's is ~15 bytes)
+M = TypeVar("M", bound=BaseModel)
+
+
+def largest_body(settings: Settings) -> int:
+    """The most bytes any route reads: the limit of the ASGI backstop (`middleware.BodyLimit`)."""
+    return max(settings.max_body_bytes, settings.max_artifact_bytes + MULTIPART_OVERHEAD)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -123,8 +137,9 @@ def _json_images(body: bytes) -> tuple[list[bytes], int | None]:
 async def read_artifact(request: Request, *, max_bytes: int) -> bytes:
     """Artifact upload body: raw bytes, or multipart with a file field `artifact` (or `file`)."""
     media = _media_type(request)
-    body = await read_body(request, max_bytes + 64 * 1024 if media == "multipart/form-data" else max_bytes)
-    if media == "multipart/form-data":
+    multipart = media == "multipart/form-data"
+    body = await read_body(request, max_bytes + MULTIPART_OVERHEAD if multipart else max_bytes)
+    if multipart:
         files = await _multipart_files(request, ("artifact", "file"), 1)
         if len(files) != 1:
             raise InvalidRequest("multipart upload needs exactly one file field 'artifact'")
@@ -139,3 +154,20 @@ async def read_artifact(request: Request, *, max_bytes: int) -> bytes:
     raise UnsupportedMediaType(
         f"Content-Type {media!r} not supported for uploads: send application/octet-stream or multipart"
     )
+
+
+async def read_model(request: Request, model: type[M], *, limit: int) -> M:
+    """A JSON body as `model`, read under `limit` bytes; errors as FastAPI's own body validation (422).
+
+    Other Content-Types are refused (415; FastAPI refuses them too, with a 422): a browser sends a
+    cross-site form or `text/plain` POST without a preflight, so a JSON route must not accept one."""
+    media = _media_type(request)
+    if media and media != "application/json" and not media.endswith("+json"):
+        raise UnsupportedMediaType(f"Content-Type {media!r} not supported: send application/json")
+    body = await read_body(request, limit)
+    if not body.strip():
+        raise RequestValidationError([{"type": "missing", "loc": ("body",), "msg": "Field required"}])
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as e:
+        raise RequestValidationError(e.errors(include_url=False)) from None

@@ -56,7 +56,7 @@ async def get_principal(
     ] = None,
     _scheme: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)] = None,
 ) -> Principal:
-    """The caller RateGate authenticated and charged (or its 401), and the tenant it acts on.
+    """The caller RateGate authenticated and charged, and the tenant it acts on.
 
     `_scheme` only declares the bearer scheme in OpenAPI (it never refuses): `authenticate` checks the
     header itself, with an error that says what is wrong."""
@@ -65,13 +65,12 @@ async def get_principal(
         caller: Tenant | None = None
         name, role = services.settings.default_tenant, "admin"
     else:
-        # RateGate (server/api/middleware.py) authenticated and charged every API request already.
-        state = request.scope.get("state", {})
-        caller = state.get("admitted_caller")
+        # RateGate (server/api/middleware.py) authenticated and charged every API request already, and
+        # answered the 401s. Only while the server starts does it let a request by unchecked; one that
+        # reaches a route after the start has finished is refused as if it had come a moment earlier.
+        caller = request.scope.get("state", {}).get("admitted_caller")
         if caller is None:
-            raise state.get("auth_error") or Unauthorized(
-                "missing API key: send 'Authorization: Bearer <key>'"
-            )
+            raise Unavailable("server is starting")
         name, role = caller.name, caller.role
     acting, quotas = name, caller
     if tenant is not None and tenant != name:

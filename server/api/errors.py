@@ -60,7 +60,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
-        type_ = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        type_ = {404: "not_found", 405: "method_not_allowed", 413: errors.PayloadTooLarge.type}.get(
+            exc.status_code, "http_error"
+        )
         message = str(exc.detail)
         # The router's bare "Not Found" / "Method Not Allowed": say what was asked (an encoded "/" in a
         # task id, e.g. `..%2Fx`, is decoded before routing and lands here). The path is client text:

@@ -1,4 +1,5 @@
-"""Pure ASGI middleware: request ids, JSON access log, latency metrics; the rate-limit gate.
+"""Pure ASGI middleware: request ids, JSON access log, latency metrics; the gate that authenticates
+and rate-limits API requests; the body-size backstop.
 
 Pure ASGI (not BaseHTTPMiddleware) so the route still sees `http.disconnect` from the client and can
 free a disconnected client's queued work.
@@ -14,11 +15,12 @@ import uuid
 from typing import Any
 
 from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api.deps import authenticate, charge_rate
 from server.api.errors import error_response
-from server.errors import Overloaded, Unauthorized
+from server.errors import InvalidRequest, Overloaded, PayloadTooLarge, ServingError, Unauthorized
 from server.metrics import Metrics
 
 access_log = logging.getLogger("vpt.access")
@@ -83,21 +85,26 @@ class RequestContext:
 
 
 class RateGate:
-    """ASGI middleware: refuse a rate-limited API request before routing.
+    """ASGI middleware: authenticate an API request and refuse it (401, 429) before routing.
+
+    Every /v1 request is authenticated here (with tenants), before FastAPI reads its body or validates
+    its path and query: a caller without a valid key costs a header lookup and a key hash, gets a 401
+    whatever the route, id or body, and learns nothing about which routes and ids exist. The unread
+    body is left to the HTTP server, which discards it as it arrives (in a fixed buffer) once the
+    response is sent.
 
     A flooding tenant's requests are mostly refused by its rate limit. Refused inside FastAPI (routing,
     dependency resolution, exception handlers) each cost ~0.4 ms of event-loop CPU, which the engine
     thread and other tenants' requests wait for (GIL); here a refusal costs a header lookup, a key
-    hash and a token bucket. It is where API requests are authenticated (with tenants): the caller it
-    admits goes on in `state.admitted_caller`, a missing or bad key in `state.auth_error`, and the
-    routes' dependency answers from those without hashing the key again.
+    hash and a token bucket. The caller it admits goes on in `state.admitted_caller` for the routes'
+    dependency (`deps.get_principal`), which does not hash the key again.
     """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        refusal = self._charge(scope) if scope["type"] == "http" else None
+        refusal = self._admit(scope) if scope["type"] == "http" else None
         if refusal is None:
             await self.app(scope, receive, send)
         else:
@@ -105,11 +112,8 @@ class RateGate:
             await response(scope, receive, send)
 
     @staticmethod
-    def _charge(scope: Scope) -> Overloaded | None:
-        """Authenticate an API request and charge it to its tenant's bucket; the refusal if over it.
-
-        The outcome goes on in the request state for the routes' dependency (`deps.get_principal`):
-        `admitted_caller`, or `auth_error` (no key, bad key), which the route answers with a 401."""
+    def _admit(scope: Scope) -> Unauthorized | Overloaded | None:
+        """Authenticate an API request and charge it to its tenant's bucket; the refusal if any."""
         services = getattr(scope["app"].state, "services", None)  # None while starting
         if not scope["path"].startswith("/v1/") or services is None or services.tenants is None:
             return None
@@ -118,8 +122,7 @@ class RateGate:
             # Headers(): the first Authorization header, as Starlette's request.headers reads it.
             caller = authenticate(services.tenants, Headers(scope=scope).get("authorization", ""))
         except Unauthorized as e:
-            state["auth_error"] = e
-            return None
+            return e
         state["tenant"] = caller.name  # for the access log and per-tenant metrics
         try:
             charge_rate(services, caller)
@@ -127,3 +130,51 @@ class RateGate:
             return e
         state["admitted_caller"] = caller
         return None
+
+
+class BodyLimit:
+    """ASGI middleware: no request body of more than `limit` bytes reaches the app (413).
+
+    `limit` is the largest body any route accepts; each route reads with its own, smaller limit
+    (`bodies.read_body`). This is the backstop for a route, present or future, that forgets to or
+    lets FastAPI parse its body: a declared Content-Length over the limit is refused before routing,
+    and a body without one is stopped at the limit, so no route can buffer more than `limit` bytes.
+    The stop is an HTTPException raised from `receive`, because FastAPI's body parsing passes those
+    on (any other exception becomes its 400 "error parsing the body"); the error handlers answer it.
+    Inside `RateGate`, so a caller without a valid key gets its 401 first.
+
+    Not FastAPI's own `max_body_size`: recent versions only, its 413 is not in our error shape, and
+    the app-wide one runs before our middleware (a 413 before the 401, and not logged).
+    """
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length")
+        refusal: ServingError | None = None
+        if declared is not None:
+            try:
+                if int(declared) > self.limit:
+                    refusal = PayloadTooLarge(f"body of {declared} bytes exceeds the limit of {self.limit}")
+            except ValueError:
+                refusal = InvalidRequest("invalid Content-Length header")
+        if refusal is not None:
+            response = error_response(refusal.status, refusal.type, refusal.message, refusal.headers)
+            await response(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise HTTPException(413, f"body exceeds the limit of {self.limit} bytes")
+            return message
+
+        await self.app(scope, limited, send)

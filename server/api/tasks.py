@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query, Request, Response
 
 from prompt_store.base import NotFound, PromptStore, TaskInfo
 from prompt_store.ids import ID_MAX_LEN
-from server.api.bodies import read_artifact
+from server.api.bodies import SMALL_JSON_BYTES, read_artifact, read_model
 from server.api.common import ERRORS, id_rule_schema
 from server.api.deps import PrincipalDep, ServicesDep, TaskId
 from server.api.schemas import RollbackRequest, TaskList, TaskOut, TaskUsage, VersionOut
@@ -148,12 +148,28 @@ async def delete_task(task_id: TaskId, services: ServicesDep, principal: Princip
     return Response(status_code=204)
 
 
+# Declared here, read by the route (`read_model`): a `body: RollbackRequest` parameter would have
+# FastAPI read the whole body, with no limit, before the route runs.
+ROLLBACK_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": RollbackRequest.model_json_schema()}},
+    }
+}
+
+
 @router.post(
-    "/{task_id}/rollback", response_model=TaskOut, responses=ERRORS, summary="Make a retained version current"
+    "/{task_id}/rollback",
+    response_model=TaskOut,
+    responses=ERRORS,
+    openapi_extra=ROLLBACK_BODY,
+    summary="Make a retained version current",
 )
 async def rollback(
-    task_id: TaskId, body: RollbackRequest, services: ServicesDep, principal: PrincipalDep
+    task_id: TaskId, request: Request, services: ServicesDep, principal: PrincipalDep
 ) -> TaskOut:
+    limit = min(services.settings.max_body_bytes, SMALL_JSON_BYTES)
+    body = await read_model(request, RollbackRequest, limit=limit)
     store, tenant = services.store, principal.tenant
 
     def do() -> TaskInfo:
