@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -39,6 +40,7 @@ __all__ = [
     "StoreError",
     "StoreUnavailable",
     "TaskInfo",
+    "TaskLimitReached",
     "TaskPage",
     "Validator",
     "VersionInfo",
@@ -111,6 +113,18 @@ class Conflict(StoreError):
     """Could not get exclusive access to a task in time (lock timeout, or too many lost races)."""
 
 
+class TaskLimitReached(StoreError):
+    """`put(..., max_tasks=N)` would create a task while the tenant already has N live tasks."""
+
+    def __init__(self, tenant: str, max_tasks: int) -> None:
+        self.tenant = tenant
+        self.max_tasks = max_tasks
+        super().__init__(f"tenant {tenant!r} already has its maximum of {max_tasks} tasks")
+
+    def __reduce__(self) -> tuple[type[TaskLimitReached], tuple[str, int]]:
+        return (type(self), (self.tenant, self.max_tasks))
+
+
 # --------------------------------------------------------------------------------------------- records
 @dataclass(frozen=True)
 class VersionInfo:
@@ -175,20 +189,60 @@ class PromptStore(ABC):
     def url(self) -> str:
         """Where the store lives, as `open_store` would accept it (no credentials)."""
 
-    def put(self, tenant: str, task_id: str, data: bytes, validator: Validator | None = None) -> VersionInfo:
+    def put(
+        self,
+        tenant: str,
+        task_id: str,
+        data: bytes,
+        validator: Validator | None = None,
+        *,
+        max_tasks: int | None = None,
+    ) -> VersionInfo:
         """Store `data` as a new version of the task and make it current.
 
         The artifact is fully validated (`load_artifact` with this store's limits, then `validator`
         if given) before anything is written; on failure nothing is stored. Returns when the version
         is durable and visible to every reader.
 
+        Args:
+            max_tasks: the tenant's task limit, or None for none. A task that is not live (never
+                stored, or deleted) is created only if the tenant has fewer than `max_tasks` live
+                tasks; the count and the create are one step, under a per-tenant creation lock that
+                every store instance on the same store honours (processes, and replicas: see
+                docs/store.md for how far that holds per backend). A new version of a live task is
+                never refused and takes no tenant-wide lock.
+
         Raises:
-            InvalidId, InvalidArtifact, StoreUnavailable, Conflict.
+            InvalidId, InvalidArtifact, TaskLimitReached, StoreUnavailable, Conflict.
         """
         tenant, task_id = self._check(tenant, task_id)
+        if max_tasks is not None and (
+            not isinstance(max_tasks, int) or isinstance(max_tasks, bool) or max_tasks < 0
+        ):
+            raise ValueError(f"max_tasks must be None or an integer >= 0, got {max_tasks!r}")
         data = bytes(data)  # accept bytearray / memoryview, and never keep a buffer the caller mutates
         self.validate(data, validator)
-        return self._put(tenant, task_id, data, hashlib.sha256(data).hexdigest())
+        sha256 = hashlib.sha256(data).hexdigest()
+        if max_tasks is None:
+            info = self._put(tenant, task_id, data, sha256)
+        else:
+            info = self._put(tenant, task_id, data, sha256, live_only=True)
+            if info is None:
+                info = self._create_within_limit(tenant, task_id, data, sha256, max_tasks)
+        assert info is not None, "_put returns None only with live_only"
+        return info
+
+    def _create_within_limit(
+        self, tenant: str, task_id: str, data: bytes, sha256: str, max_tasks: int
+    ) -> VersionInfo | None:
+        # Under the lock no other limited writer can create a task of this tenant, so the count cannot
+        # go stale before our commit. Deletes may run meanwhile: they only lower the count.
+        with self._creation_lock(tenant) as check:
+            current = self._load_manifest(tenant, task_id)
+            live = current is not None and not current.deleted  # created meanwhile: a new version
+            if not live and self.count_tasks(tenant, stop_at=max_tasks) >= max_tasks:
+                raise TaskLimitReached(tenant, max_tasks)
+            return self._put(tenant, task_id, data, sha256, check=check)
 
     def validate(self, data: bytes, validator: Validator | None = None) -> ArtifactMetadata:
         """Run the upload checks without storing anything; returns the artifact's header metadata.
@@ -279,6 +333,22 @@ class PromptStore(ABC):
         more = next(iter(self._task_ids(tenant, last)), None) is not None
         return TaskPage(items=tuple(items), next_cursor=last if more else None)
 
+    def count_tasks(self, tenant: str, stop_at: int | None = None) -> int:
+        """The tenant's live tasks, counted through the listing (one manifest read per task); stops
+        early once `stop_at` is reached.
+
+        Raises:
+            InvalidId, StoreUnavailable.
+        """
+        n, cursor = 0, None
+        while stop_at is None or n < stop_at:
+            page = self.list_tasks(tenant, 1000, cursor)
+            n += len(page.items)
+            cursor = page.next_cursor
+            if cursor is None:
+                break
+        return n
+
     def tenants(self) -> list[str]:
         """Tenants that have at least one live task, sorted (an admin operation: scans the store)."""
         out = []
@@ -339,8 +409,28 @@ class PromptStore(ABC):
 
     # ----------------------------------------------------------------------- backend primitives
     @abstractmethod
-    def _put(self, tenant: str, task_id: str, data: bytes, sha256: str) -> VersionInfo:
-        """Write validated `data` as version last + 1, commit it as current, prune; ids are checked."""
+    def _put(
+        self,
+        tenant: str,
+        task_id: str,
+        data: bytes,
+        sha256: str,
+        *,
+        live_only: bool = False,
+        check: Callable[[], None] | None = None,
+    ) -> VersionInfo | None:
+        """Write validated `data` as version last + 1, commit it as current, prune; ids are checked.
+
+        live_only: commit only on top of a live manifest (atomically with the commit); if the task is
+            missing or deleted, leave nothing behind and return None.
+        check: called right before the commit; raises Conflict when the caller's creation lock may
+            have passed to another writer, and then nothing is committed.
+        """
+
+    @abstractmethod
+    def _creation_lock(self, tenant: str) -> AbstractContextManager[Callable[[], None]]:
+        """The tenant's exclusive creation lock, shared by every instance on this store (Conflict if
+        it cannot be had in time). Yields the `check` to pass to `_put`."""
 
     @abstractmethod
     def _delete(self, tenant: str, task_id: str) -> None:

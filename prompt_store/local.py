@@ -6,6 +6,12 @@ Layout under the root (docs/store.md)::
     tenants/<tenant>/tasks/<task_id>/v000001.safetensors    immutable version data
     tenants/<tenant>/tasks/<task_id>/.lock                  flock(2) target serialising writers
     tenants/<tenant>/tasks/<task_id>/.tmp-<hex>             in-flight writes (crash leftovers)
+    tenants/<tenant>/.create-lock                           flock(2) target of `put(max_tasks=…)`
+
+A put with a task limit that creates a task holds the tenant's `.create-lock` across counting the
+tenant's tasks and committing, so every process (and host, over a file system whose flock reaches
+them) that opens the directory sees the count and the create as one step. Lock order: the tenant's
+lock before a task's, never the other way round.
 
 Protocol (DESIGN.md, "Storage and consistency"): writers take the task's exclusive flock, write the
 version to a temp file, fsync it, rename it into place and fsync the directory, then do the same for
@@ -30,7 +36,7 @@ import fcntl
 import os
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -55,6 +61,7 @@ __all__ = ["LocalStore"]
 
 MANIFEST = "manifest.json"
 LOCK = ".lock"
+CREATE_LOCK = ".create-lock"
 TMP_PREFIX = ".tmp-"
 
 
@@ -111,12 +118,25 @@ class LocalStore(PromptStore):
                 raise StoreUnavailable(f"store directory {self._tenants_dir} is missing")
 
     # ----------------------------------------------------------------------------------- writes
-    def _put(self, tenant: str, task_id: str, data: bytes, sha256: str) -> VersionInfo:
+    def _put(
+        self,
+        tenant: str,
+        task_id: str,
+        data: bytes,
+        sha256: str,
+        *,
+        live_only: bool = False,
+        check: Callable[[], None] | None = None,
+    ) -> VersionInfo | None:
         task_dir = self._task_dir(tenant, task_id)
         with _io_errors(f"writing {tenant}/{task_id}"):
+            if live_only and not task_dir.is_dir():
+                return None
             _make_dirs(task_dir, base=self._tenants_dir)
-            with self._locked(task_dir):
+            with self._locked(task_dir / LOCK):
                 previous = self._read_manifest(task_dir, tenant, task_id)
+                if live_only and (previous is None or previous.deleted):
+                    return None  # under the task lock: nobody can revive it before we are out
                 self._tidy(task_dir, previous)
                 version = (previous.last_version if previous else 0) + 1
                 _write_durably(task_dir, version_name(version), data)
@@ -124,11 +144,23 @@ class LocalStore(PromptStore):
                 manifest, dropped = Manifest.after_put(
                     previous, tenant, task_id, info, header_text(data), self.keep_versions
                 )
+                if check is not None:
+                    check()
                 _write_durably(task_dir, MANIFEST, manifest.to_bytes())  # the commit point
                 # After the commit: a crash here leaves unreferenced files, which _tidy removes later.
                 for old in dropped:
                     _unlink_quietly(task_dir / version_name(old))
         return info
+
+    @contextmanager
+    def _creation_lock(self, tenant: str) -> Iterator[Callable[[], None]]:
+        # A flock stays ours until we close it (the kernel drops it only with our process), so the
+        # check before the commit has nothing to verify.
+        tenant_dir = self._tenants_dir / tenant
+        with _io_errors(f"locking tenant {tenant}"):
+            _make_dirs(tenant_dir, base=self._tenants_dir)
+            with self._locked(tenant_dir / CREATE_LOCK):
+                yield lambda: None
 
     def _existing_task_dir(self, tenant: str, task_id: str) -> Path:
         """The task's directory; NotFound if there is none (StoreUnavailable if the store is gone)."""
@@ -140,7 +172,7 @@ class LocalStore(PromptStore):
 
     def _delete(self, tenant: str, task_id: str) -> None:
         task_dir = self._existing_task_dir(tenant, task_id)
-        with _io_errors(f"deleting {tenant}/{task_id}"), self._locked(task_dir):
+        with _io_errors(f"deleting {tenant}/{task_id}"), self._locked(task_dir / LOCK):
             manifest = self._read_manifest(task_dir, tenant, task_id)
             if manifest is None or manifest.deleted:
                 raise NotFound(tenant, task_id)
@@ -149,7 +181,7 @@ class LocalStore(PromptStore):
 
     def _set_current(self, tenant: str, task_id: str, version: int) -> VersionInfo:
         task_dir = self._existing_task_dir(tenant, task_id)
-        with _io_errors(f"updating {tenant}/{task_id}"), self._locked(task_dir):
+        with _io_errors(f"updating {tenant}/{task_id}"), self._locked(task_dir / LOCK):
             manifest = self._read_manifest(task_dir, tenant, task_id)
             if manifest is None or manifest.deleted:
                 raise NotFound(tenant, task_id)
@@ -169,7 +201,7 @@ class LocalStore(PromptStore):
 
     def _sweep_task(self, tenant: str, task_id: str) -> int:
         task_dir = self._task_dir(tenant, task_id)
-        with _io_errors(f"sweeping {tenant}/{task_id}"), self._locked(task_dir):
+        with _io_errors(f"sweeping {tenant}/{task_id}"), self._locked(task_dir / LOCK):
             return self._tidy(task_dir, self._read_manifest(task_dir, tenant, task_id))
 
     def _tidy(self, task_dir: Path, manifest: Manifest | None) -> int:
@@ -188,13 +220,14 @@ class LocalStore(PromptStore):
         return removed
 
     @contextmanager
-    def _locked(self, task_dir: Path) -> Iterator[None]:
-        """Exclusive flock on the task's lock file; polls so that waiting has a deadline.
+    def _locked(self, lock_file: Path) -> Iterator[None]:
+        """Exclusive flock on a lock file (a task's, or a tenant's creation lock); polls so that waiting
+        has a deadline.
 
         Each acquisition opens its own descriptor, so threads of one process exclude each other as
         well as other processes (flock locks belong to the open file description).
         """
-        fd = os.open(task_dir / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             deadline = time.monotonic() + self.lock_timeout
             delay = 0.0005
@@ -205,7 +238,7 @@ class LocalStore(PromptStore):
                 except BlockingIOError:
                     if time.monotonic() >= deadline:
                         raise Conflict(
-                            f"timed out after {self.lock_timeout:g}s waiting for the lock of {task_dir}"
+                            f"timed out after {self.lock_timeout:g}s waiting for the lock {lock_file}"
                         ) from None
                     time.sleep(delay)
                     delay = min(delay * 2, 0.02)

@@ -4,6 +4,7 @@ Keys under ``s3://<bucket>/<prefix>/`` (docs/store.md)::
 
     tenants/<tenant>/tasks/<task_id>/manifest.json          the commit point (see manifest.py)
     tenants/<tenant>/tasks/<task_id>/v000001.safetensors    immutable version data
+    tenants/<tenant>/.create-lock                           lease lock of `put(max_tasks=…)` (s3_lock.py)
 
 There are no locks in S3, so writers use the two conditional writes S3 offers (AWS since 2024; MinIO,
 Cloudflare R2 and Ceph RGW implement them too):
@@ -20,6 +21,10 @@ writer's orphan) but are never reused. A version object whose number is at most 
 ``last_version`` and that the manifest does not list can never be committed any more, so any writer
 may delete it; that is how crash leftovers and pruned versions are collected.
 
+A put with a task limit that creates a task holds the tenant's lease lock (s3_lock.py: conditional
+writes, an expiry for crashed holders, and a holder that will not commit once its lease may have
+run out) across counting the tenant's tasks and committing the new manifest.
+
 Timeouts and bounded retries (botocore "standard" mode) make an unreachable endpoint fail with
 StoreUnavailable within seconds instead of hanging a request.
 """
@@ -29,9 +34,9 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, suppress
 from typing import TYPE_CHECKING, Any
 
 import boto3
@@ -51,6 +56,7 @@ from prompt_store.base import (
 )
 from prompt_store.ids import ID_PATTERN
 from prompt_store.manifest import Manifest, header_text, parse_version_name, version_name
+from prompt_store.s3_lock import LOST_RACE, MISSING, S3Lease, error_code, request_bound
 
 if TYPE_CHECKING:
     from prompt_store.artifact import ArtifactLimits
@@ -58,10 +64,7 @@ if TYPE_CHECKING:
 __all__ = ["S3Store"]
 
 MANIFEST = "manifest.json"
-_MISSING = frozenset({"NoSuchKey", "404", "NotFound"})
-# 412: the condition failed. 409 ConditionalRequestConflict: AWS saw a concurrent conditional write to
-# the same key and refused this one. Both mean "someone else got there first".
-_LOST_RACE = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict"})
+CREATE_LOCK = ".create-lock"
 _MAX_CLAIM_SKIPS = 64  # version numbers a claim may skip (orphans / concurrent claims) before giving up
 
 
@@ -85,6 +88,8 @@ class S3Store(PromptStore):
         max_attempts: int = 3,
         max_pool_connections: int = 16,
         commit_attempts: int = 32,
+        lock_ttl: float | None = None,
+        lock_timeout: float = 30.0,
         keep_versions: int = DEFAULT_KEEP_VERSIONS,
         limits: ArtifactLimits | None = None,
     ) -> None:
@@ -100,6 +105,10 @@ class S3Store(PromptStore):
         max_attempts: total HTTP attempts per call (botocore standard retry mode, with backoff).
         max_pool_connections: HTTP connection pool size (the store is shared by threads).
         commit_attempts: manifest compare-and-swap attempts before a put/delete/rollback raises Conflict.
+        lock_ttl: seconds after which a tenant's creation lock (put with max_tasks) is presumed
+            abandoned and may be taken over; must exceed the longest S3 call (max_attempts ×
+            (connect_timeout + read_timeout) + backoff). None: 60 s, or twice that bound if more.
+        lock_timeout: seconds a creating put waits for that lock before raising Conflict.
         keep_versions: newest versions kept per task (the current one is always kept).
         limits: `ArtifactLimits` applied to uploads (None: the format's defaults).
         """
@@ -110,6 +119,14 @@ class S3Store(PromptStore):
         self.prefix = prefix.strip("/")
         self.endpoint_url = endpoint_url
         self.commit_attempts = commit_attempts
+        self._request_bound = request_bound(max_attempts, connect_timeout, read_timeout)
+        self.lock_ttl = float(lock_ttl) if lock_ttl is not None else max(60.0, 2 * self._request_bound)
+        if self.lock_ttl <= self._request_bound:
+            raise ValueError(
+                f"lock_ttl {self.lock_ttl:g}s must exceed the longest S3 call of this store "
+                f"({self._request_bound:g}s: max_attempts × (connect_timeout + read_timeout) + backoff)"
+            )
+        self.lock_timeout = float(lock_timeout)
         self._base = f"{self.prefix}/" if self.prefix else ""
         config = Config(
             connect_timeout=connect_timeout,
@@ -160,7 +177,7 @@ class S3Store(PromptStore):
             try:
                 head = self._client.head_object(Bucket=self.bucket, Key=self._manifest_key(tenant, task_id))
             except ClientError as e:
-                if _code(e) in _MISSING:
+                if error_code(e) in MISSING:
                     raise NotFound(tenant, task_id) from None
                 raise
         value = head.get("Metadata", {}).get("current-version")
@@ -171,7 +188,16 @@ class S3Store(PromptStore):
         return int(value)
 
     # ----------------------------------------------------------------------------------- writes
-    def _put(self, tenant: str, task_id: str, data: bytes, sha256: str) -> VersionInfo:
+    def _put(
+        self,
+        tenant: str,
+        task_id: str,
+        data: bytes,
+        sha256: str,
+        *,
+        live_only: bool = False,
+        check: Callable[[], None] | None = None,
+    ) -> VersionInfo | None:
         header = header_text(data)
         claimed: int | None = None
         attempted: VersionInfo | None = None
@@ -192,6 +218,11 @@ class S3Store(PromptStore):
                 # now (versions commit in increasing order), so give it up and claim a higher number.
                 passed_over.add(claimed)
                 claimed = None
+            if live_only and (previous is None or previous.deleted):
+                # The compare-and-swap below makes this check atomic with the commit: a delete that
+                # lands in between fails the swap, and the re-read ends up here.
+                self._drop_claim(tenant, task_id, claimed)
+                return None
             if claimed is None:
                 claimed = self._claim(tenant, task_id, last + 1, data)
                 passed_over.update(range(last + 1, claimed))
@@ -199,6 +230,12 @@ class S3Store(PromptStore):
             manifest, dropped = Manifest.after_put(
                 previous, tenant, task_id, attempted, header, self.keep_versions
             )
+            if check is not None:
+                try:
+                    check()
+                except Conflict:
+                    self._drop_claim(tenant, task_id, claimed)
+                    raise
             if self._swap_manifest(tenant, task_id, manifest, etag):
                 listed = {v.version for v in manifest.versions}
                 doomed = sorted(set(dropped) | {v for v in passed_over if v not in listed})
@@ -207,12 +244,28 @@ class S3Store(PromptStore):
                 with suppress(StoreUnavailable):
                     self._delete_keys([self._version_key(tenant, task_id, v) for v in doomed])
                 return attempted
-        if claimed is not None:
-            with suppress(StoreUnavailable):
-                self._delete_keys([self._version_key(tenant, task_id, claimed)])
+        self._drop_claim(tenant, task_id, claimed)
         raise Conflict(
             f"{tenant}/{task_id}: lost {self.commit_attempts} manifest swaps in a row to other writers"
         )
+
+    def _drop_claim(self, tenant: str, task_id: str, claimed: int | None) -> None:
+        """Delete a claimed version object we will not commit (best effort: sweep() finds it later)."""
+        if claimed is not None:
+            with suppress(StoreUnavailable):
+                self._delete_keys([self._version_key(tenant, task_id, claimed)])
+
+    def _creation_lock(self, tenant: str) -> AbstractContextManager[Callable[[], None]]:
+        lease = S3Lease(
+            self._client,
+            self.bucket,
+            f"{self._base}tenants/{tenant}/{CREATE_LOCK}",
+            ttl=self.lock_ttl,
+            request_bound=self._request_bound,
+            timeout=self.lock_timeout,
+            calls=self._calls,
+        )
+        return lease.held()
 
     def _claim(self, tenant: str, task_id: str, first: int, data: bytes) -> int:
         """Create the first free version object at or after `first`; returns its number."""
@@ -229,7 +282,7 @@ class S3Store(PromptStore):
                     )
                     return version
                 except ClientError as e:
-                    if _code(e) not in _LOST_RACE:
+                    if error_code(e) not in LOST_RACE:
                         raise
         raise Conflict(
             f"{tenant}/{task_id}: version numbers {first}..{first + _MAX_CLAIM_SKIPS - 1} are all taken"
@@ -323,7 +376,7 @@ class S3Store(PromptStore):
                     Bucket=self.bucket, Key=self._manifest_key(tenant, task_id)
                 )
             except ClientError as e:
-                if _code(e) in _MISSING:
+                if error_code(e) in MISSING:
                     return None, None
                 raise
             body = response["Body"].read()
@@ -346,7 +399,7 @@ class S3Store(PromptStore):
                 return True
             except ClientError as e:
                 # If-Match on a manifest deleted meanwhile answers 404: also "someone else changed it".
-                if _code(e) in _LOST_RACE or _code(e) in _MISSING:
+                if error_code(e) in LOST_RACE or error_code(e) in MISSING:
                     return False
                 raise
 
@@ -370,7 +423,7 @@ class S3Store(PromptStore):
                     Bucket=self.bucket, Key=self._version_key(tenant, task_id, version)
                 )
             except ClientError as e:
-                if _code(e) in _MISSING:
+                if error_code(e) in MISSING:
                     return None
                 raise
             return response["Body"].read()
@@ -414,7 +467,7 @@ class S3Store(PromptStore):
         except ClientError as e:
             status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             raise StoreUnavailable(
-                f"{what}: S3 error {_code(e)} (HTTP {status}) from {self.endpoint_url or 'AWS'}: {e}"
+                f"{what}: S3 error {error_code(e)} (HTTP {status}) from {self.endpoint_url or 'AWS'}: {e}"
             ) from e
         except (BotoCoreError, OSError) as e:
             raise StoreUnavailable(f"{what}: cannot reach S3 at {self.endpoint_url or 'AWS'}: {e}") from e
@@ -438,7 +491,3 @@ def _backoff(attempt: int) -> None:
     # Full jitter (AWS architecture blog, "Exponential Backoff and Jitter"): writers that just lost a
     # swap to each other spread out instead of colliding again on the next round.
     time.sleep(random.uniform(0, min(0.25, 0.004 * 2**attempt)))
-
-
-def _code(error: ClientError) -> str:
-    return str(error.response.get("Error", {}).get("Code", ""))

@@ -35,6 +35,8 @@ _S3_QUERY: dict[str, Callable[[str], Any]] = {
     "max_attempts": int,
     "max_pool_connections": int,
     "commit_attempts": int,
+    "lock_ttl": float,
+    "lock_timeout": float,
 }
 _SECRETS = frozenset({"access_key_id", "secret_access_key", "session_token", "aws_access_key_id",
                       "aws_secret_access_key", "aws_session_token", "password"})  # fmt: skip

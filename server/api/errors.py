@@ -21,6 +21,7 @@ _STORE_MAP: dict[type[Exception], type[errors.ServingError]] = {
     store.StoreUnavailable: errors.StoreUnavailable,
     store.CorruptArtifact: errors.CorruptArtifact,
     store.Conflict: errors.Unavailable,
+    store.TaskLimitReached: errors.QuotaExceeded,
 }
 
 

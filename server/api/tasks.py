@@ -7,13 +7,12 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
 
-from prompt_store.base import NotFound, PromptStore, TaskInfo
+from prompt_store.base import NotFound, TaskInfo
 from prompt_store.ids import ID_MAX_LEN
 from server.api.bodies import SMALL_JSON_BYTES, read_artifact, read_model
 from server.api.common import ERRORS, id_rule_schema
 from server.api.deps import PrincipalDep, ServicesDep, TaskId
 from server.api.schemas import RollbackRequest, TaskList, TaskOut, TaskUsage, VersionOut
-from server.errors import QuotaExceeded
 from server.services import Services
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
@@ -34,18 +33,6 @@ ARTIFACT_BODY: dict[str, Any] = {
         },
     }
 }
-
-
-def count_tasks(store: PromptStore, tenant: str, stop_at: int) -> int:
-    """The tenant's task count (paging through the listing, stopping once `stop_at` is reached)."""
-    n, cursor = 0, None
-    while n < stop_at:
-        page = store.list_tasks(tenant, 1000, cursor)
-        n += len(page.items)
-        cursor = page.next_cursor
-        if cursor is None:
-            break
-    return n
 
 
 def task_out(services: Services, info: TaskInfo, *, usage: bool = True) -> TaskOut:
@@ -99,13 +86,10 @@ async def upload(
             existed = True
         except NotFound:
             existed = False
-        if (
-            not existed
-            and quotas is not None
-            and count_tasks(store, tenant, quotas.max_tasks) >= quotas.max_tasks
-        ):
-            raise QuotaExceeded(f"tenant {tenant!r} already has its maximum of {quotas.max_tasks} tasks")
-        store.put(tenant, task_id, data, validator=services.validate_upload)
+        # The store counts and creates in one step (TaskLimitReached → 403 quota_exceeded), so
+        # concurrent uploads, other processes and replicas cannot take the tenant past its limit.
+        max_tasks = quotas.max_tasks if quotas is not None else None
+        store.put(tenant, task_id, data, validator=services.validate_upload, max_tasks=max_tasks)
         return existed, store.info(tenant, task_id)
 
     existed, info = await asyncio.to_thread(put)
