@@ -70,14 +70,16 @@ RUN groupadd --system --gid 10001 vpt \
 
 COPY --from=builder ${VENV} ${VENV}
 
-# The server's defaults for a container: every interface, port 8000, the store and the backbone cache
-# on volumes. Tenants: mount a directory holding tenants.toml at /etc/vpt (see docs/deploy.md).
+# The server's defaults for a container: every interface, the API on port 8000 and /metrics only on
+# port 9464 (for Prometheus on the internal network: publish 8000 alone), the store and the backbone
+# cache on volumes. Tenants: mount a directory holding tenants.toml at /etc/vpt (see docs/deploy.md).
 ENV VIRTUAL_ENV=${VENV} \
     PATH=${VENV}/bin:${PATH} \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     VPT_HOST=0.0.0.0 \
     VPT_PORT=8000 \
+    VPT_METRICS_PORT=9464 \
     VPT_STORE=/data/store \
     VPT_TENANTS_FILE=/etc/vpt/tenants.toml \
     HF_HOME=/data/hf
@@ -85,7 +87,7 @@ ENV VIRTUAL_ENV=${VENV} \
 USER 10001:10001
 WORKDIR /home/vpt
 VOLUME ["/data/store", "/data/hf"]
-EXPOSE 8000
+EXPOSE 8000 9464
 
 # Liveness only (the process answers HTTP); readiness is /readyz. The start period covers the first
 # download of the backbone into HF_HOME. No curl in the slim image: Python's urllib does it.

@@ -20,6 +20,7 @@ from server.api.bodies import largest_body
 from server.api.errors import install_error_handlers
 from server.api.middleware import BodyLimit, RateGate, RequestContext
 from server.metrics import Metrics
+from server.metrics_listener import MetricsListener
 from server.services import Services
 from server.settings import Settings
 from server.tenants import TenantRegistry
@@ -32,18 +33,29 @@ def create_app(settings: Settings, *, store: PromptStore | None = None) -> FastA
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        services = await Services.start(settings, store=store, metrics=metrics)
-        app.state.services = services
-        if services.engine.process is not None:
-            # `vpt-serve` sets this hook: a server whose engine process died exits (status 1) for its
-            # supervisor to restart it. Embedded apps (tests) keep serving 503s and failing /healthz.
-            services.engine.process.on_death = getattr(app.state, "on_engine_death", None)
-        if services.tenants is not None:
-            _reload_on_sighup(services.tenants)
+        # The metrics port first, so a port already taken fails before the slow start, and last to
+        # go, so Prometheus sees the warm-up and the drain.
+        listener = None
+        if settings.metrics_port is not None:
+            host = settings.metrics_host or settings.host
+            listener = MetricsListener(metrics.registry, host, settings.metrics_port, settings.metrics_token)
         try:
-            yield
+            services = await Services.start(settings, store=store, metrics=metrics)
+            app.state.services = services
+            if services.engine.process is not None:
+                # `vpt-serve` sets this hook: a server whose engine process died exits (status 1) for
+                # its supervisor to restart it. Embedded apps (tests) keep serving 503s and failing
+                # /healthz.
+                services.engine.process.on_death = getattr(app.state, "on_engine_death", None)
+            if services.tenants is not None:
+                _reload_on_sighup(services.tenants)
+            try:
+                yield
+            finally:
+                await services.stop()
         finally:
-            await services.stop()
+            if listener is not None:
+                await asyncio.to_thread(listener.close)  # waits for its loop (up to 0.5 s)
 
     app = FastAPI(
         title="vpt-serve",
@@ -52,7 +64,8 @@ def create_app(settings: Settings, *, store: PromptStore | None = None) -> FastA
         "one frozen ViT, many tasks, each a few prompt tokens and a linear head.",
         lifespan=lifespan,
     )
-    metrics = Metrics()  # built here so the middleware and the services share one registry
+    # Built here so the middleware, the services and the metrics port share one registry.
+    metrics = Metrics(tenant_labels=settings.metrics_tenant_labels)
     # Inside out: BodyLimit, RateGate, RequestContext (the last added runs first). A caller without a
     # valid key gets its 401 before anything else looks at the request; every refusal is logged.
     app.add_middleware(BodyLimit, limit=largest_body(settings))
@@ -61,6 +74,8 @@ def create_app(settings: Settings, *, store: PromptStore | None = None) -> FastA
     install_error_handlers(app)
     for router in (inference.router, tasks.router, system.router):
         app.include_router(router)
+    if settings.metrics_port is None:  # else only the metrics port serves /metrics: here it is a 404
+        app.include_router(system.metrics_router)
     # The playground: `/` and `/static/*` only, so no API route is shadowed. It needs no key to load;
     # its API calls carry the key the user types.
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

@@ -1,7 +1,8 @@
 """Prometheus metrics (prefix `vpt_`). One registry per app so in-process tests do not collide.
 
 Never a label per task id (unbounded cardinality); per-task counters are served as JSON by
-`GET /v1/tasks/{task_id}` (see `TaskStats`). Per-tenant labels are fine: tenants are configured.
+`GET /v1/tasks/{task_id}` (see `TaskStats`). Per-tenant labels are bounded (tenants are configured)
+but name the tenants: `VPT_METRICS_TENANT_LABELS=false` leaves them out.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class _BankCollector(Collector):
 
 
 class Metrics(SchedulerHooks):
-    def __init__(self) -> None:
+    def __init__(self, *, tenant_labels: bool = True) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.request_latency = Histogram(
@@ -79,8 +80,13 @@ class Metrics(SchedulerHooks):
         self.images = Counter("vpt_images_total", "Images processed by the engine", ["route"], registry=r)
         self.images_decoded = Counter("vpt_images_decoded_total", "Images decoded", registry=r)
         self.rejections = Counter("vpt_rejections_total", "Requests rejected", ["reason"], registry=r)
-        self.tenant_requests = Counter(
-            "vpt_tenant_requests_total", "Requests per tenant", ["tenant", "route", "status"], registry=r
+        # Tenant names and their traffic: left out with VPT_METRICS_TENANT_LABELS=false.
+        self.tenant_requests = (
+            Counter(
+                "vpt_tenant_requests_total", "Requests per tenant", ["tenant", "route", "status"], registry=r
+            )
+            if tenant_labels
+            else None
         )
         self.in_progress = Gauge("vpt_requests_in_progress", "HTTP requests being handled", registry=r)
         self.queue_depth = Gauge("vpt_queue_depth_images", "Images waiting in the queues", registry=r)
@@ -97,6 +103,10 @@ class Metrics(SchedulerHooks):
         self._bank_stats = bank_stats
         self.queue_depth.set_function(queue_depth)
         self.in_flight.set_function(in_flight)
+
+    def tenant_request(self, tenant: str, route: str, status: int) -> None:
+        if self.tenant_requests is not None:
+            self.tenant_requests.labels(tenant, route, str(status)).inc()
 
     # SchedulerHooks
     def queue_wait(self, seconds: float) -> None:

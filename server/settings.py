@@ -6,9 +6,10 @@ tests) and passed down.
 
 from __future__ import annotations
 
-from typing import Literal
+from pathlib import Path
+from typing import Literal, Self
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The paper's backbone: ViT-B/16 pretrained on ImageNet-21k (Jia et al. 2022, Sec. 4.1).
@@ -16,7 +17,11 @@ DEFAULT_BACKBONE = "hf-hub:google/vit-base-patch16-224-in21k"
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="VPT_", env_file=None, extra="ignore")
+    # Errors name the setting and the rule, not the value: a model-level error would otherwise print
+    # every input, VPT_METRICS_TOKEN included.
+    model_config = SettingsConfigDict(
+        env_prefix="VPT_", env_file=None, extra="ignore", hide_input_in_errors=True
+    )
 
     # --- model -----------------------------------------------------------------------------------
     backbone: str = Field(
@@ -85,6 +90,31 @@ class Settings(BaseSettings):
     log_level: str = Field("info", description="debug, info, warning, error")
     access_log: bool = Field(True, description="JSON access log line per request")
 
+    # --- metrics ---------------------------------------------------------------------------------
+    metrics_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="Serve /metrics on this port alone (for Prometheus on the internal network) and no "
+        "longer on VPT_PORT. Unset: /metrics on VPT_PORT, which needs VPT_METRICS_TOKEN if set, else an "
+        "admin API key (any caller in open mode). The image sets 9464",
+    )
+    metrics_host: str | None = Field(None, description="Bind address of the metrics port (default: VPT_HOST)")
+    metrics_token: SecretStr | None = Field(
+        None,
+        description="Bearer token a scrape of /metrics must send (`Authorization: Bearer <token>`), on "
+        "either port; at least 16 characters. Never logged",
+    )
+    metrics_token_file: str | None = Field(
+        None,
+        description="A file holding VPT_METRICS_TOKEN (a Docker or Kubernetes secret), read at start-up",
+    )
+    metrics_tenant_labels: bool = Field(
+        True,
+        description="Export vpt_tenant_requests_total{tenant,route,status} (tenant names and their "
+        "traffic). Off where the metrics leave the operator's hands (a shared or hosted Prometheus)",
+    )
+
     # --- batching and queues -----------------------------------------------------------------------
     max_batch_size: int = Field(64, ge=1, description="Images per forward pass")
     max_batch_delay_ms: float = Field(0.0, ge=0, description="Wait this long for a fuller batch when idle")
@@ -142,6 +172,23 @@ class Settings(BaseSettings):
             if item.count("/") != 1:
                 raise ValueError(f"pinned task {item!r} must be 'tenant/task'")
         return v
+
+    @model_validator(mode="after")
+    def _check_metrics(self) -> Self:
+        if self.metrics_token_file is not None:
+            if self.metrics_token is not None:
+                raise ValueError("set VPT_METRICS_TOKEN or VPT_METRICS_TOKEN_FILE, not both")
+            try:
+                self.metrics_token = SecretStr(Path(self.metrics_token_file).read_text().strip())
+            except OSError as e:
+                raise ValueError(
+                    f"VPT_METRICS_TOKEN_FILE: cannot read {self.metrics_token_file}: {e}"
+                ) from None
+        if self.metrics_token is not None and len(self.metrics_token.get_secret_value()) < 16:
+            raise ValueError("VPT_METRICS_TOKEN must have at least 16 characters (e.g. openssl rand -hex 32)")
+        if self.metrics_port is not None and self.metrics_port == self.port:
+            raise ValueError("VPT_METRICS_PORT must differ from VPT_PORT")
+        return self
 
     def effective_pipeline_depth(self, device_type: str) -> int:
         if self.pipeline_depth:

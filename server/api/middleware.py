@@ -65,7 +65,7 @@ class RequestContext:
             state: dict[str, Any] = scope.get("state", {})
             tenant = state.get("tenant")
             if tenant is not None:
-                self.metrics.tenant_requests.labels(tenant, template, str(status)).inc()
+                self.metrics.tenant_request(tenant, template, status)
             if self.enabled_log:
                 access_log.info(
                     json.dumps(

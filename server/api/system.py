@@ -1,14 +1,19 @@
-"""GET /v1/info, /healthz, /readyz, /metrics."""
+"""GET /v1/info, /healthz, /readyz, /metrics (on the API port)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request, Response, Security
+from fastapi.security import HTTPAuthorizationCredentials
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 import server
 from server.api.common import ERRORS
-from server.api.deps import PrincipalDep, ServicesDep
+from server.api.deps import BEARER, PrincipalDep, ServicesDep, authenticate
 from server.api.schemas import BackboneInfo, BankInfo, InfoResponse, Limits
+from server.errors import Forbidden, Unauthorized
+from server.metrics_listener import bearer_matches
 from server.services import Services
 
 router = APIRouter(tags=["system"])
@@ -83,6 +88,42 @@ async def readyz(services: ServicesDep, response: Response) -> dict[str, str]:
     return {"status": "ready"}
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+# /metrics on the API port: included by `create_app` only without VPT_METRICS_PORT (with it, the
+# metrics port serves them and this port answers 404, so nothing about tenants faces clients).
+metrics_router = APIRouter(tags=["system"])
+
+
+async def metrics_reader(
+    request: Request,
+    services: ServicesDep,
+    _scheme: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)] = None,
+) -> None:
+    """Who may read /metrics here: the holder of VPT_METRICS_TOKEN when it is set, else an admin.
+
+    The metrics name every tenant and show their traffic, which no tenant may see of another, so they
+    are the operators': the token is what their Prometheus holds (a scrape credential that is not an
+    API key, so Prometheus can do nothing else with it, and an admin key opens nothing here once it
+    exists); without one, an admin's key lets the operator look without configuring anything. Open
+    mode (loopback, development) has no keys: every caller is the admin there."""
+    authorization = request.headers.get("authorization", "")
+    token = services.settings.metrics_token
+    if token is not None:
+        if not bearer_matches(token, authorization):
+            raise Unauthorized("send the metrics token: 'Authorization: Bearer <VPT_METRICS_TOKEN>'")
+    elif services.tenants is not None and authenticate(services.tenants, authorization).role != "admin":
+        raise Forbidden("only admins may read /metrics (or set VPT_METRICS_TOKEN for Prometheus)")
+
+
+@metrics_router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    dependencies=[Depends(metrics_reader)],
+    responses={
+        401: ERRORS[401] | {"description": "Missing or wrong key (the metrics token when one is set)"},
+        403: ERRORS[403] | {"description": "An API key without the admin role"},
+    },
+)
 async def metrics(services: ServicesDep) -> Response:
+    """Needs the metrics token (`VPT_METRICS_TOKEN`) when one is set, else an admin API key."""
     return Response(generate_latest(services.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -76,7 +76,9 @@ def test_playground_routes_leave_the_api_alone(live):
         assert r.status_code == 200 and kind in r.headers["content-type"], path
     assert httpx.get(f"{live.url}/v1/tasks").status_code == 401  # the API still wants a key
     assert httpx.get(f"{live.url}/docs").status_code == 200
-    assert httpx.get(f"{live.url}/metrics").text.startswith("#")
+    assert httpx.get(f"{live.url}/metrics").status_code == 401  # every tenant's traffic: admins only
+    admin = {"authorization": f"Bearer {live.keys['root']}"}
+    assert httpx.get(f"{live.url}/metrics", headers=admin).text.startswith("#")
     assert httpx.get(f"{live.url}/static/%2e%2e/app.py").status_code == 404
     assert "/" not in httpx.get(f"{live.url}/openapi.json").json()["paths"]
 

@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from server.settings import Settings
+from tests.deploy.test_dockerfile import runtime_env
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_BIN = shutil.which("docker-compose")
@@ -33,6 +34,7 @@ PROFILES = {
     "scale+monitoring": ("scale", "monitoring"),
 }
 SERVER_SERVICES = ("vpt", "vpt-1", "vpt-2")
+METRICS_PORT = runtime_env({})["VPT_METRICS_PORT"]  # the image's; compose does not change it
 
 
 def env_example() -> dict[str, str]:
@@ -135,6 +137,29 @@ def test_single_server_publishes_on_loopback_by_default(project):
     assert host_ip == "127.0.0.1", port
 
 
+def secret_names(svc: dict[str, Any]) -> set[str]:
+    return {s if isinstance(s, str) else s["source"] for s in svc.get("secrets", [])}
+
+
+@needs_compose
+def test_metrics_port_is_unpublished_and_scrapes_need_the_token(project):
+    """Prometheus reaches the servers' metrics port on the compose network only, and sends the token
+    the servers read from the same secret file (in the config directory, next to tenants.toml)."""
+    cfg, _ = resolve(("scale", "monitoring"), project)
+    services = cfg["services"]
+    for name, svc in services.items():
+        for port in svc.get("ports", []):
+            target = str(port).rsplit(":", 1)[-1] if isinstance(port, str) else str(port["target"])
+            assert target.split("/")[0] != METRICS_PORT, f"{name} publishes the metrics port: {port}"
+    secret = cfg["secrets"]["metrics_token"]
+    assert repo_path(secret["file"], project) == REPO / env_example()["DEPLOY_CONFIG_DIR"] / "metrics-token"
+    for name in SERVER_SERVICES:
+        assert "metrics_token" in secret_names(services[name]), name
+        assert services[name]["environment"]["VPT_METRICS_TOKEN_FILE"] == "/run/secrets/metrics_token"
+    assert "metrics_token" in secret_names(services["prometheus"])
+    assert "metrics_token" not in secret_names(services["minio-init"]) | secret_names(services["grafana"])
+
+
 @needs_compose
 def test_scale_profile_wires_replicas_store_and_proxy(project):
     cfg, _ = resolve(("scale",), project)
@@ -173,8 +198,9 @@ def test_monitoring_profile_scrapes_every_server_and_provisions_grafana(project)
     prom_cfg = yaml.safe_load((prom_dir / "prometheus.yml").read_text())
     job = next(j for j in prom_cfg["scrape_configs"] if j["job_name"] == "vpt")
     targets = {t for sc in job["static_configs"] for t in sc["targets"]}
-    assert targets == {f"{s}:8000" for s in SERVER_SERVICES}
+    assert targets == {f"{s}:{METRICS_PORT}" for s in SERVER_SERVICES}
     assert job.get("metrics_path", "/metrics") == "/metrics"
+    assert job["authorization"]["credentials_file"] == "/run/secrets/metrics_token"
     graf = services["grafana"]
     mounts = {
         v.split(":")[1]: repo_path(v.split(":")[0], project) for v in graf["volumes"] if v.startswith("/")
@@ -195,8 +221,10 @@ def test_env_example_documents_every_variable_and_only_real_settings():
     fields = {f"VPT_{name.upper()}" for name in Settings.model_fields}
     unknown = {k for k in env if k.startswith("VPT_")} - fields
     assert not unknown, f"not server settings (typo?): {sorted(unknown)}"
-    fixed_by_image = {"VPT_HOST", "VPT_PORT", "VPT_STORE", "VPT_TENANTS_FILE", "HF_HOME"}
+    fixed_by_image = {"VPT_HOST", "VPT_PORT", "VPT_METRICS_PORT", "VPT_STORE", "VPT_TENANTS_FILE", "HF_HOME"}
     assert not fixed_by_image & set(env), "the image fixes these to its port and volumes"
+    # The token comes from the secret file compose mounts (VPT_METRICS_TOKEN_FILE): not from .env.
+    assert not {"VPT_METRICS_TOKEN", "VPT_METRICS_TOKEN_FILE"} & set(env)
     assert env.get("VPT_OPEN_MODE", "false").lower() != "true", (
         "compose is for deployments: keys, not open mode"
     )

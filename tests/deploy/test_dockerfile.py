@@ -63,7 +63,7 @@ def test_expose_volumes_and_healthcheck_match_the_runtime_env():
     env = runtime_env({})
     assert env["VPT_HOST"] == "0.0.0.0"
     exposed = [p for i in RUNTIME.all("EXPOSE") for p in i.args.split()]
-    assert exposed == [env["VPT_PORT"]]
+    assert exposed == [env["VPT_PORT"], env["VPT_METRICS_PORT"]]  # the API, then /metrics alone
     volumes = [v for i in RUNTIME.all("VOLUME") for v in dfm.exec_form(i.args)]
     assert sorted(volumes) == sorted([env["VPT_STORE"], env["HF_HOME"]])
     hc = RUNTIME.last("HEALTHCHECK")
@@ -169,6 +169,7 @@ def test_build_stage_and_entry_command_run_as_written(tmp_path):
         env[key] = str(root / env[key].lstrip("/"))
     env["VPT_HOST"] = "127.0.0.1"  # the image binds 0.0.0.0; a CI machine serves loopback only
     env["VPT_PORT"] = str(free_port())
+    env["VPT_METRICS_PORT"] = str(free_port())
     env["VPT_BACKBONE"] = "random:vit_test_tiny@0"  # no downloads in CI
     env["HOME"] = str(root / "home" / "vpt")
     Path(env["HOME"]).mkdir(parents=True, exist_ok=True)
@@ -196,7 +197,9 @@ def test_build_stage_and_entry_command_run_as_written(tmp_path):
             time.sleep(0.3)
         base = f"http://127.0.0.1:{env['VPT_PORT']}"
         assert httpx.get(f"{base}/readyz", timeout=5).status_code == 200
-        assert "vpt_batch_size" in httpx.get(f"{base}/metrics", timeout=5).text
+        assert httpx.get(f"{base}/metrics", timeout=5).status_code == 404  # only on the metrics port
+        metrics = httpx.get(f"http://127.0.0.1:{env['VPT_METRICS_PORT']}/metrics", timeout=5)
+        assert "vpt_batch_size" in metrics.text
         assert Path(env["VPT_STORE"]).is_dir()
     finally:
         if proc.poll() is None:

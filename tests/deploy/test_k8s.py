@@ -155,11 +155,28 @@ def test_selectors_match_the_pod_labels():
     assert dep["spec"]["selector"]["matchLabels"].items() <= labels.items()
     svc = one("Service", "vpt")
     assert svc["spec"]["selector"].items() <= labels.items()
-    (port,) = dep["spec"]["template"]["spec"]["containers"][0]["ports"]
+    port = next(p for p in dep["spec"]["template"]["spec"]["containers"][0]["ports"] if p["name"] == "http")
     assert svc["spec"]["ports"][0]["targetPort"] in (port["name"], port["containerPort"])
     pdb = one("PodDisruptionBudget")
     assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
     assert pdb["spec"]["minAvailable"] < dep["spec"]["replicas"]
+
+
+def test_metrics_port_is_scraped_from_the_pods_not_served_by_the_service(container):
+    """/metrics only on VPT_METRICS_PORT: a container port the annotations point at, left out of the
+    Service (and so of the Ingress); the scrape token comes from an optional Secret."""
+    cm = one("ConfigMap", "vpt-settings")
+    port = cm["data"]["VPT_METRICS_PORT"]
+    named = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert str(named["metrics"]) == port and named["http"] != named["metrics"]
+    annotations = one("Deployment")["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == port and annotations["prometheus.io/path"] == "/metrics"
+    for p in one("Service", "vpt")["spec"]["ports"]:
+        assert p["targetPort"] not in ("metrics", int(port)), "the Service must not expose the metrics port"
+    token = next(e for e in container["env"] if e["name"] == "VPT_METRICS_TOKEN")["valueFrom"]["secretKeyRef"]
+    assert token["optional"] is True
+    example = one("Secret", token["name"])["stringData"][token["key"]]
+    Settings(metrics_token=example)  # long enough for the server to accept
 
 
 def test_hpa_and_ingress_target_what_exists():

@@ -3,8 +3,9 @@
 - `promtool check config` / `check rules` (Debian's prometheus package, installed by .ci/run) validate
   the Prometheus files; the dashboard's PromQL goes through the same parser as a generated rules file.
 - Every metric the dashboard and the alerts query must exist in the /metrics of a real `vpt-serve`
-  (tiny random backbone) after one upload and one classify request, with the labels they group or
-  filter by, and every `route=~` regex must match a route the server really reports.
+  (tiny random backbone, scraped as Prometheus does: its metrics port, with the token) after one upload
+  and one classify request, with the labels they group or filter by, and every `route=~` regex must
+  match a route the server really reports.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.metrics import Metrics
-from tests.server.helpers import BACKBONE_SPEC, artifact_bytes, png_bytes
-from tests.server.server_proc import ServerProcess
+from tests.deploy.test_dockerfile import runtime_env
+from tests.server.helpers import BACKBONE_SPEC, METRICS_AUTH, METRICS_TOKEN, artifact_bytes, png_bytes
+from tests.server.server_proc import ServerProcess, free_port
 from vpt.hub import load_backbone
 
 REPO = Path(__file__).resolve().parents[2]
@@ -36,6 +38,7 @@ needs_promtool = pytest.mark.skipif(
 # Labels Prometheus attaches to every scraped series (target labels), and histogram buckets' `le`.
 TARGET_LABELS = {"instance", "job", "deployment", "le"}
 HISTOGRAM_SUFFIXES = ("_bucket", "_count", "_sum")
+METRICS_PORT = runtime_env({})["VPT_METRICS_PORT"]  # the image's
 
 
 def dashboard_exprs() -> list[str]:
@@ -61,9 +64,17 @@ def as_promql(expr: str) -> str:
 
 
 @needs_promtool
-def test_promtool_checks_config_and_rules():
+def test_promtool_checks_config_and_rules(tmp_path):
+    # promtool checks that credentials files exist: the token file compose mounts is put in tmp.
+    shutil.copytree(PROM_DIR, tmp_path, dirs_exist_ok=True)
+    (tmp_path / "metrics-token").write_text(METRICS_TOKEN)
+    text = (PROM_DIR / "prometheus.yml").read_text()
+    assert text.count("/run/secrets/metrics_token") == 1
+    (tmp_path / "prometheus.yml").write_text(
+        text.replace("/run/secrets/metrics_token", str(tmp_path / "metrics-token"))
+    )
     proc = subprocess.run(
-        [PROMTOOL, "check", "config", str(PROM_DIR / "prometheus.yml")], capture_output=True, text=True
+        [PROMTOOL, "check", "config", str(tmp_path / "prometheus.yml")], capture_output=True, text=True
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "SUCCESS" in proc.stdout + proc.stderr
@@ -88,7 +99,8 @@ def test_prometheus_scrapes_vpt_metrics_endpoint():
     job = next(j for j in cfg["scrape_configs"] if j["job_name"] == "vpt")
     assert job.get("metrics_path", "/metrics") == "/metrics"
     targets = [t for sc in job["static_configs"] for t in sc["targets"]]
-    assert targets and all(t.endswith(":8000") for t in targets)
+    assert targets and all(t.endswith(f":{METRICS_PORT}") for t in targets), "the metrics port, not the API's"
+    assert job["authorization"].get("type", "Bearer") == "Bearer" and job["authorization"]["credentials_file"]
     for rule_file in cfg["rule_files"]:
         assert (PROM_DIR / rule_file).is_file(), rule_file
 
@@ -118,7 +130,10 @@ def test_dashboard_is_wellformed():
 def metrics_text(tmp_path_factory: pytest.TempPathFactory) -> str:
     tmp = tmp_path_factory.mktemp("metrics")
     backbone = load_backbone(BACKBONE_SPEC)
-    proc = ServerProcess(tmp, backbone=BACKBONE_SPEC, open_mode="true").wait_ready()
+    metrics_port = free_port()
+    proc = ServerProcess(
+        tmp, backbone=BACKBONE_SPEC, open_mode="true", metrics_port=metrics_port, metrics_token=METRICS_TOKEN
+    ).wait_ready()
     try:
         data = artifact_bytes(backbone, P=2, mode="deep", C=3, seed=0)
         r = httpx.put(
@@ -129,7 +144,9 @@ def metrics_text(tmp_path_factory: pytest.TempPathFactory) -> str:
             f"{proc.url}/v1/tasks/birds/classify", content=png_bytes(0), headers={"content-type": "image/png"}
         )
         assert r.status_code == 200, r.text
-        return httpx.get(f"{proc.url}/metrics").text
+        r = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", headers=METRICS_AUTH)
+        assert r.status_code == 200, r.text
+        return r.text
     finally:
         assert proc.stop() == 0, proc.log()
 

@@ -14,6 +14,9 @@ from server.tenants import hash_key
 from vpt.hub import Backbone
 
 BACKBONE_SPEC = "random:vit_test_tiny@0"
+# A scrape token for servers that tests read /metrics from (VPT_METRICS_TOKEN), and its header.
+METRICS_TOKEN = "test-metrics-token-0123456789abcdef"
+METRICS_AUTH = {"authorization": f"Bearer {METRICS_TOKEN}"}
 
 
 def make_artifact(

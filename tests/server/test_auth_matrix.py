@@ -1,7 +1,8 @@
 """Isolation matrix: every route × {no key, bad key, other tenant, own tenant, admin} (issue D).
 
 Another tenant's task must answer exactly like a missing one (404); admins act on any tenant's tasks
-with `?tenant=`; keys are required everywhere except the health, readiness and metrics endpoints.
+with `?tenant=`; keys are required everywhere except the health and readiness endpoints, and
+`/metrics` (every tenant's name and traffic) wants an admin's.
 """
 
 from __future__ import annotations
@@ -129,5 +130,12 @@ def test_tenant_parameter_is_for_admins_only(client, backbone):
 
 
 def test_open_endpoints_need_no_key(client):
-    for path in ("/healthz", "/readyz", "/metrics"):
+    for path in ("/healthz", "/readyz"):
         assert client.get(path).status_code == 200, path
+
+
+@pytest.mark.parametrize(("caller", "status"), [("none", 401), ("bad", 401), ("own", 403), ("admin", 200)])
+def test_metrics_need_an_admin_key(client, caller, status):
+    """Without VPT_METRICS_PORT and VPT_METRICS_TOKEN, /metrics is the admins' (test_metrics_exposure.py
+    covers the port and the token)."""
+    assert client.get("/metrics", headers=CALLERS[caller]).status_code == status

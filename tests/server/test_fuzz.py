@@ -38,17 +38,18 @@ from vpt.hub import load_backbone
 
 EXAMPLES = int(os.environ.get("VPT_FUZZ_EXAMPLES", "40"))
 SEED = os.environ.get("VPT_FUZZ_SEED")
-KEY = generate_key()
+KEY, ROOT_KEY = generate_key(), generate_key()
 AUTH = {"authorization": f"Bearer {KEY}"}
 REAL_TASK = "fuzz-task"
-OPEN_ROUTES = ("/healthz", "/readyz", "/metrics")
+OPEN_ROUTES = ("/healthz", "/readyz")
+ADMIN_ROUTES = ("/metrics",)  # an admin's key (VPT_METRICS_TOKEN unset)
 ID_RULE = "^" + ID_PATTERN.pattern + "$"
 
 
 def _settings(tmp) -> Settings:
     return keyed_settings(
         tmp,
-        {"fuzz": KEY, "root": generate_key()},
+        {"fuzz": KEY, "root": ROOT_KEY},
         {"fuzz": {"rate_per_s": 100000.0}, "root": {"role": "admin"}},
         max_prompt_length=16,
         max_classes=20,
@@ -113,7 +114,7 @@ OPAQUE_BODIES = ("/classify", "/embed", "PUT /v1/tasks/{task_id}")
 def test_fuzz(fuzz, backbone, label, variant):
     client, schema = fuzz
     path = label.split(" ", 1)[1]
-    if variant == "negative" and path in OPEN_ROUTES:
+    if variant == "negative" and path in OPEN_ROUTES + ADMIN_ROUTES:
         pytest.skip("no parameters or body to violate")
     if variant == "real-task" and "{task_id}" not in path:
         pytest.skip("no task in the path")
@@ -128,7 +129,13 @@ def test_fuzz(fuzz, backbone, label, variant):
         _ensure_real_task(client, backbone)
         kwargs["path_parameters"] = {"task_id": REAL_TASK}
     mode = GenerationMode.NEGATIVE if variant == "negative" else GenerationMode.POSITIVE
-    headers = {} if path in OPEN_ROUTES else AUTH
+    headers = (
+        {}
+        if path in OPEN_ROUTES
+        else {"authorization": f"Bearer {ROOT_KEY}"}
+        if path in ADMIN_ROUTES
+        else AUTH
+    )
 
     @given(case=op.as_strategy(generation_mode=mode, **kwargs))
     @settings(

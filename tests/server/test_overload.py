@@ -34,7 +34,7 @@ import pytest
 from PIL import Image
 
 from server.tenants import generate_key
-from tests.server.helpers import artifact_bytes, write_tenants
+from tests.server.helpers import METRICS_AUTH, METRICS_TOKEN, artifact_bytes, write_tenants
 from tests.server.rawhttp import Flood, RawClient, flood
 from tests.server.server_proc import ServerProcess
 from vpt.hub import load_backbone
@@ -178,6 +178,7 @@ def start(
         backbone=BACKBONE,
         open_mode="false",
         tenants_file=write_tenants(tmp, keys, quotas),
+        metrics_token=METRICS_TOKEN,  # the tests read /metrics
         max_batch_size=BATCH,
         access_log="false",
         **settings,
@@ -348,7 +349,7 @@ def test_bounded_queue_429_and_deadline_504(tmp_path):
         # Expired and refused work is gone: the next request is served at once.
         r = httpx.post(f"{proc.url}/v1/tasks/t/classify", content=json_images(1), headers=headers, timeout=10)
         assert r.status_code == 200, r.text
-        metrics = httpx.get(f"{proc.url}/metrics").text
+        metrics = httpx.get(f"{proc.url}/metrics", headers=METRICS_AUTH).text
         assert 'vpt_rejections_total{reason="queue_full"}' in metrics
         assert "vpt_queue_depth_images 0.0" in metrics
     finally:
@@ -365,7 +366,7 @@ def test_queue_bound_is_checked_before_decoding(tmp_path):
     headers = {"authorization": f"Bearer {keys['a']}", "content-type": "application/json"}
 
     def decoded() -> float:
-        text = httpx.get(f"{proc.url}/metrics").text
+        text = httpx.get(f"{proc.url}/metrics", headers=METRICS_AUTH).text
         return sum(
             float(line.split()[-1])
             for line in text.splitlines()
@@ -379,7 +380,10 @@ def test_queue_bound_is_checked_before_decoding(tmp_path):
             first = asyncio.create_task(holder.post("/v1/tasks/t/classify", json_images(BATCH - 1), headers))
             for _ in range(100):  # until the first request sits in the queue
                 await asyncio.sleep(0.02)
-                if f"vpt_queue_depth_images {BATCH - 1}.0" in httpx.get(f"{proc.url}/metrics").text:
+                if (
+                    f"vpt_queue_depth_images {BATCH - 1}.0"
+                    in httpx.get(f"{proc.url}/metrics", headers=METRICS_AUTH).text
+                ):
                     break
             else:
                 raise AssertionError("the first request never sat in the queue")

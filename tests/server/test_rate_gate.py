@@ -7,7 +7,7 @@ from fastapi.testclient import TestClient
 
 from server.app import create_app
 from server.tenants import generate_key
-from tests.server.helpers import keyed_settings
+from tests.server.helpers import METRICS_AUTH, METRICS_TOKEN, keyed_settings
 
 KEY, OTHER = generate_key(), generate_key()
 
@@ -18,6 +18,7 @@ def client(tmp_path):
         tmp_path,
         {"slow": KEY, "other": OTHER},
         {"slow": {"rate_per_s": 0.5}},  # burst: 1 request
+        metrics_token=METRICS_TOKEN,
     )
     with TestClient(create_app(settings)) as c:
         yield c
@@ -37,7 +38,7 @@ def test_each_request_is_charged_once_and_refusals_come_before_routing(client):
         assert "0.5 requests/s" in r.json()["error"]["message"]
         assert int(r.headers["retry-after"]) >= 1
         assert r.headers["x-request-id"]  # still inside the request-context middleware
-    metrics = client.get("/metrics").text
+    metrics = client.get("/metrics", headers=METRICS_AUTH).text
     assert 'vpt_tenant_requests_total{route="unmatched",status="429",tenant="slow"}' in metrics
     assert 'vpt_rejections_total{reason="rate_limited"} 3.0' in metrics
     # Other tenants, bad keys and missing keys are not affected by (or charged to) that bucket.
