@@ -69,3 +69,16 @@ class ServerProcess:
                 self.proc.wait()
         self._log.close()
         return self.proc.returncode
+
+
+def children(pid: int) -> list[int]:
+    return [int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()]
+
+
+def engine_pid(server_pid: int) -> int:
+    """The server's engine process: the one child of its multiprocessing fork server."""
+    servers = [c for c in children(server_pid) if b"forkserver" in Path(f"/proc/{c}/cmdline").read_bytes()]
+    assert len(servers) == 1, servers
+    found = children(servers[0])
+    assert len(found) == 1, found
+    return found[0]

@@ -25,7 +25,7 @@ from server.engine.bank import TaskKey
 from server.engine.engine import EngineBatch
 from server.engine.process import EngineProcessDied, EngineStartError, ProcessConfig, check_shared_memory
 from tests.server.helpers import BACKBONE_SPEC, artifact_bytes, make_artifact, png_bytes
-from tests.server.server_proc import ServerProcess
+from tests.server.server_proc import ServerProcess, children, engine_pid
 from tests.server.test_engine import TASKS, make_engine, run
 from tests.server.test_faults import OCTET, assert_error, classify
 from tests.server.test_faults import settings as fault_settings
@@ -228,19 +228,6 @@ def test_a_deep_backbone_crosses_as_one_buffer():
 
 
 # ------------------------------------------------------------------- a real vpt-serve with its engine process
-
-
-def children(pid: int) -> list[int]:
-    return [int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()]
-
-
-def engine_pid(server_pid: int) -> int:
-    """The server's engine process: the one child of its multiprocessing fork server."""
-    servers = [c for c in children(server_pid) if b"forkserver" in Path(f"/proc/{c}/cmdline").read_bytes()]
-    assert len(servers) == 1, servers
-    found = children(servers[0])
-    assert len(found) == 1, found
-    return found[0]
 
 
 def gone(pid: int, timeout: float = 10.0) -> bool:

@@ -1,4 +1,4 @@
-"""Overload and fair share against a real `vpt-serve` on 127.0.0.1 (issue D, points 4 and 5).
+"""Overload and fair share against a real `vpt-serve` on 127.0.0.1.
 
 - Fair share: tenant A floods at >= 10x the server's measured capacity while tenant B sends a steady
   low rate. B gets no rejections, A gets 429s with Retry-After, /readyz stays 200; B's p99 is compared
@@ -13,6 +13,11 @@
 The load generator is a minimal asyncio HTTP/1.1 client (`tests/server/rawhttp.py`), because client and
 server share this machine's two cores; the fair-share flood runs in a process of its own so that its
 event loop cannot delay B's measurements. Every loop is bounded in time.
+
+Nothing here assumes how fast the machine is: CI may share it with other work (it must pass with one of
+the two cores kept busy by another process). Rates derive from the capacity measured in the same test,
+an engine that must fall behind is stopped outright (SIGSTOP) rather than raced, and every window a
+scenario relies on is checked rather than assumed.
 """
 
 from __future__ import annotations
@@ -21,6 +26,9 @@ import asyncio
 import base64
 import io
 import json
+import math
+import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -36,7 +44,7 @@ from PIL import Image
 from server.tenants import generate_key
 from tests.server.helpers import METRICS_AUTH, METRICS_TOKEN, artifact_bytes, write_tenants
 from tests.server.rawhttp import Flood, RawClient, flood
-from tests.server.server_proc import ServerProcess
+from tests.server.server_proc import ServerProcess, engine_pid
 from vpt.hub import load_backbone
 
 pytestmark = pytest.mark.integration
@@ -198,15 +206,18 @@ def start(
 def test_fair_share_under_a_10x_flood(server, tmp_path):
     path = "/v1/tasks/t/classify"
     a_body, b_body = json_images(BATCH, seed=100), json_images(1, seed=7)
-    # B: 20 requests/s in ROUNDS rounds of a solo phase and a flood phase of PHASE_S each, interleaved
-    # so that this shared machine's own load drifts fall on both sides alike; 400 samples a side, so
-    # p99 is the 4th slowest, not the slowest.
-    b_rate, rounds, phase_s = 20.0, 4, 5.0
+    # B: up to 20 requests/s in ROUNDS rounds of a solo phase and a flood phase of PHASE_S each,
+    # interleaved so that this shared machine's own load drifts fall on both sides alike; 400 samples a
+    # side on a quiet machine, so p99 is the 4th slowest, not the slowest. Every rate derives from the
+    # capacity measured first: on a machine that is busy with other work, A still offers 10x what the
+    # server can do and B stays a light tenant (<= 1/4 of capacity in images).
+    rounds, phase_s = 4, 5.0
     (tmp_path / "a.json").write_bytes(a_body)
 
     async def scenario():
         cap = await capacity(server.port, a_body, auth("probe"), BATCH, 2.5)
         a_rate = 10 * cap / BATCH  # requests/s: 10x capacity in images
+        b_rate = min(20.0, cap / 4)
         b = RawClient(server.port)
         await steady(b, path, b_body, auth("b"), b_rate, 1.0)  # warm B's connection and task
         stop = asyncio.Event()
@@ -215,13 +226,14 @@ def test_fair_share_under_a_10x_flood(server, tmp_path):
         for _ in range(rounds):
             solo.extend(await steady(b, path, b_body, auth("b"), b_rate, phase_s))
             # A's flood runs in its own process: in this one, its event loop would delay B's requests
-            # and responses and that lag would be counted as the server's. At nice 15 it uses the CPU
-            # the server leaves idle (a real flood's sender is another machine); `offered` below
-            # checks that it still sends 10x capacity.
+            # and responses and that lag would be counted as the server's. At nice 5 it yields to the
+            # server (a real flood's sender is another machine) but is not starved by a busy neighbour:
+            # at nice 15, with one core kept busy by another process, it fell behind (~4% of a core
+            # when contended; it needs up to ~10%). `offered` below checks that it sent 10x capacity.
             a_proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "tests.server.rawhttp", "--port", str(server.port), "--path", path,
                 "--body", str(tmp_path / "a.json"), "--key", KEYS["a"], "--rate", f"{a_rate:.1f}",
-                "--seconds", str(phase_s + 1.5), "--nice", "15", stdout=subprocess.PIPE,
+                "--seconds", str(phase_s + 1.5), "--nice", "5", stdout=subprocess.PIPE,
                 cwd=Path(__file__).parents[2],
             )  # fmt: skip
             await asyncio.sleep(1.0)  # A's queue is full and its rate exhausted before B is measured
@@ -232,9 +244,9 @@ def test_fair_share_under_a_10x_flood(server, tmp_path):
         stop.set()
         ready = await ready_task
         b.close()
-        return cap, solo, under, floods, ready
+        return cap, b_rate, solo, under, floods, ready
 
-    cap, solo, under, floods, ready = asyncio.run(scenario())
+    cap, b_rate, solo, under, floods, ready = asyncio.run(scenario())
     offered = [a.sent * BATCH / (a.stopped - a.started) for a in floods]
     outcomes: dict[str, int] = {}
     for a in floods:
@@ -245,6 +257,7 @@ def test_fair_share_under_a_10x_flood(server, tmp_path):
     print(
         f"\ncapacity {cap:.0f} images/s (max_batch_size {BATCH}); A offered "
         f"{', '.join(f'{o / cap:.1f}x' for o in offered)} in {sent} requests: {outcomes}"
+        f"\nB at {b_rate:.1f} requests/s of 1 image"
         f"\nB solo : n={len(solo.latency_s)} p50 {solo.q(0.5) * 1e3:.1f} ms p99 {solo.q(0.99) * 1e3:.1f} ms; "
         f"server {solo.breakdown()}"
         f"\nB flood: n={len(under.latency_s)} p50 {under.q(0.5) * 1e3:.1f} ms p99 {under.q(0.99) * 1e3:.1f} ms; "
@@ -253,7 +266,7 @@ def test_fair_share_under_a_10x_flood(server, tmp_path):
     )
     assert min(offered) >= 10 * cap * 0.95, "the generator fell behind: not a 10x flood"
     assert not solo.failures and not under.failures, (solo.failures, under.failures)  # B: no rejections
-    assert len(under.latency_s) == b_rate * phase_s * rounds  # ...and all of its requests served
+    assert len(under.latency_s) == math.ceil(b_rate * phase_s) * rounds  # ...and all of it served
     assert outcomes.get("429 rate", 0) + outcomes.get("429 queue", 0) > 0.5 * sent
     assert sum(a.retry_after_missing for a in floods) == 0
     assert outcomes.get("200", 0) > 0  # A is throttled, not starved
@@ -306,43 +319,68 @@ def test_memory_stays_bounded_under_sustained_flood(server):
 
 
 def test_bounded_queue_429_and_deadline_504(tmp_path):
-    """One burst past every bound: 429 + Retry-After (queue full), 504 (deadline), then normal service."""
+    """One burst past every bound: 429 + Retry-After (queue full), 504 (deadline), then normal service.
+
+    The engine process is stopped (SIGSTOP) for the burst, as an engine that has fallen behind: what
+    is admitted then certainly waits past its deadline, and exactly the queue bound is admitted, however
+    fast or busy this machine is. (A free-running engine made both outcomes races between the burst's
+    arrival and the engine: on a machine with one core kept busy, no request outlived its deadline.)
+    The deadline is long enough for the whole burst to arrive before the first admitted request
+    expires and frees its place, on a slow machine too (measured below, and checked)."""
     keys = {"big": generate_key()}
+    queue_images, deadline_s, burst = 200, 2.0, 60
     proc = start(
         tmp_path,
         keys,
         {"big": {"rate_per_s": 100000.0, "max_queued_images": 100000}},
-        max_queue_images=200,  # 25 batches: far more than a 0.25 s deadline lets the engine run
-        request_timeout_s=0.25,
+        max_queue_images=queue_images,  # 25 requests of BATCH images
+        request_timeout_s=deadline_s,
     )
     headers = {"authorization": f"Bearer {keys['big']}", "content-type": "application/json"}
     try:
         body = json_images(BATCH, seed=300)
+        engine = engine_pid(proc.proc.pid)
 
-        async def burst() -> tuple[list[tuple[int, dict[str, str], bytes]], list[int]]:
+        async def scenario() -> tuple[list[tuple[int, dict[str, str], bytes, float]], list[int]]:
             stop = asyncio.Event()
             ready = asyncio.create_task(watch_ready(proc.url, stop))
-            clients = [RawClient(proc.port) for _ in range(60)]  # 480 images at once
-            out = await asyncio.gather(*(c.post("/v1/tasks/t/classify", body, headers) for c in clients))
+            clients = [RawClient(proc.port) for _ in range(burst)]
+
+            async def post(c: RawClient) -> tuple[int, dict[str, str], bytes, float]:
+                status, hdrs, data = await c.post("/v1/tasks/t/classify", body, headers)
+                return status, hdrs, data, time.monotonic() - t0
+
+            os.kill(engine, signal.SIGSTOP)
+            try:
+                t0 = time.monotonic()
+                out = await asyncio.gather(*(post(c) for c in clients))
+            finally:
+                os.kill(engine, signal.SIGCONT)
             stop.set()
             for c in clients:
                 c.close()
             return out, await ready
 
-        results, ready = asyncio.run(burst())
+        results, ready = asyncio.run(scenario())
+        # Refusals are answered at once: the last one is when the burst had arrived.
+        arrived = max(t for status, _, _, t in results if status == 429)
         by_status: dict[int, list[dict]] = {}
-        for status, hdrs, data in results:
+        for status, hdrs, data, _ in results:
             by_status.setdefault(status, []).append({"headers": hdrs, "body": json.loads(data)})
-        print(f"\nburst of 60 x {BATCH} images: { ({s: len(v) for s, v in sorted(by_status.items())}) }")
-        assert set(by_status) <= {200, 429, 504}, by_status.keys()
-        assert by_status.get(429), "the global queue bound never refused"
+        print(
+            f"\nburst of {burst} x {BATCH} images, arrived in {arrived * 1e3:.0f} ms: "
+            f"{ ({s: len(v) for s, v in sorted(by_status.items())}) }"
+        )
+        assert arrived < deadline_s, "the burst arrived slower than the deadline: raise deadline_s"
+        assert set(by_status) == {429, 504}, by_status.keys()
         for r in by_status[429]:
             assert (
                 r["body"]["error"]["type"] == "overloaded"
                 and "queue is full" in r["body"]["error"]["message"]
             )
             assert int(r["headers"]["retry-after"]) >= 1
-        assert by_status.get(504), "no request outlived its deadline"
+        # Admitted: the queue's worth, plus the one batch the engine took before it stalled.
+        assert len(by_status[504]) <= queue_images // BATCH + 1, len(by_status[504])
         for r in by_status[504]:
             assert r["body"]["error"]["type"] == "deadline_exceeded"
         assert set(ready) <= {200}
@@ -358,10 +396,15 @@ def test_bounded_queue_429_and_deadline_504(tmp_path):
 
 def test_queue_bound_is_checked_before_decoding(tmp_path):
     keys = {"a": generate_key()}
-    # A 2 s batching delay holds a first request of BATCH - 1 images in the queue (a full batch
-    # would be dispatched at once), so any further 8-image request is over the tenant's bound.
+    # A 5 s batching delay holds a first request of BATCH - 1 images in the queue (a full batch
+    # would be dispatched at once), so any further 8-image request is over the tenant's bound. The
+    # scenario must fit in the delay, on a busy machine too: that is checked, not assumed.
+    delay_s = 5.0
     proc = start(
-        tmp_path, keys, {"a": {"rate_per_s": 100000.0, "max_queued_images": BATCH}}, max_batch_delay_ms=2000
+        tmp_path,
+        keys,
+        {"a": {"rate_per_s": 100000.0, "max_queued_images": BATCH}},
+        max_batch_delay_ms=int(delay_s * 1000),
     )
     headers = {"authorization": f"Bearer {keys['a']}", "content-type": "application/json"}
 
@@ -377,8 +420,9 @@ def test_queue_bound_is_checked_before_decoding(tmp_path):
 
         async def scenario() -> list[int]:
             holder = RawClient(proc.port)
+            sent = time.monotonic()
             first = asyncio.create_task(holder.post("/v1/tasks/t/classify", json_images(BATCH - 1), headers))
-            for _ in range(100):  # until the first request sits in the queue
+            for _ in range(150):  # until the first request sits in the queue
                 await asyncio.sleep(0.02)
                 if (
                     f"vpt_queue_depth_images {BATCH - 1}.0"
@@ -392,6 +436,7 @@ def test_queue_bound_is_checked_before_decoding(tmp_path):
             rejected = await asyncio.gather(
                 *(c.post("/v1/tasks/t/classify", json_images(BATCH), headers) for c in clients)
             )
+            assert time.monotonic() - sent < delay_s, "the scenario outlasted the batching delay"
             assert [s for s, _, _ in rejected] == [429] * 10
             extra = decoded() - before
             await first
