@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -133,15 +132,28 @@ class TaskCounters:
 
 
 class TaskStats:
-    """Per-task counters, in memory on this replica (served as JSON, not as Prometheus labels)."""
+    """Per-task counters, in memory on this replica (served as JSON, not as Prometheus labels).
 
-    def __init__(self) -> None:
+    Only tasks that exist have counters. A task id is the caller's choice: counting requests for ids
+    that do not exist would let any caller grow this without bound, and a task created later under
+    such an id would start with their errors. `exists(tenant, task_id)` says whether the store has
+    shown the task to exist (`Residency.knows`).
+    """
+
+    def __init__(self, exists: Callable[[str, str], bool]) -> None:
+        self._exists = exists
         self._lock = threading.Lock()
-        self._c: dict[tuple[str, str], TaskCounters] = defaultdict(TaskCounters)
+        self._c: dict[tuple[str, str], TaskCounters] = {}
 
     def record(self, tenant: str, task_id: str, images: int, ok: bool) -> None:
+        """Count a finished request, if its task is known to exist. A task found gone (deleted through
+        another replica) loses its counters, so one created again under its id starts clean."""
+        key, exists = (tenant, task_id), self._exists(tenant, task_id)
         with self._lock:
-            c = self._c[(tenant, task_id)]
+            if not exists:
+                self._c.pop(key, None)
+                return
+            c = self._c.setdefault(key, TaskCounters())
             c.requests += 1
             c.images += images if ok else 0
             c.errors += 0 if ok else 1
@@ -154,3 +166,7 @@ class TaskStats:
     def forget(self, tenant: str, task_id: str) -> None:
         with self._lock:
             self._c.pop((tenant, task_id), None)
+
+    def __len__(self) -> int:
+        """Tasks with counters."""
+        return len(self._c)

@@ -43,8 +43,8 @@ class Services:
     scheduler: Scheduler
     preprocess: Preprocessor
     metrics: Metrics
+    task_stats: TaskStats  # usage per task, for the tasks the residency knows to exist
     tenants: TenantRegistry | None = None  # None = open mode
-    task_stats: TaskStats = field(default_factory=TaskStats)
     rate_limiter: RateLimiter = field(default_factory=RateLimiter)
     draining: bool = False
     switch_interval_before: float | None = None  # restored by stop (setswitchinterval is process-wide)
@@ -173,6 +173,7 @@ class Services:
                 scheduler,
                 preprocess,
                 metrics,
+                TaskStats(scheduler.residency.knows),
                 tenants=tenants,
                 switch_interval_before=switch_interval_before,
                 affinity_before=affinity_before,

@@ -8,6 +8,15 @@ batches of other tasks: its requests simply wait in the queue while others are d
 Replicas sharing one store notice new versions by re-reading the task's current version at most every
 `version_ttl_s` seconds (a cheap `current_version` call); uploads and rollbacks through this server
 update it at once.
+
+State is kept only for tasks the store has shown to exist. A task id is the caller's choice: state kept
+for every id requested (even only a failed lookup) would let any caller grow this server's memory
+without bound, one id at a time. A lookup that finds no task (or cannot be done) fails the requests
+waiting for it and leaves nothing behind. There is no negative cache: the next request for a missing id
+costs one more `current_version` call, as it did before (requests waiting at once share one): ~20 µs
+on a local store, against ~1 ms of server CPU for the request itself, and the tenant's rate limit
+bounds them. A negative cache would also hide, for its TTL, a task just created through another
+replica.
 """
 
 from __future__ import annotations
@@ -42,11 +51,10 @@ BANK_FULL_WAIT_S = 10.0  # how long a load waits for a free slot before its requ
 
 @dataclass
 class _TaskState:
-    version: int | None = None  # current version as last seen in the store
+    version: int | None = None  # current version as last seen in the store; None: first check in flight
     checked: float = 0.0  # monotonic time of that check
     refreshing: bool = False  # a version check is in flight
     loading: set[int] = field(default_factory=set)  # versions being loaded into the bank
-    error: ServingError | None = None  # last failure, reported to the queued requests once
 
 
 @dataclass
@@ -60,11 +68,6 @@ class Waiting:
     pass
 
 
-@dataclass
-class Failed:
-    error: ServingError
-
-
 class Residency:
     def __init__(
         self,
@@ -74,23 +77,23 @@ class Residency:
         loader: Executor,
         engine_executor: Executor,
         on_change: Callable[[], None],
+        on_failed: Callable[[Task, ServingError], None],
         version_ttl_s: float = 2.0,
         observe_load: Callable[[float], None] | None = None,
     ) -> None:
         self.engine, self.store = engine, store
         self._loader, self._engine_ex = loader, engine_executor
         self._on_change = on_change
+        self._on_failed = on_failed  # fails the requests queued for a task
         self._ttl = version_ttl_s
         self._observe_load = observe_load or (lambda s: None)
         self._tasks: dict[Task, _TaskState] = {}
         self._bg: set[asyncio.Task[None]] = set()
 
-    def resolve(self, task: Task) -> Ready | Waiting | Failed:
-        """Non-blocking: where the task stands now; starts whatever work is missing."""
+    def resolve(self, task: Task) -> Ready | Waiting:
+        """Non-blocking: where the task stands now; starts whatever work is missing. A failure is
+        reported later, through `on_failed`, to every request then queued for the task."""
         st = self._tasks.setdefault(task, _TaskState())
-        if st.error is not None:
-            err, st.error = st.error, None
-            return Failed(err)
         now = time.monotonic()
         if st.version is None or now - st.checked > self._ttl:
             if not st.refreshing:
@@ -110,8 +113,17 @@ class Residency:
     def set_current(self, tenant: str, task_id: str, version: int) -> None:
         """This server changed the current version (upload, rollback): use it from now on."""
         st = self._tasks.setdefault((tenant, task_id), _TaskState())
-        st.version, st.checked, st.error = version, time.monotonic(), None
+        st.version, st.checked = version, time.monotonic()
         self._on_change()
+
+    def knows(self, tenant: str, task_id: str) -> bool:
+        """Whether the store has shown this task to exist (its current version is known here)."""
+        st = self._tasks.get((tenant, task_id))
+        return st is not None and st.version is not None
+
+    def __len__(self) -> int:
+        """Tasks with state here: those known to exist, and those whose first lookup is in flight."""
+        return len(self._tasks)
 
     def forget(self, tenant: str, task_id: str) -> None:
         """Task deleted: drop its bank slots and cached version."""
@@ -137,15 +149,16 @@ class Residency:
             st.version, st.checked = version, time.monotonic()
         except NotFound:
             self.engine.bank.drop_task(*task)
-            st.version, st.error = None, TaskNotFound(f"task {task[1]!r} not found")
+            st.version = None  # gone (or never was): forget it
+            self._fail(task, st, TaskNotFound(f"task {task[1]!r} not found"))
         except StoreDown as e:
             if st.version is None:  # nothing to serve from; a known version keeps serving
-                st.error = StoreUnavailable(f"prompt store unavailable: {e}")
+                self._fail(task, st, StoreUnavailable(f"prompt store unavailable: {e}"))
             else:
                 st.checked = time.monotonic()  # retry after another TTL, keep serving what we have
         except Exception as e:
             log.exception("version check failed for %s/%s", *task)
-            st.error = StoreUnavailable(f"prompt store error: {e}")
+            self._fail(task, st, StoreUnavailable(f"prompt store error: {e}"))
         finally:
             st.refreshing = False
             self._on_change()
@@ -167,13 +180,25 @@ class Residency:
                     await asyncio.sleep(0.005)
             self._observe_load(time.perf_counter() - t0)
         except ServingError as e:
-            st.error = e
+            self._fail(key.task, st, e)
         except Exception as e:
             log.exception("loading %s failed", key)
-            st.error = InvalidArtifact(f"task {key.task_id!r} version {key.version} cannot be loaded: {e}")
+            error = InvalidArtifact(f"task {key.task_id!r} version {key.version} cannot be loaded: {e}")
+            self._fail(key.task, st, error)
         finally:
             st.loading.discard(key.version)
             self._on_change()
+
+    def _fail(self, task: Task, st: _TaskState, error: ServingError) -> None:
+        """Fail the requests queued for the task; a task with no known version keeps no state.
+
+        A state no longer in the table (the task was deleted, or re-created since) fails nothing: its
+        requests are those of the newer state."""
+        if self._tasks.get(task) is not st:
+            return
+        if st.version is None:
+            del self._tasks[task]
+        self._on_failed(task, error)
 
     def _fetch(self, key: TaskKey):  # type: ignore[no-untyped-def]
         """Loader thread: read, verify and validate one version (store → host)."""

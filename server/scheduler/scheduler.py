@@ -37,7 +37,7 @@ from prompt_store.base import PromptStore
 from server.engine.engine import Engine, EngineBatch, EngineResult, Output
 from server.errors import DeadlineExceeded, InvalidRequest, Overloaded, ServingError, Unavailable
 from server.scheduler.fair import FairQueues
-from server.scheduler.residency import Failed, Ready, Residency
+from server.scheduler.residency import Ready, Residency
 from server.scheduler.types import Prediction, Request, Result
 from server.threads import pin_thread
 
@@ -115,6 +115,7 @@ class Scheduler:
             loader=self._loader_ex,
             engine_executor=self._engine_ex,
             on_change=self._wake,
+            on_failed=self._fail_task,
             version_ttl_s=config.version_ttl_s,
             observe_load=self.hooks.task_load,
         )
@@ -345,12 +346,12 @@ class Scheduler:
         only_task: tuple[str, str] | None,
         output: Output | None,
     ) -> tuple[Request | None, int]:
-        """First request of this tenant that can run now; fails expired or unloadable ones on the way.
+        """First request of this tenant that can run now; fails expired ones on the way (unloadable
+        ones are failed by the residency, through `_fail_task`).
 
         Walks the tenant's queue in place (no copy) and resolves each task at most once per walk, so a
         long queue waiting on one cold task costs one dictionary lookup per request."""
         dead: list[Request] = []
-        failed: dict[tuple[str, str], ServingError] = {}
         waiting: set[tuple[str, str]] = set()
         found: tuple[Request | None, int] = (None, -1)
         for req in self._fq.queue(tenant):
@@ -359,23 +360,19 @@ class Scheduler:
                 continue
             if req.n > room or (only_task and req.task != only_task) or (output and req.output != output):
                 continue
-            if req.task in waiting or req.task in failed:
+            if req.task in waiting:
                 continue
             state = self.residency.resolve(req.task)
             if isinstance(state, Ready):
                 found = (req, state.slot)
                 break
-            if isinstance(state, Failed):
-                failed[req.task] = state.error
-            else:  # its task is loading; later requests of this tenant (other tasks) may go first
-                waiting.add(req.task)
+            # Its task is loading: later requests of this tenant (other tasks) may go first.
+            waiting.add(req.task)
         for req in dead:
             self._fq.remove(req)
             if not req.done:
                 self.hooks.rejected("deadline")
                 req.future.set_exception(DeadlineExceeded("request expired in the queue"))
-        for task, error in failed.items():
-            self._fail_task(task, error)
         return found
 
     def _fail_task(self, task: tuple[str, str], error: ServingError) -> None:
