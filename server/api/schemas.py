@@ -94,6 +94,9 @@ class VersionOut(BaseModel):
 
 
 class TaskUsage(BaseModel):
+    """Counted on this replica only for requests made while it knew the task to exist (a request for a
+    missing id leaves nothing behind), so a task created under an id requested earlier starts at zero."""
+
     requests: int = Field(description="Requests served by this replica since it started")
     images: int = Field(description="Images classified or embedded by this replica")
     errors: int = Field(description="Requests that failed on this replica")
