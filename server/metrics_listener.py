@@ -10,7 +10,6 @@ seconds needs nothing of the event loop, and `close` stops it and frees the port
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import socket
@@ -23,16 +22,11 @@ from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
 from pydantic import SecretStr
 
+from server.bearer import bearer_matches
+
 log = logging.getLogger(__name__)
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
-
-
-def bearer_matches(token: SecretStr, authorization: str) -> bool:
-    """Whether an `Authorization` header is `Bearer <token>` (compared in constant time)."""
-    scheme, _, given = authorization.partition(" ")
-    expected = token.get_secret_value().encode()
-    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), expected)
 
 
 class MetricsListener:
@@ -98,7 +92,10 @@ def _error(
 
 
 class _QuietHandler(WSGIRequestHandler):
-    """No stderr line per scrape (wsgiref's default)."""
+    """No stderr line per scrape (wsgiref's default). A connection idle for `timeout` seconds is closed:
+    each holds a thread, and this port may need no token."""
+
+    timeout = 5
 
     def log_message(self, format: str, *args: Any) -> None:
         pass

@@ -15,6 +15,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prompt_store.base import InvalidId
 from prompt_store.ids import ID_MAX_LEN, ID_PATTERN, check_id
 from server.api.common import id_rule_schema
+from server.bearer import bearer_credential
 from server.errors import Forbidden, InvalidRequest, InvalidTaskId, Overloaded, Unauthorized, Unavailable
 from server.services import Services
 from server.tenants import Tenant, TenantRegistry
@@ -94,12 +95,12 @@ MISSING_KEY = "missing API key: send 'Authorization: Bearer <key>'"
 def authenticate(registry: TenantRegistry, authorization: str) -> Tenant:
     """The tenant an `Authorization: Bearer <key>` header belongs to, or Unauthorized."""
     registry.maybe_reload()
-    scheme, _, key = authorization.partition(" ")
-    if not scheme:
+    if not authorization.partition(" ")[0]:
         raise Unauthorized(MISSING_KEY)
-    if scheme.lower() != "bearer" or not key.strip():
+    key = bearer_credential(authorization)
+    if key is None:
         raise Unauthorized("the Authorization header must be 'Bearer <key>'")
-    caller = registry.authenticate(key.strip())
+    caller = registry.authenticate(key)
     if caller is None:
         raise Unauthorized("invalid API key")
     return caller

@@ -84,6 +84,14 @@ class RequestContext:
                 )
 
 
+def route_path(scope: Scope) -> str:
+    """The path the router matches: without the `root_path` the app is served under (`uvicorn
+    --root-path`, or mounted in another app), which ASGI servers leave in `path`. Matching the raw path
+    would let every request under a prefix past the gate."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
 class RateGate:
     """ASGI middleware: authenticate an API request and refuse it (401, 429) before routing.
 
@@ -115,7 +123,7 @@ class RateGate:
     def _admit(scope: Scope) -> Unauthorized | Overloaded | None:
         """Authenticate an API request and charge it to its tenant's bucket; the refusal if any."""
         services = getattr(scope["app"].state, "services", None)  # None while starting
-        if not scope["path"].startswith("/v1/") or services is None or services.tenants is None:
+        if not route_path(scope).startswith("/v1/") or services is None or services.tenants is None:
             return None
         state = scope.setdefault("state", {})
         try:

@@ -12,8 +12,8 @@ import server
 from server.api.common import ERRORS
 from server.api.deps import BEARER, PrincipalDep, ServicesDep, authenticate
 from server.api.schemas import BackboneInfo, BankInfo, InfoResponse, Limits
+from server.bearer import bearer_matches
 from server.errors import Forbidden, Unauthorized
-from server.metrics_listener import bearer_matches
 from server.services import Services
 
 router = APIRouter(tags=["system"])

@@ -112,6 +112,21 @@ def test_matrix(client, backbone, route, caller):
         assert client.get("/v1/tasks/t", headers=CALLERS["own"]).status_code == 200
 
 
+def test_a_missing_key_names_the_header_and_the_cli_variable(client):
+    """curl users set a header, `vpt` and SDK users a variable: the 401 speaks to both (it named only
+    the header, which a CLI user never sets)."""
+    octet = {"content-type": "application/octet-stream"}
+    for r in (
+        client.get("/v1/info"),
+        client.put("/v1/tasks/t", content=b"x" * 100, headers=octet),  # refused before the body
+        client.get("/v1/tasks", headers={"authorization": ""}),
+    ):
+        assert r.status_code == 401, r.text
+        message = r.json()["error"]["message"]
+        assert message.startswith("missing API key: send the header 'Authorization: Bearer <key>'")
+        assert "$VPT_API_KEY" in message
+
+
 def test_missing_and_foreign_tasks_answer_identically(client, backbone):
     reset_task(client, backbone)
     foreign = client.get("/v1/tasks/t", headers=CALLERS["other"])
@@ -139,3 +154,17 @@ def test_metrics_need_an_admin_key(client, caller, status):
     """Without VPT_METRICS_PORT and VPT_METRICS_TOKEN, /metrics is the admins' (test_metrics_exposure.py
     covers the port and the token)."""
     assert client.get("/metrics", headers=CALLERS[caller]).status_code == status
+
+
+def test_the_gate_holds_under_a_root_path(tmp_path, backbone):
+    """Served under a prefix (`uvicorn --root-path`, or mounted in another app) the gate still sees
+    the API's routes: no key is a 401 before the id is validated, and a key is admitted and rate-charged
+    (the gate once matched the raw path, so every prefixed request went past it unchecked)."""
+    settings = keyed_settings(tmp_path, KEYS, {"root": {"role": "admin"}, "beta": {"rate_per_s": 1.0}})
+    with TestClient(create_app(settings), root_path="/api") as c:
+        for path in ("/api/v1/tasks/UPPER", "/api/v1/tasks", "/api/v1/info"):
+            r = c.get(path)
+            assert r.status_code == 401 and r.json()["error"]["type"] == "unauthorized", (path, r.text)
+        assert c.get("/api/v1/tasks", headers=CALLERS["own"]).status_code == 200
+        statuses = [c.get("/api/v1/info", headers=CALLERS["other"]).status_code for _ in range(5)]
+        assert 429 in statuses, statuses  # beta's 1 request/s (burst 2) is charged under the prefix

@@ -16,9 +16,11 @@ import socket
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
 from server.app import create_app
+from server.metrics_listener import MetricsListener
 from server.settings import Settings
 from server.tenants import generate_key
 from tests.server.helpers import BACKBONE_SPEC, METRICS_AUTH, METRICS_TOKEN, write_tenants
@@ -79,7 +81,23 @@ def test_metrics_port_serves_metrics_alone_and_the_api_port_none(tmp_path):
     finally:
         assert proc.stop() == 0, proc.log()
     assert METRICS_TOKEN not in proc.log()
-    with socket.socket() as s:  # the metrics port was closed with the server
+
+
+def test_the_listener_frees_its_port_and_idle_connections(tmp_path):
+    """In one process, as an embedded app or a test suite runs it: `close` gives the port back (a
+    listening socket left open would refuse the bind below), and an idle connection does not hold a
+    thread for ever (this port may need no token)."""
+    listener = MetricsListener(CollectorRegistry(), "127.0.0.1", 0, None)
+    port = listener.port
+    try:
+        assert httpx.get(f"http://127.0.0.1:{port}/metrics").status_code == 200
+        idle = socket.create_connection(("127.0.0.1", port))
+        idle.settimeout(15)  # the handler closes it after 5 s
+        assert idle.recv(1) == b"", "an idle connection was not closed"
+        idle.close()
+    finally:
+        listener.close()
+    with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", port))
 

@@ -363,7 +363,7 @@ def test_bounded_queue_429_and_deadline_504(tmp_path):
 
         results, ready = asyncio.run(scenario())
         # Refusals are answered at once: the last one is when the burst had arrived.
-        arrived = max(t for status, _, _, t in results if status == 429)
+        arrived = max((t for status, _, _, t in results if status == 429), default=float("nan"))
         by_status: dict[int, list[dict]] = {}
         for status, hdrs, data, _ in results:
             by_status.setdefault(status, []).append({"headers": hdrs, "body": json.loads(data)})
@@ -371,6 +371,7 @@ def test_bounded_queue_429_and_deadline_504(tmp_path):
             f"\nburst of {burst} x {BATCH} images, arrived in {arrived * 1e3:.0f} ms: "
             f"{ ({s: len(v) for s, v in sorted(by_status.items())}) }"
         )
+        assert by_status.get(429), f"the queue bound never refused: {by_status.keys()}"
         assert arrived < deadline_s, "the burst arrived slower than the deadline: raise deadline_s"
         assert set(by_status) == {429, 504}, by_status.keys()
         for r in by_status[429]:
@@ -379,8 +380,10 @@ def test_bounded_queue_429_and_deadline_504(tmp_path):
                 and "queue is full" in r["body"]["error"]["message"]
             )
             assert int(r["headers"]["retry-after"]) >= 1
-        # Admitted: the queue's worth, plus the one batch the engine took before it stalled.
-        assert len(by_status[504]) <= queue_images // BATCH + 1, len(by_status[504])
+        # Admitted: the queue's worth (25 requests), or one more where the batch handed to the stopped
+        # engine had left the queue before the bound was reached.
+        admitted = len(by_status[504])
+        assert queue_images // BATCH <= admitted <= queue_images // BATCH + 1, admitted
         for r in by_status[504]:
             assert r["body"]["error"]["type"] == "deadline_exceeded"
         assert set(ready) <= {200}
