@@ -17,6 +17,12 @@ costs one more `current_version` call, as it did before (requests waiting at onc
 on a local store, against ~1 ms of server CPU for the request itself, and the tenant's rate limit
 bounds them. A negative cache would also hide, for its TTL, a task just created through another
 replica.
+
+What this server itself changed wins over any store answer that may be older. An upload or rollback
+(`set_current`) or a delete (`forget`) can land while a lookup or a load begun before it is in flight;
+that answer may predate the change (a NotFound from before the upload, the version before the
+rollback, a failure to load the version just replaced), so it is dropped, and the waiting requests go
+on with the state as it is now: looked up or loaded again as needed.
 """
 
 from __future__ import annotations
@@ -55,6 +61,8 @@ class _TaskState:
     checked: float = 0.0  # monotonic time of that check
     refreshing: bool = False  # a version check is in flight
     loading: set[int] = field(default_factory=set)  # versions being loaded into the bank
+    # Bumped by `set_current`: a lookup begun under an older generation may answer from before it.
+    generation: int = 0
 
 
 @dataclass
@@ -114,6 +122,7 @@ class Residency:
         """This server changed the current version (upload, rollback): use it from now on."""
         st = self._tasks.setdefault((tenant, task_id), _TaskState())
         st.version, st.checked = version, time.monotonic()
+        st.generation += 1
         self._on_change()
 
     def knows(self, tenant: str, task_id: str) -> bool:
@@ -126,7 +135,8 @@ class Residency:
         return len(self._tasks)
 
     def forget(self, tenant: str, task_id: str) -> None:
-        """Task deleted: drop its bank slots and cached version."""
+        """Task deleted: drop its bank slots and cached version. Work in flight for the dropped state
+        finds it gone from the table and changes nothing (`_refresh`, `_fail`)."""
         self._tasks.pop((tenant, task_id), None)
         self.engine.bank.drop_task(tenant, task_id)
 
@@ -144,24 +154,39 @@ class Residency:
 
     async def _refresh(self, task: Task, st: _TaskState) -> None:
         loop = asyncio.get_running_loop()
+        generation = st.generation
         try:
-            version = await loop.run_in_executor(self._loader, self.store.current_version, *task)
-            st.version, st.checked = version, time.monotonic()
-        except NotFound:
-            self.engine.bank.drop_task(*task)
-            st.version = None  # gone (or never was): forget it
-            self._fail(task, st, TaskNotFound(f"task {task[1]!r} not found"))
-        except StoreDown as e:
-            if st.version is None:  # nothing to serve from; a known version keeps serving
-                self._fail(task, st, StoreUnavailable(f"prompt store unavailable: {e}"))
+            found = await loop.run_in_executor(self._loader, self._lookup, task)
+            if self._tasks.get(task) is not st or st.generation != generation:
+                # This server changed the task (`set_current`, `forget`) while the lookup was in
+                # flight, so the answer may predate the change: drop it. The requests go on with the
+                # state as it is now (woken below).
+                return
+            if isinstance(found, int):
+                st.version, st.checked = found, time.monotonic()
+            elif isinstance(found, NotFound):
+                self.engine.bank.drop_task(*task)
+                st.version = None  # gone (or never was): forget it
+                self._fail(task, st, TaskNotFound(f"task {task[1]!r} not found"))
+            elif isinstance(found, StoreDown):
+                if st.version is None:  # nothing to serve from; a known version keeps serving
+                    self._fail(task, st, StoreUnavailable(f"prompt store unavailable: {found}"))
+                else:
+                    st.checked = time.monotonic()  # retry after another TTL, keep serving what we have
             else:
-                st.checked = time.monotonic()  # retry after another TTL, keep serving what we have
-        except Exception as e:
-            log.exception("version check failed for %s/%s", *task)
-            self._fail(task, st, StoreUnavailable(f"prompt store error: {e}"))
+                log.error("version check failed for %s/%s", *task, exc_info=found)
+                self._fail(task, st, StoreUnavailable(f"prompt store error: {found}"))
         finally:
             st.refreshing = False
             self._on_change()
+
+    def _lookup(self, task: Task) -> int | Exception:
+        """Loader thread: the task's current version in the store, or why there is none (judged on the
+        event loop, which alone knows whether the answer is still wanted)."""
+        try:
+            return self.store.current_version(*task)
+        except Exception as e:
+            return e
 
     async def _load(self, key: TaskKey, st: _TaskState) -> None:
         loop = asyncio.get_running_loop()
@@ -180,14 +205,21 @@ class Residency:
                     await asyncio.sleep(0.005)
             self._observe_load(time.perf_counter() - t0)
         except ServingError as e:
-            self._fail(key.task, st, e)
+            self._load_failed(key, st, e)
         except Exception as e:
             log.exception("loading %s failed", key)
             error = InvalidArtifact(f"task {key.task_id!r} version {key.version} cannot be loaded: {e}")
-            self._fail(key.task, st, error)
+            self._load_failed(key, st, error)
         finally:
             st.loading.discard(key.version)
             self._on_change()
+
+    def _load_failed(self, key: TaskKey, st: _TaskState, error: ServingError) -> None:
+        """A version that is no longer current (an upload or rollback, or a lookup, replaced it while
+        it loaded) fails nothing: the queued requests are the current version's, loaded for them on
+        the next resolve."""
+        if st.version == key.version:
+            self._fail(key.task, st, error)
 
     def _fail(self, task: Task, st: _TaskState, error: ServingError) -> None:
         """Fail the requests queued for the task; a task with no known version keeps no state.
