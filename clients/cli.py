@@ -6,9 +6,9 @@ sub-parser and sets `func` (called with the parsed namespace, returns the exit s
 commands start fast.
 
 Commands here: `train` (docs/training.md: the VPT paper's recipe, Jia et al., ECCV 2022,
-arXiv 2203.12119), `import-official` (prompts trained with KMnP/vpt) and `keygen` (an API key and its
-tenants-file entry). The commands that talk to a server over the SDK (`classify`, `upload`, `tasks`,
-`info`) are in `clients/cli_remote.py`.
+arXiv 2203.12119), `import-official` (prompts trained with KMnP/vpt), `presets` (the `random:`
+backbones) and `keygen` (an API key and its tenants-file entry). The commands that talk to a server
+over the SDK (`classify`, `upload`, `tasks`, `info`) are in `clients/cli_remote.py`.
 
 Exit status (`EXIT_*`, also in `vpt --help`): 0 ok, 1 an error reported on one line (the server refused
 the request, bad data, a failed training run), 2 usage, 3 connection failure, 4 not found, 5 not
@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from clients import errors as sdk_errors
-from clients.cli_remote import REMOTE_COMMANDS, add_connection_options, upload_with_progress
+from clients.cli_remote import REMOTE_COMMANDS, _table, add_connection_options, upload_with_progress
 
 Register = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
 
@@ -61,33 +62,35 @@ def _add_upload_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("upload (optional)")
     g.add_argument(
         "--upload",
+        nargs="?",
+        const=True,  # `--upload` alone: the server every other command talks to
         metavar="URL",
-        help="server base URL: PUT the artifact to URL/v1/tasks/ID (as `vpt upload` does)",
+        help="PUT the artifact to the server as task --task (as `vpt upload` does); without URL: to "
+        "--url, else $VPT_URL, else http://127.0.0.1:8000",
     )
     g.add_argument("--task", metavar="ID", help="task id to upload as (required with --upload)")
-    # SUPPRESS: the global `vpt --api-key K train ...` (and --tenant, --timeout) is not overwritten by
-    # these options' defaults; given here, after the command, they work too.
-    g.add_argument(
-        "--api-key", metavar="K", default=argparse.SUPPRESS, help="bearer token (default: $VPT_API_KEY)"
-    )
-    g.add_argument(
-        "--tenant", metavar="NAME", default=argparse.SUPPRESS, help="admins: upload into this tenant"
-    )
-    g.add_argument(
-        "--timeout", metavar="S", type=float, default=argparse.SUPPRESS, help="upload timeout in seconds"
-    )
+    # SUPPRESS (inside add_connection_options): the global `vpt --api-key K train ...` (and --url,
+    # --tenant, --timeout) is not overwritten by these options' defaults; given here, after the command,
+    # they work too.
+    add_connection_options(p, suppress=True)
+
+
+def _server_url(args: argparse.Namespace) -> str | None:
+    """The server `--upload` talks to: its own URL if given one, else --url (None: the SDK's default,
+    $VPT_URL, else http://127.0.0.1:8000 - as for every other command)."""
+    return args.upload if isinstance(args.upload, str) else args.url
 
 
 def _maybe_upload(args: argparse.Namespace, data: bytes) -> None:
-    """`--upload URL --task ID`: the written artifact goes through the SDK exactly as `vpt upload`
+    """`--upload [URL] --task ID`: the written artifact goes through the SDK exactly as `vpt upload`
     sends it (retries on 429/503, progress bar on a terminal); its errors propagate to `main`, which
     gives them the same one-line message and exit status as `vpt upload`. Prints the task info JSON."""
     if not args.upload:
         return
     from clients.client import Client
 
-    # The global --tenant/--timeout apply too (`vpt --tenant T train ... --upload URL`).
-    with Client(args.upload, args.api_key, timeout=args.timeout) as client:
+    # The global --tenant/--timeout apply too (`vpt --tenant T train ... --upload`).
+    with Client(_server_url(args), args.api_key, timeout=args.timeout) as client:
         info = upload_with_progress(
             client, args.task, data, tenant=args.tenant, quiet=getattr(args, "quiet", False)
         )
@@ -98,7 +101,10 @@ def _check_upload_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> 
     if args.upload and not args.task:
         p.error("--upload needs --task ID")
     if args.task and not args.upload:
-        p.error("--task is only used with --upload URL")
+        p.error("--task is only used with --upload [URL]")
+    if isinstance(args.upload, str) and not args.upload.startswith(("http://", "https://")):
+        # e.g. `--upload FILE`: a value after --upload is taken as its URL
+        p.error(f"--upload {args.upload!r}: not a server URL (http://... or https://...)")
 
 
 # ------------------------------------------------------------------------------------------ train
@@ -115,10 +121,15 @@ def _add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="train a VPT task (prompts + head) on a frozen backbone and write an artifact",
         description="Train a VPT task with the paper's recipe (SGD momentum 0.9, cosine schedule with "
         "linear warm-up, lr = base lr x batch/256; prompts and head only, backbone frozen in eval mode). "
-        "See docs/training.md.",
+        "Without --backbone it trains on the server's backbone (asked at --url / $VPT_URL), the one an "
+        "upload there must match. See docs/training.md.",
+        epilog="example: vpt train --data photos/ --out pets.safetensors --upload --task pets",
     )
     p.add_argument(
-        "--backbone", required=True, metavar="SPEC", help="random:<preset>[@seed], hf-hub:<repo>, or a path"
+        "--backbone",
+        metavar="SPEC",
+        help="random:<preset>[@seed] (see `vpt presets`), hf-hub:<repo>, or a path (default: the server's, "
+        "from GET /v1/info at --url / $VPT_URL)",
     )
     p.add_argument(
         "--data", required=True, metavar="DIR|CSV", help="ImageFolder directory or CSV of path,label"
@@ -169,7 +180,8 @@ def _add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--img-size",
         type=int,
         default=None,
-        help="input side; must match the server's (default: the backbone's)",
+        help="input side; must match the server's (default: the server's when --backbone is not given, "
+        "else the backbone's)",
     )
     p.add_argument(
         "--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="stored tensor dtype"
@@ -235,8 +247,44 @@ def train_arguments(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _server_backbone(args: argparse.Namespace) -> tuple[str, int]:
+    """The backbone spec and input side of the server `--upload` would send to (`GET /v1/info`): a task
+    trained on anything else would be refused there. Errors keep their SDK type (so their exit status)
+    and say what was being asked, and what to do instead."""
+    from pathlib import Path
+
+    from clients.client import Client
+
+    with Client(_server_url(args), args.api_key, timeout=args.timeout) as client:
+        try:
+            info = client.info()
+        except sdk_errors.ConnectionFailed as e:
+            e.message = (
+                f"no --backbone given, and the server at {client.url} could not be asked for its backbone "
+                f"({e.message}): pass --backbone SPEC (`vpt presets` lists the random: ones), or point "
+                "--url / $VPT_URL at a running vpt-serve"
+            )
+            raise
+        except sdk_errors.VPTError as e:
+            e.message = f"asking {client.url} for its backbone (no --backbone given): {e.message}"
+            raise
+        url = client.url
+    spec, side = info.backbone.spec, info.backbone.image_size
+    if not spec.startswith(("random:", "hf-hub:")) and not Path(spec).exists():
+        raise CliError(
+            f"the server at {url} runs the backbone {spec!r}, a path that does not exist here: pass "
+            "--backbone with a local copy of the same weights"
+        )
+    print(f"backbone: {spec} at {side}x{side} (the server's, {url})", file=sys.stderr)
+    return spec, side
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     _check_upload_args(args._parser, args)
+    if args.backbone is None:
+        args.backbone, side = _server_backbone(args)
+        if args.img_size is None:
+            args.img_size = side
     from vpt.train.job import train_from_paths
 
     kwargs = train_arguments(args)
@@ -330,6 +378,34 @@ def _cmd_import_official(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------ presets
+def _add_presets(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "presets",
+        help="list the random:<preset> backbones (for tests and demos)",
+        description="List the ViT presets a `random:<preset>[@seed]` backbone spec may name (vpt.config."
+        "PRESETS): random weights, so a server or `vpt train` runs without downloading anything, but "
+        "every prediction is meaningless. See docs/backbones.md.",
+        epilog="example: VPT_BACKBONE=random:vit_test_tiny bash scripts/serve.sh",
+    )
+    p.add_argument("--json", action="store_true", help="print each preset's ViTConfig as JSON")
+    p.set_defaults(func=_cmd_presets, _parser=p)
+
+
+def _cmd_presets(args: argparse.Namespace) -> int:
+    from vpt.config import PRESETS
+
+    if args.json:
+        print(json.dumps({f"random:{n}": c.to_dict() for n, c in PRESETS.items()}, indent=2))
+        return 0
+    rows = [
+        [f"random:{n}", str(c.embed_dim), str(c.depth), str(c.num_heads), str(c.patch_size), str(c.img_size)]
+        for n, c in PRESETS.items()
+    ]
+    print(_table(rows, ["SPEC", "D", "LAYERS", "HEADS", "PATCH", "IMAGE"]))
+    return 0
+
+
 # ------------------------------------------------------------------------------------------ keygen
 def _add_keygen(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
@@ -371,7 +447,7 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------ main
-COMMANDS: list[Register] = [*REMOTE_COMMANDS, _add_train, _add_import_official, _add_keygen]
+COMMANDS: list[Register] = [*REMOTE_COMMANDS, _add_train, _add_import_official, _add_presets, _add_keygen]
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -453,10 +529,16 @@ def exit_status(e: BaseException) -> int | None:
     return None
 
 
-def _message(e: BaseException) -> str:
+def _message(e: BaseException, args: argparse.Namespace) -> str:
     httpx = sys.modules.get("httpx")
     if httpx is not None and isinstance(e, httpx.TransportError):
         return f"connection failed: {type(e).__name__}: {e}"
+    if isinstance(e, sdk_errors.Unauthorized):  # the server speaks of headers; say what to set here
+        if getattr(args, "api_key", None):
+            return f"{e} (from --api-key)"
+        if os.environ.get("VPT_API_KEY"):
+            return f"{e} (from $VPT_API_KEY)"
+        return f"{e}; set VPT_API_KEY=<key> or pass --api-key <key>"
     return str(e)
 
 
@@ -473,7 +555,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         status = exit_status(e)
         if status is None:
             raise
-        print(f"{prog}: error: {_message(e)}", file=sys.stderr)
+        print(f"{prog}: error: {_message(e, args)}", file=sys.stderr)
         return status
 
 

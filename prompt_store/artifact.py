@@ -280,8 +280,9 @@ def read_metadata_file(
         prefix = f.read(PREFIX_BYTES)
         if len(prefix) == PREFIX_BYTES:
             n = int.from_bytes(prefix, "little")
-            if n <= limits.max_header_bytes:  # otherwise read_header reports it without reading n bytes
-                prefix += f.read(n)
+            # Over the limit, read_header reports it without reading n bytes; the one byte after the
+            # length still tells a file that is no safetensors file at all.
+            prefix += f.read(n if n <= limits.max_header_bytes else 1)
     parsed = _parse(prefix, limits, partial=True)
     header_end = parsed.meta.file_size - parsed.meta.nbytes
     check_data_length(size - header_end, parsed.meta.nbytes)

@@ -76,6 +76,15 @@ def read_header(data: bytes | memoryview, max_header_bytes: int) -> tuple[dict[s
     if size < PREFIX_BYTES:
         raise ArtifactError("file", f"{size} bytes is too short for a safetensors file (no header length)")
     (n,) = _LENGTH.unpack_from(data, 0)
+    # A writer puts '{' right after the length. Anything else there (but the whitespace the reference
+    # reader skips, refused below) means the 8 bytes are no length either - random bytes, a pickle, a zip
+    # archive - so say what the file is not, rather than quote the number its first bytes happen to make.
+    if size > PREFIX_BYTES and data[PREFIX_BYTES] not in b"{ \t\r\n":
+        raise ArtifactError(
+            "header",
+            f"not a safetensors file: byte {PREFIX_BYTES} is 0x{data[PREFIX_BYTES]:02x}, where a safetensors "
+            "file starts its JSON header with '{'",
+        )
     if n > max_header_bytes:
         # Checked before anything else touches n: 2**60 must not reach a slice or an allocation.
         raise ArtifactError(
@@ -89,8 +98,8 @@ def read_header(data: bytes | memoryview, max_header_bytes: int) -> tuple[dict[s
             "header", f"header length {n} runs past the end of the data ({size} bytes): truncated file?"
         )
     raw = bytes(data[PREFIX_BYTES : PREFIX_BYTES + n])
-    # Stricter than the reference reader (which skips leading whitespace): every writer starts the header
-    # with '{', and requiring it turns pickles, zip archives and other binaries into one clear message.
+    # Stricter than the reference reader, which skips leading whitespace: every writer starts the header
+    # with '{' (other bytes there were refused above).
     if raw[:1] != b"{":
         raise ArtifactError("header", "header does not start with '{'")
     try:

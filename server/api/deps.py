@@ -89,7 +89,11 @@ async def get_principal(
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
 
 
-MISSING_KEY = "missing API key: send 'Authorization: Bearer <key>'"
+# Said to HTTP clients and to `vpt` users alike: the header for the one, the variable for the other.
+MISSING_KEY = (
+    "missing API key: send the header 'Authorization: Bearer <key>' (the vpt CLI and the Python SDK "
+    "send $VPT_API_KEY)"
+)
 
 
 def authenticate(registry: TenantRegistry, authorization: str) -> Tenant:

@@ -28,6 +28,7 @@ class ApiError extends Error {
     super(`${status} ${type}: ${message}`);
     this.status = status;
     this.type = type;
+    this.detail = message; // the server's sentence alone
   }
 }
 
@@ -191,8 +192,34 @@ function renderPredictions(result, roundTripMs) {
   $("result").hidden = false;
 }
 
+// A browser user is told this rather than the API's "415 unsupported_media_type: Content-Type ...".
+const NOT_AN_IMAGE = "That file is not an image (JPEG, PNG, WebP, GIF or BMP)";
+
+// No preview, name or predictions left from a file that was no image.
+function clearImage() {
+  const preview = $("preview");
+  if (preview.src) URL.revokeObjectURL(preview.src);
+  preview.removeAttribute("src");
+  preview.hidden = true;
+  $("image-name").hidden = true;
+  $("drop").classList.remove("has-image");
+  $("result").hidden = true;
+  state.lastImage = null;
+}
+
+function notAnImage(file, reason) {
+  clearImage();
+  say(reason ? `Could not use ${file.name}: ${reason}` : `${NOT_AN_IMAGE}: ${file.name}`, "error");
+}
+
 async function classify(file) {
   if (!file) return;
+  // A type the browser knows and that is no image: the server would refuse it (415). An unknown type
+  // ("") goes as application/octet-stream; the server reads what it can.
+  if (file.type && !file.type.startsWith("image/")) {
+    notAnImage(file);
+    return;
+  }
   state.lastImage = file;
   const preview = $("preview");
   if (preview.src) URL.revokeObjectURL(preview.src);
@@ -214,6 +241,11 @@ async function classify(file) {
     });
     renderPredictions(data, ms);
   } catch (e) {
+    if (e.type === "unsupported_media_type" || e.type === "invalid_image") {
+      // invalid_image: "image 0: unrecognised image format (...)", "image 0: ... over the limit ..."
+      notAnImage(file, e.type === "invalid_image" ? e.detail.replace(/^image \d+: /, "") : null);
+      return;
+    }
     $("result").hidden = true;
     say(e.message, "error");
   } finally {
@@ -269,7 +301,12 @@ function init() {
   });
   $("refresh").addEventListener("click", () => loadTasks().catch((e) => say(e.message, "error")));
   $("upload-form").addEventListener("submit", upload);
-  $("image-file").addEventListener("change", (e) => classify(e.target.files[0]));
+  $("image-file").addEventListener("change", (e) => {
+    classify(e.target.files[0]);
+    e.target.value = ""; // choosing the same file again (after fixing it) fires "change" again
+  });
+  // The server may read what the browser cannot show (e.g. TIFF): hide the broken preview, keep the rest.
+  $("preview").addEventListener("error", () => ($("preview").hidden = true));
   $("top-k").addEventListener("change", () => classify(state.lastImage));
 
   const drop = $("drop");

@@ -91,6 +91,8 @@ def test_playground_lists_uploads_and_classifies(live, browser, tmp_path):
         expected = sdk.classify("animals", img, top_k=5).predictions[0]
     (tmp_path / "birds.safetensors").write_bytes(live.artifact(seed=22, mode="shallow", C=3))
     (tmp_path / "photo.png").write_bytes(img)
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG, but no more of one")
 
     page = browser.new_page(viewport={"width": 1280, "height": 860})
     problems: list[str] = []
@@ -143,6 +145,31 @@ def test_playground_lists_uploads_and_classifies(live, browser, tmp_path):
 
         SCREENSHOT.parent.mkdir(exist_ok=True)
         page.screenshot(path=str(SCREENSHOT), full_page=True)
+
+        # Not an image: a sentence (not "415 unsupported_media_type: Content-Type 'text/plain' ..."),
+        # and no broken preview or earlier predictions left on the page.
+        page.set_input_files("#image-file", str(tmp_path / "notes.txt"))
+        page.wait_for_selector("#message.error")
+        assert (
+            page.text_content("#message")
+            == "That file is not an image (JPEG, PNG, WebP, GIF or BMP): notes.txt"
+        )
+        assert page.is_hidden("#preview") and page.get_attribute("#preview", "src") is None
+        assert page.is_hidden("#result") and page.is_hidden("#image-name")
+        # An image type the server cannot decode: its reason, in a sentence, and the preview cleared.
+        page.set_input_files("#image-file", str(tmp_path / "photo.png"))
+        page.wait_for_selector("#result:not([hidden]) .prediction")
+        page.set_input_files("#image-file", str(tmp_path / "broken.png"))
+        page.wait_for_function("document.querySelector('#result').hidden")
+        assert page.text_content("#message") == (
+            "Could not use broken.png: unrecognised image format (send JPEG, PNG, WebP, GIF or BMP)"
+        )
+        assert page.is_hidden("#preview") and page.get_attribute("#preview", "src") is None
+        assert all("status of 400" in p for p in problems)  # Chromium logs the refused request
+        problems.clear()
+        page.set_input_files("#image-file", str(tmp_path / "photo.png"))  # and a good one works again
+        page.wait_for_selector("#result:not([hidden]) .prediction")
+        assert page.is_visible("#preview")
 
         # The key survives a reload (localStorage): the page reconnects by itself.
         page.reload()

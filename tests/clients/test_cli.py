@@ -276,6 +276,56 @@ def test_train_and_import_official_upload_to_a_real_server(live, producers, tmp_
             assert c.delete(f"/v1/tasks/{task}").status_code == 204
 
 
+def test_train_takes_the_servers_backbone(live, producers, tmp_path, monkeypatch, capsys):
+    """Without --backbone, `vpt train` asks the server (GET /v1/info) for its backbone and input side, so
+    what it writes is what that server accepts; `--upload` alone sends it there ($VPT_URL)."""
+    monkeypatch.setenv("VPT_URL", live.url)
+    monkeypatch.setenv("VPT_API_KEY", live.keys["acme"])
+    argv = producers["train"]
+    assert argv[1:3] == ["--backbone", "random:vit_test_tiny@0"]
+    argv = [argv[0], *argv[3:]]
+    out = tmp_path / "t.safetensors"
+    rc, stdout, err = run(capsys, *argv, "--out", str(out), "--upload", "--task", "from-server")
+    assert rc == EXIT_OK, err
+    assert f"backbone: random:vit_test_tiny@0 at 32x32 (the server's, {live.url})" in err
+    info = json.loads(stdout[stdout.index("\n{") :])
+    assert (info["tenant"], info["task_id"], info["version"]) == ("acme", "from-server", 1)
+    assert info["backbone_fingerprint"] == live.backbone.fingerprint
+    assert run(capsys, "tasks", "delete", "from-server", "--yes")[0] == EXIT_OK
+
+    # No server to ask: one line that says what to do instead, and nothing written.
+    monkeypatch.setenv("VPT_URL", f"http://127.0.0.1:{free_port()}")
+    rc, _, err = run(capsys, *argv, "--out", str(tmp_path / "none.safetensors"))
+    assert rc == EXIT_CONNECTION and len(err.splitlines()) == 1
+    assert err.startswith("vpt train: error: connection_failed: no --backbone given, and the server at ")
+    assert "pass --backbone SPEC (`vpt presets` lists the random: ones)" in err and "$VPT_URL" in err
+    assert not (tmp_path / "none.safetensors").exists()
+
+    # A server that wants a key: its 401, what was being asked, and where a key goes.
+    monkeypatch.delenv("VPT_API_KEY")
+    rc, _, err = run(capsys, "--url", live.url, *argv, "--out", str(tmp_path / "none.safetensors"))
+    assert rc == EXIT_AUTH
+    assert err.startswith(f"vpt train: error: 401 unauthorized: asking {live.url} for its backbone")
+    assert err.endswith("; set VPT_API_KEY=<key> or pass --api-key <key>\n")
+
+
+def test_a_refused_key_says_where_a_key_goes(live, monkeypatch, capsys):
+    """The server's 401 speaks of headers; the CLI adds which key it sent, or where to put one."""
+    monkeypatch.setenv("VPT_URL", live.url)
+    monkeypatch.delenv("VPT_API_KEY", raising=False)
+    rc, _, err = run(capsys, "tasks", "list")
+    assert rc == EXIT_AUTH
+    assert err.startswith("vpt tasks list: error: 401 unauthorized: missing API key: send the header ")
+    assert err.endswith("; set VPT_API_KEY=<key> or pass --api-key <key>\n")
+    monkeypatch.setenv("VPT_API_KEY", "vpt_wrong")
+    message = "error: 401 unauthorized: invalid API key"
+    assert run(capsys, "info")[::2] == (EXIT_AUTH, f"vpt info: {message} (from $VPT_API_KEY)\n")
+    assert run(capsys, "info", "--api-key", "x")[::2] == (
+        EXIT_AUTH,
+        f"vpt info: {message} (from --api-key)\n",
+    )
+
+
 def test_invalid_image_names_the_file(acme, tmp_path, capsys):
     (tmp_path / "a.safetensors").write_bytes(acme.artifact(seed=13))
     assert run(capsys, "upload", "img-err", str(tmp_path / "a.safetensors"), "-q")[0] == EXIT_OK
@@ -315,7 +365,7 @@ def test_help_lists_commands_and_exit_statuses(capsys):
         main(["--help"])
     out = capsys.readouterr().out
     assert e.value.code == 0
-    for cmd in ("classify", "upload", "tasks", "info", "train", "import-official", "keygen"):
+    for cmd in ("classify", "upload", "tasks", "info", "train", "import-official", "presets", "keygen"):
         assert f"    {cmd}" in out
     assert "exit status:" in out and "3  connection failure" in out and "VPT_API_KEY" in out
     with pytest.raises(SystemExit):

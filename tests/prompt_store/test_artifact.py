@@ -636,7 +636,7 @@ def test_pickle_payload_is_never_executed(tmp_path: Path) -> None:
     legacy = io.BytesIO()
     torch.save({"prompts": _Touch(str(marker))}, legacy, _use_new_zipfile_serialization=False)
     raw_pickle = pickle.dumps(_Touch(str(marker)))
-    # A pickle behind a plausible header length, so it reaches the JSON stage.
+    # A pickle behind a plausible header length (refused at byte 8, where the JSON header belongs).
     disguised = struct.pack("<Q", len(raw_pickle)) + raw_pickle
     for data, field in (
         (buf.getvalue(), "header"),
@@ -672,6 +672,31 @@ def test_random_bytes_are_refused() -> None:
         # Random bytes behind a small, honest length prefix reach the JSON parser.
         with pytest.raises(ArtifactError):
             load_artifact(struct.pack("<Q", len(data)) + data)
+
+
+def test_a_file_that_is_no_safetensors_file_says_so(tmp_path: Path) -> None:
+    """Its first 8 bytes make a meaningless header length (an upload of random bytes was told "header
+    length 6834780133576298201 exceeds the limit of 1048576 bytes"): the message says what it is not."""
+    noise = random.Random(5).randbytes(4096)
+    zipped = io.BytesIO()
+    torch.save({"prompts": torch.zeros(2)}, zipped)
+    raw_pickle = pickle.dumps({"prompts": [0.0, 0.0]})
+    disguised = struct.pack("<Q", len(raw_pickle)) + raw_pickle  # a plausible length, then no '{'
+    for data in (noise, zipped.getvalue(), raw_pickle, disguised, b"plain text, not an artifact\n"):
+        assert data[8] not in b"{ \t\r\n"
+        expected = f"not a safetensors file: byte 8 is 0x{data[8]:02x}, where a safetensors file starts"
+        assert assert_refused(data, "header").message == expected + " its JSON header with '{'"
+        path = tmp_path / "upload.safetensors"
+        path.write_bytes(data)
+        for read, arg in ((read_metadata, data), (read_metadata_file, path), (read_artifact, path)):
+            with pytest.raises(ArtifactError) as info:
+                read(arg)  # type: ignore[operator]
+            assert info.value.field == "header" and info.value.message.startswith(expected)
+    # A '{' where the header belongs: the length is reported as what it claims to be.
+    err = assert_refused(struct.pack("<Q", 2**60) + b"{}", "header")
+    assert err.message.startswith("header length 1152921504606846976 exceeds the limit of")
+    err = assert_refused(_patch_raw(lambda raw: b" " + raw), "header")  # whitespace: valid elsewhere
+    assert err.message == "header does not start with '{'"
 
 
 def test_corrupted_files_load_or_raise_artifact_error() -> None:

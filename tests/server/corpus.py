@@ -410,7 +410,7 @@ def backbone_artifact_cases(bb: Backbone, max_prompt_length: int, max_classes: i
             "header",
             ("duplicate",),
         ),
-        ("random-bytes", random_bytes(4096, seed=3), "header", ()),
+        ("random-bytes", random_bytes(4096, seed=3), "header", ("not a safetensors file",)),
     ]
     return [
         Case(

@@ -339,7 +339,25 @@ def test_upload_error_reply_is_one_line_and_nonzero(capsys, server, official_pro
     rec.replies = [(401, {"error": {"type": "unauthorized", "message": "invalid API key"}}, {})]
     rc = main([*official_prompts, "--upload", url, "--task", "t", "--api-key", "k1"])
     assert rc == EXIT_AUTH
-    assert capsys.readouterr().err == "vpt import-official: error: 401 unauthorized: invalid API key\n"
+    err = capsys.readouterr().err  # the CLI says which key the server refused
+    assert err == "vpt import-official: error: 401 unauthorized: invalid API key (from --api-key)\n"
+
+
+def test_upload_without_a_url_goes_to_the_configured_server(capsys, server, official_prompts, monkeypatch):
+    """`--upload` alone: $VPT_URL, or --url (before or after the command), as for every other command."""
+    url, rec = server
+    rec.replies = [(200, task_info("t"), {})]
+    monkeypatch.setenv("VPT_URL", url)
+    assert main([*official_prompts, "--upload", "--task", "t"]) == 0
+    monkeypatch.setenv("VPT_URL", "http://127.0.0.1:1")  # not asked: --url comes first
+    assert main(["--url", url, *official_prompts, "--upload", "--task", "t"]) == 0
+    assert main([*official_prompts, "--task", "t", "--url", url, "--upload"]) == 0
+    assert [r["path"] for r in rec.requests] == ["/v1/tasks/t"] * 3
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # a value after --upload is its URL: a file name is refused
+        main([*official_prompts, "--upload", "t.safetensors", "--task", "t"])
+    assert e.value.code == 2 and "--upload 't.safetensors': not a server URL" in capsys.readouterr().err
+    assert len(rec.requests) == 3
 
 
 def test_upload_retries_a_busy_server_like_vpt_upload(capsys, server, official_prompts):
