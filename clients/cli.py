@@ -410,39 +410,102 @@ def _cmd_presets(args: argparse.Namespace) -> int:
 def _add_keygen(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "keygen",
-        help="make an API key and the tenants-file lines for it",
+        help="make an API key and the tenants-file lines for it, or replace a tenant's keys (--rotate)",
         description="Generate a new API key for a tenant. The key is printed once (only its SHA-256 goes "
-        "into the tenants file, VPT_TENANTS_FILE, default ./data/tenants.toml); the server re-reads the "
-        "file when it changes. No server is contacted.",
-        epilog="example: vpt keygen --tenant acme",
+        "into the tenants file); the server re-reads the file when it changes (or on SIGHUP). A name "
+        "the tenants file already has is refused: --rotate replaces that tenant's keys in the file "
+        "instead (e.g. a lost admin key). No server is contacted.",
+        epilog="examples:\n  vpt keygen --tenant acme\n"
+        "  vpt keygen --rotate --tenant admin --tenants-file data/tenants.toml   # a lost admin key",
     )
     p.add_argument("--tenant", required=True, metavar="NAME", help="tenant name: [a-z0-9][a-z0-9._-]{0,63}")
     p.add_argument(
         "--role",
         choices=("tenant", "admin"),
-        default="tenant",
         help="tenant: its own tasks only (default); admin: any tenant's tasks via --tenant",
     )
-    p.add_argument("--json", action="store_true", help='print {"tenant", "role", "key", "toml"}')
+    p.add_argument(
+        "--tenants-file",
+        metavar="PATH",
+        help="the tenants file: a new name must not be in it; --rotate rewrites it (default: "
+        "$VPT_TENANTS_FILE, else ./data/tenants.toml; without --rotate, not checked if it does not exist)",
+    )
+    p.add_argument(
+        "--rotate",
+        action="store_true",
+        help="give the tenant a new key in place of all its keys, in the tenants file (atomic rewrite, "
+        "the rest of the file unchanged); its old keys stop working once the server re-reads the file",
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help='print {"tenant", "role", "key", "toml"} (--rotate: "tenants_file")',
+    )
     p.set_defaults(func=_cmd_keygen, _parser=p)
 
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
     from prompt_store.ids import ID_PATTERN
 
     if ID_PATTERN.fullmatch(args.tenant) is None:  # checked before the slow import below
         args._parser.error(f"invalid tenant name {args.tenant!r}: use [a-z0-9][a-z0-9._-]{{0,63}}")
-    from server.tenants import keygen_line  # imported here: it pulls in the store (and torch)
+    if args.rotate and args.role is not None:
+        args._parser.error("--rotate keeps the tenant's role; change it in the tenants file")
+    path = Path(args.tenants_file or os.environ.get("VPT_TENANTS_FILE") or "data/tenants.toml")
+    if (args.rotate or args.tenants_file) and not path.is_file():
+        args._parser.error(f"no tenants file {path}")
+    # imported here: it pulls in the store (and torch)
+    from server.tenants import TenantsFileError, keygen_line, parse_tenants
 
-    key, toml = keygen_line(args.tenant, args.role)
+    if args.rotate:
+        return _rotate_key(args, str(path))
+    if path.is_file():
+        try:
+            existing = parse_tenants(path.read_text(), str(path))
+        except TenantsFileError as e:
+            raise CliError(f"cannot check the name against {path}: {e}") from None
+        if args.tenant in existing:
+            raise CliError(
+                f"tenant {args.tenant!r} is already in {path}: `vpt keygen --rotate --tenant {args.tenant} "
+                f"--tenants-file {path}` replaces its keys, or choose another name"
+            )
+    role = args.role or "tenant"
+    key, toml = keygen_line(args.tenant, role)
     if args.json:
-        print(json.dumps({"tenant": args.tenant, "role": args.role, "key": key, "toml": toml}))
+        print(json.dumps({"tenant": args.tenant, "role": role, "key": key, "toml": toml}))
         return 0
-    print(f"API key for tenant {args.tenant!r} ({args.role}); it is shown only now, store it safely:\n")
+    print(f"API key for tenant {args.tenant!r} ({role}); it is shown only now, store it safely:\n")
     print(f"    {key}\n")
-    print("Add these lines to the tenants file (VPT_TENANTS_FILE, default ./data/tenants.toml);")
-    print(f"if {args.tenant!r} is already there, add the hash to its `keys` list instead:\n")
+    print(f"Add these lines to the tenants file ({path}):\n")
     print(toml, end="")
+    return 0
+
+
+def _rotate_key(args: argparse.Namespace, path: str) -> int:
+    from server.tenants import TenantsFileError, admin_key_path, hash_key, rotate_key
+
+    try:
+        key, old = rotate_key(path, args.tenant)
+    except TenantsFileError as e:
+        raise CliError(str(e)) from None
+    # The first start's admin-key file would now hold a key that no longer works.
+    kept = admin_key_path(path)
+    removed = kept.is_file() and hash_key(kept.read_text().strip()) in old.key_hashes
+    if removed:
+        kept.unlink()
+    if args.json:
+        print(json.dumps({"tenant": old.name, "role": old.role, "key": key, "tenants_file": str(path)}))
+        return 0
+    print(f"New API key for tenant {old.name!r} ({old.role}); it is shown only now, store it safely:\n")
+    print(f"    {key}\n")
+    n = len(old.key_hashes)
+    print(f"It replaces the tenant's {n} old key{'s' if n > 1 else ''} in {path}; a running server re-reads")
+    print("the file within a second of its next request (or now: kill -HUP <pid>).")
+    if removed:
+        print(f"Removed {kept}: it held the old key.")
     return 0
 
 

@@ -1,4 +1,11 @@
-"""`vpt-serve` / `python -m server`: run the server with settings from the environment (VPT_*)."""
+"""`vpt-serve` / `python -m server`: run the server with settings from the environment (VPT_*).
+
+Exit status (`EXIT_*`, also in `vpt-serve --help` and docs/troubleshooting.md): 0 stopped by SIGTERM or
+SIGINT after a clean drain, 1 the engine process died while serving (or an unexpected error, with its
+traceback), 2 usage, 3 start-up failed otherwise (uvicorn's status, e.g. the port is taken: the log
+says why), 4 the backbone is unavailable (one message naming the spec and the ways out; the traceback
+only with VPT_LOG_LEVEL=debug).
+"""
 
 from __future__ import annotations
 
@@ -11,16 +18,34 @@ import threading
 from collections.abc import Iterator
 
 import uvicorn
+from fastapi import FastAPI
 
 from server.app import create_app
 from server.settings import Settings
+from vpt.hub import BackboneUnavailable
+
+EXIT_OK = 0  # stopped by SIGTERM/SIGINT after a clean drain
+EXIT_ENGINE_DIED = 1  # the engine process died while serving: a supervisor restarts the server
+EXIT_USAGE = 2  # bad flags (argparse's own status)
+EXIT_STARTUP_FAILED = 3  # start-up failed otherwise (uvicorn's STARTUP_FAILURE): the log says why
+EXIT_BACKBONE_UNAVAILABLE = 4  # no Hub within reach and no cached copy, unknown repo, no such path
+
+EXIT_HELP = """exit status:
+  0  stopped by SIGTERM/SIGINT after draining
+  1  the engine process died while serving (restart the server)
+  2  usage
+  3  start-up failed (e.g. the port is taken; the log says why)
+  4  the backbone is unavailable: no Hub within reach and no cached copy, or no such path;
+     set VPT_BACKBONE to a local checkpoint or random:<preset> (docs/troubleshooting.md)"""
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="vpt-serve",
-        description="Serve Visual Prompt Tuning tasks. Every setting is also an environment variable "
+        description="Serve Visual Prompt Tuning tasks. Every setting is also an environment variable\n"
         "VPT_<NAME> (e.g. VPT_BACKBONE, VPT_STORE); flags override the environment.",
+        epilog=EXIT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--backbone", help="hf-hub:<repo>[@rev], a checkpoint path, or random:<preset>[@seed]"
@@ -46,10 +71,51 @@ def main(argv: list[str] | None = None) -> int:
         access_log=False,  # our JSON access log replaces uvicorn's
         timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
     )
+    if settings.log_level.lower() != "debug":
+        logging.getLogger("uvicorn.error").addFilter(_ExplainedStartupFailure(app))
     server = _Server(config)
     app.state.on_engine_death = server.fail
-    server.run()
-    return 1 if server.failed else 0
+    try:
+        server.run()
+    except SystemExit:  # uvicorn's way out of a failed start-up (status 3)
+        error = _explained(app)
+        if error is None:
+            raise
+        _report_unavailable(error)
+        return EXIT_BACKBONE_UNAVAILABLE
+    return EXIT_ENGINE_DIED if server.failed else EXIT_OK
+
+
+def _explained(app: FastAPI) -> BackboneUnavailable | None:
+    """The start-up failure `main` explains itself, if that is why the start failed."""
+    error = getattr(app.state, "startup_error", None)  # set by the lifespan
+    return error if isinstance(error, BackboneUnavailable) else None
+
+
+def _report_unavailable(e: BackboneUnavailable) -> None:
+    print(
+        f"vpt-serve: error: cannot load the backbone {e.spec}: {e.reason}.\n"
+        "Set VPT_BACKBONE (or --backbone) to either\n"
+        f"  - {e.ways_out[0]}, e.g. VPT_BACKBONE=/models/imagenet21k_ViT-B_16.npz\n"
+        f"  - {e.ways_out[1]}, e.g. VPT_BACKBONE=random:vit_test_tiny\n"
+        f"See docs/troubleshooting.md. Exit status {EXIT_BACKBONE_UNAVAILABLE}; "
+        "VPT_LOG_LEVEL=debug shows the traceback.",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+class _ExplainedStartupFailure(logging.Filter):
+    """Drops uvicorn's own report of a start-up failure that `main` explains (the lifespan's traceback,
+    "Application startup failed. Exiting."), so the user reads one message instead of ~140 lines.
+    Not installed at VPT_LOG_LEVEL=debug, where the traceback is wanted."""
+
+    def __init__(self, app: FastAPI) -> None:
+        super().__init__()
+        self.app = app
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR or _explained(self.app) is None
 
 
 class _Server(uvicorn.Server):

@@ -40,7 +40,11 @@ def create_app(settings: Settings, *, store: PromptStore | None = None) -> FastA
             host = settings.metrics_host or settings.host
             listener = MetricsListener(metrics.registry, host, settings.metrics_port, settings.metrics_token)
         try:
-            services = await Services.start(settings, store=store, metrics=metrics)
+            try:
+                services = await Services.start(settings, store=store, metrics=metrics)
+            except Exception as e:
+                app.state.startup_error = e  # `vpt-serve` explains the ones it knows without a traceback
+                raise
             app.state.services = services
             if services.engine.process is not None:
                 # `vpt-serve` sets this hook: a server whose engine process died exits (status 1) for

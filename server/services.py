@@ -27,7 +27,13 @@ from server.preprocess import Preprocessor
 from server.ratelimit import RateLimiter
 from server.scheduler.scheduler import Scheduler, SchedulerConfig
 from server.settings import Settings
-from server.tenants import TenantRegistry, TenantsFileError, keygen_line
+from server.tenants import (
+    TenantRegistry,
+    TenantsFileError,
+    admin_key_path,
+    keygen_line,
+    write_atomic,
+)
 from server.threads import available_cpus, engine_cpu_set, pin_process
 from vpt.hub import Backbone, load_backbone
 from vpt.transforms import ImageLimits
@@ -214,8 +220,11 @@ class Services:
 def open_tenants(settings: Settings) -> TenantRegistry | None:
     """The tenant registry, or None in open mode (refused on a non-loopback bind unless forced).
 
-    With neither a tenants file nor open mode, a tenants file with one admin tenant is created and its
-    key printed once, so the embedded defaults are secure and still usable out of the box.
+    With neither a tenants file nor open mode, a tenants file with one admin tenant is created, so the
+    embedded defaults are secure and still usable out of the box. Its key goes to `admin-key` beside
+    the file (0600) and is printed at every start while that file exists: a key printed once scrolls
+    away with the log of a start that then fails. The operator ends it by deleting the file, which
+    needs no state on the request path and is the same on every replica.
     """
     if settings.open_mode:
         if not _is_loopback(settings.host) and not settings.open_mode_force:
@@ -232,25 +241,60 @@ def open_tenants(settings: Settings) -> TenantRegistry | None:
         )
         return None
     path = Path(settings.tenants_file)
-    if not path.exists():
+    created = not path.exists()
+    if created:
         key, toml = keygen_line("admin", "admin")
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write("# Created by vpt-serve on first start. Add tenants with `vpt keygen --tenant NAME`.\n")
             f.write(toml)
-        log.warning(
-            "\n%s\nCreated %s with an admin tenant. Its API key (shown only now, store it safely):\n\n"
-            "    %s\n\n%s",
-            "=" * 78,
-            path,
-            key,
-            "=" * 78,
-        )
+        write_atomic(admin_key_path(path), key + "\n")
     try:
-        return TenantRegistry.from_file(path)
+        registry = TenantRegistry.from_file(path)
     except TenantsFileError as e:
         raise SystemExit(str(e)) from None
+    _show_admin_key(registry, created)
+    return registry
+
+
+def _show_admin_key(registry: TenantRegistry, created: bool) -> None:
+    """Print the admin key kept beside the tenants file, if that file exists and the key still works."""
+    assert registry.path is not None
+    key_path = admin_key_path(registry.path)
+    try:
+        key = key_path.read_text().strip()
+        mode = key_path.stat().st_mode & 0o777
+    except FileNotFoundError:
+        return
+    rotate = f"vpt keygen --rotate --tenant admin --tenants-file {registry.path}"
+    tenant = registry.authenticate(key)
+    if tenant is None or tenant.role != "admin":
+        log.warning(
+            "%s holds a key %s does not accept as an admin's (rotated?): delete it. A new admin key: `%s`",
+            key_path,
+            registry.path,
+            rotate,
+        )
+        return
+    what = (
+        f"Created {registry.path} with an admin tenant {tenant.name!r}. Its API key"
+        if created
+        else f"The API key of admin tenant {tenant.name!r}"
+    )
+    log.warning(
+        "\n%s\n%s (also in %s):\n\n    %s\n\nShown at every start while %s exists: store the key "
+        "elsewhere, then delete that file.\nLost it? `%s` makes a new one.\n%s",
+        "=" * 78,
+        what,
+        key_path,
+        key,
+        key_path.name,
+        rotate,
+        "=" * 78,
+    )
+    if mode & 0o077:
+        log.warning("%s is readable by other users (mode %o): chmod 600 it, or delete it", key_path, mode)
 
 
 def _is_loopback(host: str) -> bool:

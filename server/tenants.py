@@ -17,19 +17,27 @@ verifier (no password-style stretching needed: there is nothing to brute-force).
 `hmac.compare_digest` over every configured hash, so timing reveals nothing about which key matched.
 The file is re-read when its modification time changes (checked at most once a second) or on SIGHUP;
 a file that fails to parse or validate is logged and the previous tenants stay in force.
+
+`rotate_key` gives a tenant a new key in place of its old ones (`vpt keygen --rotate`): the file is
+rewritten atomically, the rest of it as it was. The first start writes the admin key it creates to
+`admin-key` beside the file (`admin_key_path`), mode 0600, so it is not lost with the log.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import logging
 import os
+import re
 import secrets
+import stat
 import sys
+import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -82,6 +90,73 @@ def keygen_line(tenant: str, role: Role = "tenant") -> tuple[str, str]:
     key = generate_key()
     toml = f'[[tenant]]\nname = "{tenant}"\nrole = "{role}"\nkeys = ["{hash_key(key)}"]\n'
     return key, toml
+
+
+def admin_key_path(tenants_file: str | os.PathLike[str]) -> Path:
+    """Where the first start keeps the admin key it created: `admin-key` beside the tenants file."""
+    return Path(tenants_file).with_name("admin-key")
+
+
+def write_atomic(path: Path, text: str, like: os.stat_result | None = None) -> None:
+    """Write `path` atomically: a temporary file in its directory, fsynced, renamed over it. Mode 0600,
+    or the mode and owner of `like` (the file being replaced)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # mode 0600
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        if like is not None:
+            os.chmod(tmp, stat.S_IMODE(like.st_mode))
+            with contextlib.suppress(PermissionError):  # root rewriting a file the server's user owns
+                os.chown(tmp, like.st_uid, like.st_gid)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:  # the rename itself survives a crash once the directory is synced
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+# A `[[tenant]]` header and a `keys = [...]` line (an array of hashes holds no "]").
+_TENANT_HEADER = re.compile(r"^[ \t]*\[\[[ \t]*tenant[ \t]*\]\]", re.M)
+_KEYS_LINE = re.compile(r"^([ \t]*keys[ \t]*=[ \t]*)\[[^\]]*\]", re.M)
+
+
+def rotate_key(path: str | os.PathLike[str], tenant: str) -> tuple[str, Tenant]:
+    """Give `tenant` one new key in place of all its keys; returns the key and the tenant as it was.
+
+    Only that tenant's `keys = [...]` changes: comments, order, quotas and the other tenants stay as
+    written. The result is parsed back and must differ from the original in exactly those hashes, else
+    nothing is written (`TenantsFileError`: edit the file by hand). Written atomically with the file's
+    mode and owner kept, so a server re-reading it on its mtime sees the old file or the new one.
+    """
+    real = Path(os.path.realpath(path))  # a symlinked file is replaced where it lives
+    text = real.read_text()
+    before = parse_tenants(text, str(path))
+    if tenant not in before:
+        known = ", ".join(before) or "none"
+        raise TenantsFileError(f"{path}: no tenant {tenant!r} to rotate (tenants: {known})")
+    headers = list(_TENANT_HEADER.finditer(text))
+    index = list(before).index(tenant)  # parse order is file order
+    if len(headers) != len(before):
+        raise TenantsFileError(
+            f"{path}: its tenants are not all [[tenant]] tables; edit {tenant!r}'s keys by hand"
+        )
+    start = headers[index].end()
+    end = headers[index + 1].start() if index + 1 < len(headers) else len(text)
+    key = generate_key()
+    table, found = _KEYS_LINE.subn(lambda m: f'{m.group(1)}["{hash_key(key)}"]', text[start:end], count=1)
+    new_text = text[:start] + table + text[end:]
+    expected = {**before, tenant: replace(before[tenant], key_hashes=(hash_key(key),))}
+    if found != 1 or parse_tenants(new_text, str(path)) != expected:
+        raise TenantsFileError(f"{path}: cannot rewrite {tenant!r}'s keys line safely; edit it by hand")
+    write_atomic(real, new_text, like=real.stat())
+    return key, before[tenant]
 
 
 _FIELDS = {

@@ -3,7 +3,8 @@
 Spec strings (docs/backbones.md has the full table):
 - `random:<preset>[@seed]`  random weights for tests/demos (loud warning);
 - `hf-hub:<repo>[@revision]` a Hugging Face Hub repo, fetched with `huggingface_hub.snapshot_download`
-  (only the files a ViT needs) and then loaded as a local directory;
+  (only the files a ViT needs) and then loaded as a local directory; a Hub out of reach is found out
+  within `HF_HUB_ETAG_TIMEOUT` seconds and the local cache used instead;
 - a local path: a weights file (.safetensors, .pth/.pt/.bin, .npz) or a directory in the Hugging Face
   transformers layout or timm's hub layout.
 
@@ -20,6 +21,7 @@ import json
 import logging
 import pickle
 import re
+import threading
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -40,7 +42,15 @@ from vpt.checkpoint import (
     npz_num_heads,
     verify_state_dict,
 )
-from vpt.config import IMAGENET_MEAN, IMAGENET_STD, INCEPTION_MEAN, INCEPTION_STD, ViTConfig, get_preset
+from vpt.config import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    INCEPTION_MEAN,
+    INCEPTION_STD,
+    PRESETS,
+    ViTConfig,
+    get_preset,
+)
 from vpt.fingerprint import backbone_fingerprint
 from vpt.vit import VisionTransformer
 
@@ -76,6 +86,25 @@ _TIMM_UNSUPPORTED_ARGS = {
 }
 
 
+class BackboneUnavailable(CheckpointError):
+    """The backbone a spec names cannot be had here: the Hub is out of reach (or does not serve the repo)
+    and the local cache has no copy, or the path does not exist. Unlike the other `CheckpointError`s
+    there is nothing wrong with a file: the way out is another spec, and `ways_out` names both."""
+
+    def __init__(self, spec: str, reason: str) -> None:
+        self.spec = spec  # the spec string as given
+        self.reason = reason  # what failed, in one sentence without the spec
+        self.ways_out = (  # the specs that need no network, for the caller to offer in its own words
+            "a local checkpoint: a path to a .safetensors, .pth/.pt/.bin or .npz file, or to a Hugging Face "
+            "or timm model directory",
+            "random:<preset>[@seed]: random weights for tests and demos, predictions meaningless "
+            f"(presets: {', '.join(PRESETS)})",
+        )
+        super().__init__(
+            f"backbone {spec!r} is unavailable: {reason}. Use {self.ways_out[0]}; or {self.ways_out[1]}"
+        )
+
+
 @dataclass
 class Backbone:
     """A loaded frozen backbone and what identifies it."""
@@ -106,15 +135,15 @@ def load_backbone(
         cache_dir: Hugging Face cache directory for `hf-hub:` specs (default: the HF_HUB_CACHE one).
 
     Raises:
+        BackboneUnavailable: no such path; or an `hf-hub:` repo that is neither on a Hub within reach
+            nor in the local cache (offline, `HF_HUB_OFFLINE`, unknown or gated repo or revision).
         CheckpointError: bad spec, unreadable or unrecognised file, or weights that do not fit.
-        huggingface_hub errors (e.g. `LocalEntryNotFoundError` offline, `RepositoryNotFoundError`) are
-        passed through for `hf-hub:` specs: they already say what went wrong.
     """
     if spec.startswith("random:"):
         model, cfg, fp, backbone_id = _load_random(spec[len("random:") :], img_size)
     else:
         if spec.startswith("hf-hub:"):
-            path, repo_id = _download(spec[len("hf-hub:") :], cache_dir)
+            path, repo_id = _download(spec, cache_dir)
             sd, cfg, backbone_id = _read_dir(path, repo_id)
         else:
             path = Path(spec).expanduser()
@@ -123,9 +152,10 @@ def load_backbone(
             elif path.is_file():
                 sd, cfg, backbone_id = _read_file(path)
             else:
-                raise CheckpointError(
-                    f"backbone spec {spec!r}: no such file or directory (expected random:<preset>[@seed], "
-                    "hf-hub:<repo>[@revision], or a path to a checkpoint file or directory)"
+                raise BackboneUnavailable(
+                    spec,
+                    f"no such file or directory ({path.absolute()}; a spec is random:<preset>[@seed], "
+                    "hf-hub:<repo>[@revision] or a path)",
                 )
         model, cfg, fp = _build(sd, cfg, img_size)
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
@@ -158,20 +188,83 @@ def _load_random(rest: str, img_size: int | None) -> tuple[VisionTransformer, Vi
 
 
 # ------------------------------------------------------------------------------------------ hub
-def _download(rest: str, cache_dir: str | None) -> tuple[Path, str]:
-    from huggingface_hub import snapshot_download  # imported here: only hf-hub specs need it
+def _download(spec: str, cache_dir: str | None) -> tuple[Path, str]:
+    """The repo's snapshot directory: downloaded, or from the cache when the Hub is out of reach."""
+    from huggingface_hub import constants, snapshot_download  # imported here: only hf-hub specs need it
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
+    rest = spec[len("hf-hub:") :]
     repo_id, _, revision = rest.partition("@")
     if repo_id.count("/") != 1:
         raise CheckpointError(f"hf-hub spec needs <org>/<name>[@revision], got {rest!r}")
     kwargs = {"repo_id": repo_id, "revision": revision or None, "cache_dir": cache_dir}
-    path = Path(snapshot_download(allow_patterns=HUB_ALLOW_PATTERNS, **kwargs))
-    if not _has_safe_weights(path):
-        logger.warning(
-            "%s has no .safetensors/.npz weights; falling back to .bin/.pth (weights_only)", repo_id
+    cache = cache_dir or constants.HF_HUB_CACHE
+    if constants.HF_HUB_OFFLINE:
+        why = "HF_HUB_OFFLINE is set"
+    else:
+        why = _hub_out_of_reach(spec, repo_id, revision or None, constants.ENDPOINT)
+    if why is not None:
+        kwargs["local_files_only"] = True  # snapshot_download would try the Hub again, without a timeout
+    try:
+        path = Path(snapshot_download(allow_patterns=HUB_ALLOW_PATTERNS, **kwargs))
+        if not _has_safe_weights(path):
+            logger.warning(
+                "%s has no .safetensors/.npz weights; falling back to .bin/.pth (weights_only)", repo_id
+            )
+            path = Path(
+                snapshot_download(allow_patterns=HUB_ALLOW_PATTERNS + HUB_FALLBACK_PATTERNS, **kwargs)
+            )
+    except LocalEntryNotFoundError as e:
+        reason = (
+            f"{why or 'the Hugging Face Hub could not be used'}, and the local cache ({cache}) has no copy"
         )
-        path = Path(snapshot_download(allow_patterns=HUB_ALLOW_PATTERNS + HUB_FALLBACK_PATTERNS, **kwargs))
+        raise BackboneUnavailable(spec, reason) from e  # the chain: for VPT_LOG_LEVEL=debug
+    if why is not None:
+        logger.warning("%s: %s; using the copy in the local cache (%s)", spec, why, path)
     return path, repo_id + (f"@{revision}" if revision else "")
+
+
+def _hub_out_of_reach(spec: str, repo_id: str, revision: str | None, endpoint: str) -> str | None:
+    """None if the Hub answers for the repo; else why not, within `HF_HUB_ETAG_TIMEOUT` seconds.
+
+    `snapshot_download`'s first request has no timeout: an endpoint that accepts the connection and
+    never answers (a firewall, a dead proxy) holds it forever, and name resolution is never bounded.
+    Hence this probe, one metadata request in a daemon thread waited for at most the timeout. Raises
+    `BackboneUnavailable` when the Hub answers that the repo or revision is not there for us.
+    """
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    timeout = float(constants.HF_HUB_ETAG_TIMEOUT)
+    outcome: list[BaseException | None] = []
+
+    def probe() -> None:
+        try:
+            HfApi(endpoint=endpoint).repo_info(repo_id, revision=revision, timeout=timeout)
+            outcome.append(None)
+        except Exception as e:  # reported below: the transport's own errors vary with the library
+            outcome.append(e)
+
+    thread = threading.Thread(target=probe, name="hub-probe", daemon=True)  # daemon: may stay blocked
+    thread.start()
+    thread.join(timeout + 1.0)  # + the request's own timeout firing
+    if not outcome:
+        return f"the Hugging Face Hub ({endpoint}) did not answer within {timeout:g} s"
+    error = outcome[0]
+    if error is None:
+        return None
+    if isinstance(error, GatedRepoError):
+        raise BackboneUnavailable(
+            spec, f"{repo_id} is gated: accept its terms on the Hub and set HF_TOKEN"
+        ) from error
+    if isinstance(error, RepositoryNotFoundError):
+        raise BackboneUnavailable(
+            spec, f"the Hugging Face Hub has no repo {repo_id!r} (or it is private: set HF_TOKEN)"
+        ) from error
+    if isinstance(error, RevisionNotFoundError):
+        raise BackboneUnavailable(spec, f"{repo_id} has no revision {revision!r}") from error
+    detail = str(error).splitlines()[0] if str(error) else ""
+    return f"the Hugging Face Hub ({endpoint}) is out of reach ({type(error).__name__}: {detail})"
 
 
 def _has_safe_weights(path: Path) -> bool:

@@ -2,11 +2,13 @@
 
 No network: each test lays a repo out in a Hugging Face cache directory under tmp_path, in the layout the
 library itself writes (models--org--name/{blobs, snapshots/<commit>, refs/main}), and switches the library
-to offline mode, in which snapshot_download resolves revisions from that cache and never opens a socket.
+to offline mode, in which snapshot_download resolves revisions from that cache and never opens a socket;
+or points it at a local port that refuses connections (a Hub out of reach, online).
 """
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import huggingface_hub
@@ -18,9 +20,9 @@ from huggingface_hub.errors import LocalEntryNotFoundError
 from tests.vpt import ckpt_writers as W
 from vpt import VisionTransformer
 from vpt.checkpoint import CheckpointError
-from vpt.config import IMAGENET_MEAN, IMAGENET_STD, INCEPTION_MEAN, INCEPTION_STD
+from vpt.config import IMAGENET_MEAN, IMAGENET_STD, INCEPTION_MEAN, INCEPTION_STD, PRESETS
 from vpt.fingerprint import backbone_fingerprint
-from vpt.hub import HUB_ALLOW_PATTERNS, load_backbone
+from vpt.hub import HUB_ALLOW_PATTERNS, BackboneUnavailable, load_backbone
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -104,9 +106,36 @@ def test_timm_layout_repo(offline_hub: dict, tiny_vit: VisionTransformer, tmp_pa
     assert bb.fingerprint == backbone_fingerprint(tiny_vit.state_dict())
 
 
-def test_uncached_repo_offline_fails_with_hub_error(offline_hub: dict) -> None:
-    with pytest.raises(LocalEntryNotFoundError):
+def test_uncached_repo_offline_is_unavailable(offline_hub: dict) -> None:
+    with pytest.raises(BackboneUnavailable, match="HF_HUB_OFFLINE is set, and the local cache") as e:
         load_backbone("hf-hub:acme/not-cached", cache_dir=str(offline_hub["cache"]))
+    assert e.value.spec == "hf-hub:acme/not-cached"
+    assert isinstance(e.value.__cause__, LocalEntryNotFoundError)  # kept for a debug traceback
+
+
+def test_hub_out_of_reach_uses_the_cached_copy(
+    monkeypatch: pytest.MonkeyPatch, tiny_vit: VisionTransformer, tmp_path: Path
+) -> None:
+    """Not offline, but the Hub refuses connections: the probe says so at once and the cache serves."""
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    cache = tmp_path / "hf-cache"
+    src = W.write_hf_dir(tmp_path / "src", tiny_vit.state_dict(), tiny_vit.cfg)
+    W.populate_hf_cache(cache, "acme/tiny-vit", src, COMMIT)
+    bb = load_backbone("hf-hub:acme/tiny-vit", cache_dir=str(cache))
+    assert bb.fingerprint == backbone_fingerprint(tiny_vit.state_dict())
+    with pytest.raises(BackboneUnavailable, match=r"is out of reach \(.*local cache .* has no copy"):
+        load_backbone("hf-hub:acme/not-cached", cache_dir=str(cache))
+
+
+def test_missing_path_is_unavailable_and_names_the_ways_out(tmp_path: Path) -> None:
+    with pytest.raises(BackboneUnavailable, match="no such file or directory") as e:
+        load_backbone(str(tmp_path / "vit.npz"))
+    assert "local checkpoint" in str(e.value) and "random:<preset>" in str(e.value)
+    assert all(name in str(e.value) for name in PRESETS)
 
 
 def test_bad_hub_spec() -> None:
