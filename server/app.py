@@ -17,6 +17,7 @@ import server
 from prompt_store.base import PromptStore
 from server.api import inference, system, tasks
 from server.api.bodies import largest_body
+from server.api.docs import install_docs
 from server.api.errors import install_error_handlers
 from server.api.middleware import BodyLimit, RateGate, RequestContext
 from server.metrics import Metrics
@@ -67,6 +68,8 @@ def create_app(settings: Settings, *, store: PromptStore | None = None) -> FastA
         description="Multi-tenant inference for Visual Prompt Tuning (Jia et al., ECCV 2022): "
         "one frozen ViT, many tasks, each a few prompt tokens and a linear head.",
         lifespan=lifespan,
+        docs_url=None,  # FastAPI's pages load their scripts from a CDN: install_docs serves them here
+        redoc_url=None,
     )
     # Built here so the middleware, the services and the metrics port share one registry.
     metrics = Metrics(tenant_labels=settings.metrics_tenant_labels)
@@ -80,6 +83,7 @@ def create_app(settings: Settings, *, store: PromptStore | None = None) -> FastA
         app.include_router(router)
     if settings.metrics_port is None:  # else only the metrics port serves /metrics: here it is a 404
         app.include_router(system.metrics_router)
+    install_docs(app)  # /docs, /redoc and /docs/assets/*: no key, like /openapi.json
     # The playground: `/` and `/static/*` only, so no API route is shadowed. It needs no key to load;
     # its API calls carry the key the user types.
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

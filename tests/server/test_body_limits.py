@@ -66,6 +66,7 @@ PUBLIC = {
     "/docs": ("/docs", "API documentation (Swagger UI)"),
     "/docs/oauth2-redirect": ("/docs/oauth2-redirect", "part of Swagger UI"),
     "/redoc": ("/redoc", "API documentation (ReDoc)"),
+    "/docs/assets": ("/docs/assets/swagger-ui.css", "the scripts and styles of /docs and /redoc"),
 }
 # /v1 routes that take a body: (Content-Type, the route's own limit). A new one must be added here.
 BODY_ROUTES = {
