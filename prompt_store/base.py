@@ -16,6 +16,7 @@ This module knows nothing of GPUs or HTTP; the serving layer maps the typed erro
 from __future__ import annotations
 
 import hashlib
+import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
@@ -169,6 +170,10 @@ class PromptStore(ABC):
     see partial data. Do not share one instance across fork(); open a store per process.
     """
 
+    # Seconds a put waits for a lock (a task's locally; the tenant's creation lock on both backends)
+    # before it raises Conflict. Each backend sets it from its `lock_timeout` option.
+    lock_timeout: float = 30.0
+
     def __init__(
         self, *, keep_versions: int = DEFAULT_KEEP_VERSIONS, limits: ArtifactLimits | None = None
     ) -> None:
@@ -197,6 +202,7 @@ class PromptStore(ABC):
         validator: Validator | None = None,
         *,
         max_tasks: int | None = None,
+        live_only: bool = False,
     ) -> VersionInfo:
         """Store `data` as a new version of the task and make it current.
 
@@ -211,9 +217,13 @@ class PromptStore(ABC):
                 every store instance on the same store honours (processes, and replicas: see
                 docs/store.md for how far that holds per backend). A new version of a live task is
                 never refused and takes no tenant-wide lock.
+            live_only: only add a version to a live task, atomically with the commit: NotFound if
+                the task is not live. Never creates, so it never counts or takes the tenant's
+                creation lock (a caller can tell creates, which may wait for that lock, from new
+                versions, which do not); `max_tasks` is not needed then.
 
         Raises:
-            InvalidId, InvalidArtifact, TaskLimitReached, StoreUnavailable, Conflict.
+            InvalidId, InvalidArtifact, TaskLimitReached, StoreUnavailable, Conflict, NotFound (live_only).
         """
         tenant, task_id = self._check(tenant, task_id)
         if max_tasks is not None and (
@@ -223,7 +233,11 @@ class PromptStore(ABC):
         data = bytes(data)  # accept bytearray / memoryview, and never keep a buffer the caller mutates
         self.validate(data, validator)
         sha256 = hashlib.sha256(data).hexdigest()
-        if max_tasks is None:
+        if live_only:
+            info = self._put(tenant, task_id, data, sha256, live_only=True)
+            if info is None:
+                raise NotFound(tenant, task_id)
+        elif max_tasks is None:
             info = self._put(tenant, task_id, data, sha256)
         else:
             info = self._put(tenant, task_id, data, sha256, live_only=True)
@@ -240,7 +254,7 @@ class PromptStore(ABC):
         with self._creation_lock(tenant) as check:
             current = self._load_manifest(tenant, task_id)
             live = current is not None and not current.deleted  # created meanwhile: a new version
-            if not live and self.count_tasks(tenant, stop_at=max_tasks) >= max_tasks:
+            if not live and self._count_live(tenant, max_tasks, check) >= max_tasks:
                 raise TaskLimitReached(tenant, max_tasks)
             return self._put(tenant, task_id, data, sha256, check=check)
 
@@ -334,19 +348,30 @@ class PromptStore(ABC):
         return TaskPage(items=tuple(items), next_cursor=last if more else None)
 
     def count_tasks(self, tenant: str, stop_at: int | None = None) -> int:
-        """The tenant's live tasks, counted through the listing (one manifest read per task); stops
-        early once `stop_at` is reached.
+        """The tenant's live tasks, counted through the listing (one manifest read per task id, deleted
+        tasks' included); with `stop_at`, stops once that many are found and returns a number
+        >= `stop_at` (not exact beyond it).
 
         Raises:
             InvalidId, StoreUnavailable.
         """
-        n, cursor = 0, None
+        return self._count_live(check_id(tenant, "tenant"), stop_at, lambda: None)
+
+    def _count_live(self, tenant: str, stop_at: int | None, check: Callable[[], None]) -> int:
+        # Under an S3 creation lease every read spends the holder's time, so: read no more manifests
+        # than the count still needs, and call check() between batches of at most _COUNT_BATCH_MAX
+        # (it raises once the lease may have run out: a count that takes too long stops there, within
+        # a few round trips). Batches not below _COUNT_BATCH_MIN, though: a deleted task is known only
+        # by its manifest, and smaller batches would read a run of tombstones one at a time.
+        n = 0
+        ids = iter(self._task_ids(tenant, None))
         while stop_at is None or n < stop_at:
-            page = self.list_tasks(tenant, 1000, cursor)
-            n += len(page.items)
-            cursor = page.next_cursor
-            if cursor is None:
+            size = 1000 if stop_at is None else min(_COUNT_BATCH_MAX, max(stop_at - n, _COUNT_BATCH_MIN))
+            batch = list(itertools.islice(ids, size))
+            if not batch:
                 break
+            check()
+            n += sum(1 for m in self._load_manifests(tenant, batch) if m is not None and not m.deleted)
         return n
 
     def tenants(self) -> list[str]:
@@ -423,14 +448,14 @@ class PromptStore(ABC):
 
         live_only: commit only on top of a live manifest (atomically with the commit); if the task is
             missing or deleted, leave nothing behind and return None.
-        check: called right before the commit; raises Conflict when the caller's creation lock may
-            have passed to another writer, and then nothing is committed.
+        check: called right before the commit; raises (StoreUnavailable) when the caller's creation
+            lock may have passed to another writer, and then nothing is committed.
         """
 
     @abstractmethod
     def _creation_lock(self, tenant: str) -> AbstractContextManager[Callable[[], None]]:
         """The tenant's exclusive creation lock, shared by every instance on this store (Conflict if
-        it cannot be had in time). Yields the `check` to pass to `_put`."""
+        it cannot be had in time). Yields the `check` to call while counting and to pass to `_put`."""
 
     @abstractmethod
     def _delete(self, tenant: str, task_id: str) -> None:
@@ -486,6 +511,10 @@ def verify_integrity(data: bytes, info: VersionInfo, tenant: str, task_id: str) 
             f"version {info.version} of task {tenant}/{task_id} does not match its recorded sha256/size "
             f"({len(data)} bytes read, {info.size} recorded)"
         )
+
+
+_COUNT_BATCH_MIN = 8  # the S3 store's parallel manifest reads (s3.py `_load_manifests`)
+_COUNT_BATCH_MAX = 32  # manifest reads between two lease checks while counting (4 parallel rounds on S3)
 
 
 def _batched(items: Iterable[str], n: int) -> Iterator[list[str]]:

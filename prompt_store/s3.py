@@ -50,13 +50,14 @@ from prompt_store.base import (
     Conflict,
     NotFound,
     PromptStore,
+    StoreError,
     StoreUnavailable,
     VersionInfo,
     verify_integrity,
 )
 from prompt_store.ids import ID_PATTERN
 from prompt_store.manifest import Manifest, header_text, parse_version_name, version_name
-from prompt_store.s3_lock import LOST_RACE, MISSING, S3Lease, error_code, request_bound
+from prompt_store.s3_lock import LOST_RACE, MISSING, S3Lease, Sightings, error_code, request_bound
 
 if TYPE_CHECKING:
     from prompt_store.artifact import ArtifactLimits
@@ -127,6 +128,7 @@ class S3Store(PromptStore):
                 f"({self._request_bound:g}s: max_attempts × (connect_timeout + read_timeout) + backoff)"
             )
         self.lock_timeout = float(lock_timeout)
+        self._lock_sightings = Sightings()  # creation locks seen held, across acquires
         self._base = f"{self.prefix}/" if self.prefix else ""
         config = Config(
             connect_timeout=connect_timeout,
@@ -233,7 +235,7 @@ class S3Store(PromptStore):
             if check is not None:
                 try:
                     check()
-                except Conflict:
+                except StoreError:  # the lease may have run out: this claim will never be committed
                     self._drop_claim(tenant, task_id, claimed)
                     raise
             if self._swap_manifest(tenant, task_id, manifest, etag):
@@ -264,6 +266,7 @@ class S3Store(PromptStore):
             request_bound=self._request_bound,
             timeout=self.lock_timeout,
             calls=self._calls,
+            sightings=self._lock_sightings,
         )
         return lease.held()
 

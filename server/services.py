@@ -35,6 +35,7 @@ from server.tenants import (
     write_atomic,
 )
 from server.threads import available_cpus, engine_cpu_set, pin_process
+from server.uploads import TaskUploads
 from vpt.hub import Backbone, load_backbone
 from vpt.transforms import ImageLimits
 
@@ -55,6 +56,10 @@ class Services:
     draining: bool = False
     switch_interval_before: float | None = None  # restored by stop (setswitchinterval is process-wide)
     affinity_before: frozenset[int] | None = None  # this process's CPUs before it left the engine's
+    uploads: TaskUploads = field(init=False)  # stores uploads; creates queue per tenant, not in threads
+
+    def __post_init__(self) -> None:
+        self.uploads = TaskUploads(self.store, self.validate_upload)
 
     @classmethod
     async def start(

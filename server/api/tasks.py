@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
 
-from prompt_store.base import NotFound, TaskInfo
+from prompt_store.base import TaskInfo
 from prompt_store.ids import ID_MAX_LEN
 from server.api.bodies import SMALL_JSON_BYTES, read_artifact, read_model
 from server.api.common import ERRORS, id_rule_schema
@@ -78,21 +78,11 @@ async def upload(
     if quotas is not None:
         max_bytes = min(max_bytes, quotas.max_artifact_bytes)
     data = await read_artifact(request, max_bytes=max_bytes)
-    store, tenant = services.store, principal.tenant
-
-    def put() -> tuple[bool, TaskInfo]:
-        try:
-            store.current_version(tenant, task_id)
-            existed = True
-        except NotFound:
-            existed = False
-        # The store counts and creates in one step (TaskLimitReached → 403 quota_exceeded), so
-        # concurrent uploads, other processes and replicas cannot take the tenant past its limit.
-        max_tasks = quotas.max_tasks if quotas is not None else None
-        store.put(tenant, task_id, data, validator=services.validate_upload, max_tasks=max_tasks)
-        return existed, store.info(tenant, task_id)
-
-    existed, info = await asyncio.to_thread(put)
+    tenant = principal.tenant
+    # The store counts and creates in one step (TaskLimitReached → 403 quota_exceeded), so concurrent
+    # uploads, other processes and replicas cannot take the tenant past its limit.
+    max_tasks = quotas.max_tasks if quotas is not None else None
+    existed, info = await services.uploads.put(tenant, task_id, data, max_tasks=max_tasks)
     services.scheduler.residency.set_current(tenant, task_id, info.current.version)
     response.status_code = 200 if existed else 201
     return task_out(services, info)

@@ -21,7 +21,8 @@ from typing import Any
 
 import pytest
 
-from prompt_store.base import Conflict, PromptStore, TaskLimitReached
+from prompt_store.base import Conflict, PromptStore, StoreUnavailable, TaskLimitReached
+from prompt_store.s3_lock import Sightings, expired
 
 Make = Callable[..., bytes]
 TENANT = "lim"
@@ -261,3 +262,154 @@ def test_s3_lock_ttl_must_outlast_one_call(store_spec: Any) -> None:
     slow = store_spec.open(read_timeout=60.0)
     assert slow.lock_ttl > 2 * 3 * 60  # the default grows with the timeouts
     slow.close()
+
+
+# Expiry has two sources (s3_lock.py): the server's clock (Date - Last-Modified) and how long this store
+# instance has watched the same version of the lock held. Each is tested alone below.
+def test_lock_expiry_decision() -> None:
+    """Either source alone expires a lease; the server's age gets one second of slack (whole-second
+    HTTP dates), the watch none (a monotonic clock)."""
+    assert not expired(None, 2.9, ttl=3.0)
+    assert expired(None, 3.1, ttl=3.0)  # no Date from the server: the watch decides
+    assert not expired(4.0, 0.0, ttl=3.0)  # within the clock's resolution of the ttl
+    assert expired(5.0, 0.0, ttl=3.0)  # never watched before: the server's age decides
+    sightings = Sightings()
+    assert sightings.watched("k", "e1", "t1", now=100.0) == 0.0
+    assert sightings.watched("k", "e1", "t1", now=130.0) == 30.0  # a later acquire: the watch goes on
+    assert sightings.watched("k", "e2", "t2", now=131.0) == 0.0  # a new holder starts it again
+    sightings.forget("k")
+    assert len(sightings) == 0 and sightings.watched("k", "e2", "t2", now=140.0) == 0.0
+
+
+@S3_ONLY
+def test_s3_lock_expires_on_the_server_clock(store_spec: Any, make_artifact: Make) -> None:
+    """With lock_timeout < lock_ttl (as with the defaults, 30 s < 60 s) no acquire watches a lock for
+    a ttl: a dead holder's lease is expired by its age on the server's clock. Each attempt here is a
+    fresh store instance that never saw the lock before, so only that age can say it expired."""
+    short = {"connect_timeout": 0.5, "read_timeout": 0.5, "max_attempts": 1}
+    plant_lock(store_spec)
+    planted = time.monotonic()
+    early = store_spec.open(lock_ttl=3.0, lock_timeout=1.0, **short)
+    with pytest.raises(Conflict, match="waiting for the lock"):  # not before the ttl
+        early.put(TENANT, "new", make_artifact(1), max_tasks=5)
+    early.close()
+    # Date - Last-Modified > ttl + 1 s is sure once 6 s have passed (whole seconds on both).
+    time.sleep(max(0.0, planted + 6.2 - time.monotonic()))
+    late = store_spec.open(lock_ttl=3.0, lock_timeout=1.0, **short)
+    assert late.put(TENANT, "new", make_artifact(2), max_tasks=5).version == 1
+    assert lock_state(store_spec) == "free"
+    late.close()
+
+
+def strip_date(store: PromptStore) -> None:
+    """Drop the Date header from the store's HEAD responses, as a gateway in front of S3 might."""
+
+    def before_parse(response_dict: dict[str, Any], **_: Any) -> None:
+        response_dict["headers"].pop("date", None)
+
+    store._client.meta.events.register("before-parse.s3.HeadObject", before_parse)  # type: ignore[attr-defined]
+
+
+@S3_ONLY
+def test_s3_lock_expires_by_watching_without_a_server_date(store_spec: Any, make_artifact: Make) -> None:
+    """Without Date the server's age is unknown: repeated creates on one store instance, each giving
+    up after lock_timeout < lock_ttl, take the lock over once the instance has seen it held, unchanged,
+    for the ttl (the watch carries over from one acquire to the next)."""
+    short = {"connect_timeout": 0.5, "read_timeout": 0.5, "max_attempts": 1}
+    store = store_spec.open(lock_ttl=3.0, lock_timeout=0.5, **short)
+    strip_date(store)
+    plant_lock(store_spec)
+    head = store._client.head_object(Bucket=store_spec.bucket, Key=LOCK_KEY)  # type: ignore[attr-defined]
+    assert "date" not in head["ResponseMetadata"]["HTTPHeaders"]  # so no server age
+    first_try = time.monotonic()
+    attempts = 0
+    while True:
+        attempts += 1
+        try:
+            assert store.put(TENANT, "new", make_artifact(1), max_tasks=5).version == 1
+            break
+        except Conflict:
+            assert time.monotonic() - first_try < 15.0, f"not taken over after {attempts} attempts"
+            time.sleep(0.3)  # a request now and then, as uploads would come
+    took = time.monotonic() - first_try
+    assert 3.0 <= took < 6.0 and attempts > 3, (took, attempts)
+    assert lock_state(store_spec) == "free"
+    store.close()
+
+
+def count_gets(store: PromptStore, keys: list[str], delay: float = 0.0) -> None:
+    """Append the key of every GetObject of the store's to `keys`; sleep `delay` before each."""
+
+    def before_call(params: dict[str, Any], **_: Any) -> None:
+        keys.append(params["url_path"])
+        time.sleep(delay)
+
+    store._client.meta.events.register("before-call.s3.GetObject", before_call)  # type: ignore[attr-defined]
+
+
+@S3_ONLY
+def test_count_under_the_lease_reads_only_what_it_needs(store_spec: Any, make_artifact: Make) -> None:
+    """A refused create at a limit of 2 reads a few manifests, not one per task of the tenant."""
+    store = store_spec.open()
+    fill(store, make_artifact, 30)
+    gets: list[str] = []
+    count_gets(store, gets)
+    with pytest.raises(TaskLimitReached):
+        store.put(TENANT, "new", make_artifact(99), max_tasks=2)
+    manifests = [k for k in gets if k.endswith("/manifest.json")]
+    assert 2 <= len(manifests) <= 10, len(manifests)  # its own, then one batch (8) of the count
+    gets.clear()
+    assert store.count_tasks(TENANT, stop_at=20) >= 20 and len(gets) <= 20 + 8
+    assert store.count_tasks(TENANT) == 30
+    store.close()
+
+
+@S3_ONLY
+def test_a_count_that_outlasts_the_lease_stops_and_says_so(store_spec: Any, make_artifact: Make) -> None:
+    """Counting stops once the lease may have run out (not after reading every manifest), nothing is
+    committed, and the error is StoreUnavailable naming the cause: a store too slow for the create,
+    not a writer in the way (Conflict, which clients retry at once)."""
+    short = {"connect_timeout": 0.5, "read_timeout": 0.5, "max_attempts": 1}  # longest call 1 s
+    store = store_spec.open(lock_ttl=2.0, **short)  # so the holder may use 1 s
+    fill(store, make_artifact, 40)
+    gets: list[str] = []
+    count_gets(store, gets, delay=0.3)  # each round of 8 parallel reads: 0.3 s
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable, match="counting the tenant's tasks") as caught:
+        store.put(TENANT, "new", make_artifact(99), max_tasks=100)
+    assert "nothing was committed" in str(caught.value) and "lock_ttl" in str(caught.value)
+    assert time.monotonic() - started < 2.5
+    assert len([k for k in gets if k.endswith("/manifest.json")]) < 40  # stopped early
+    assert store_spec.raw_names(TENANT, "new") == set()
+    store.close()
+
+
+@S3_ONLY
+def test_s3_lock_write_that_landed_but_failed_is_freed(store_spec: Any, make_artifact: Make) -> None:
+    """The acquiring write reaches S3 but the client sees a failure (here: a read timeout raised after
+    the 200): the create fails with StoreUnavailable, and the lock is freed at once instead of
+    blocking the tenant's creates for lock_ttl."""
+    from botocore.exceptions import ReadTimeoutError
+
+    store = store_spec.open(lock_timeout=0.5)
+    state: dict[str, bool] = {"armed": True, "failing": False}
+
+    def before_build(params: dict[str, Any], **_: Any) -> None:
+        acquiring = params.get("Key", "").endswith("/.create-lock") and params["Metadata"]["state"] == "held"
+        state["failing"] = acquiring and state["armed"]
+
+    def after_call(http_response: Any, **_: Any) -> None:
+        if state["failing"] and http_response.status_code == 200:
+            state["armed"] = state["failing"] = False
+            raise ReadTimeoutError(endpoint_url="the acquiring write")
+
+    store._client.meta.events.register("before-parameter-build.s3.PutObject", before_build)  # type: ignore[attr-defined]
+    store._client.meta.events.register("after-call.s3.PutObject", after_call)  # type: ignore[attr-defined]
+    with pytest.raises(StoreUnavailable):
+        store.put(TENANT, "a", make_artifact(1), max_tasks=5)
+    assert not state["armed"]  # the write did land
+    assert lock_state(store_spec) == "free"
+    other = store_spec.open(lock_timeout=0.5)
+    assert other.put(TENANT, "b", make_artifact(2), max_tasks=5).version == 1  # no wait for lock_ttl
+    store.close()
+    other.close()
