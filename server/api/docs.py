@@ -32,8 +32,9 @@ def install_docs(app: FastAPI) -> None:
     # StaticFiles checks the folder now: a `fastapi-offline` without it fails at start-up, not as a
     # blank page.
     assets = StaticFiles(packages=[ASSETS_PACKAGE])
-    for name in ASSET_FILES:
-        assert assets.lookup_path(name)[1] is not None, f"fastapi-offline ships no static/{name}"
+    missing = [name for name in ASSET_FILES if assets.lookup_path(name)[1] is None]
+    if missing:  # a broken install: refuse to start rather than serve blank pages (not an assert: -O)
+        raise RuntimeError(f"fastapi-offline ships no static/{', static/'.join(missing)}: reinstall it")
     app.mount(ASSETS_URL, assets, name="docs-assets")
 
     @app.get("/docs", include_in_schema=False)
