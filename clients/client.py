@@ -123,7 +123,7 @@ def _task_path(task: str, suffix: str = "") -> str:
 
 
 def classify_call(task: str, images: Any, top_k: int | None, tenant: str | None) -> _Call:
-    params = _tenant({"top_k": top_k} if top_k else {}, tenant)
+    params = _tenant({"top_k": top_k} if top_k is not None else {}, tenant)
     return _Call(
         "POST",
         _task_path(task, "/classify"),

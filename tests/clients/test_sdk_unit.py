@@ -481,3 +481,18 @@ def test_image_inputs_encode(tmp_path):
         _images([3.5])
     with pytest.raises(ValueError):
         _images([])
+
+
+def test_top_k_zero_is_sent_for_the_server_to_refuse():
+    """`top_k=0` goes out as given (the server answers 422), not dropped for the server's default of 5."""
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json=CLASSIFY_OK)
+
+    with Client("http://x", "k", retry=FAST, transport=httpx.MockTransport(handler)) as c:
+        c.classify("t", b"\x89PNG...", top_k=0)
+        c.classify("t", b"\x89PNG...")
+    assert seen[0].url.params["top_k"] == "0"
+    assert "top_k" not in seen[1].url.params
