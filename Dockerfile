@@ -3,8 +3,10 @@
 #   docker build -t vpt-serve .                                    # CUDA build of torch (default)
 #   docker build -t vpt-serve:cpu --build-arg TORCH_VARIANT=cpu .  # CPU-only torch, no CUDA libraries
 #
-# The CUDA build needs no CUDA base image: PyPI's Linux torch wheels bring their CUDA runtime as pip
-# packages, and the NVIDIA Container Toolkit mounts the driver (`--gpus all`, compose `deploy.resources`).
+# The CUDA build needs no CUDA base image: the default index's Linux torch wheels bring their CUDA runtime
+# as pip packages, and the NVIDIA Container Toolkit mounts the driver (`--gpus all`, compose
+# `deploy.resources`). The image installs the `server` extra (pyproject.toml): the base dependencies
+# alone are the client (README "Client only").
 #
 # tests/deploy/test_dockerfile.py runs the builder stage's ARG/ENV/WORKDIR/COPY/RUN lines as written in
 # a fresh venv on the CI machine, then the runtime stage's entry command and HEALTHCHECK, so a broken
@@ -17,7 +19,8 @@ FROM ${PYTHON_IMAGE} AS builder
 
 # Where the virtual environment lives; the runtime stage copies this one directory.
 ARG VENV=/opt/venv
-# cuda (PyPI's default Linux wheel) or cpu (PyTorch's CPU-only index).
+# cuda (pip's default index: its Linux wheel is the CUDA build) or cpu (PyTorch's CPU-only index; the same
+# default URL as scripts/venv.sh's TORCH_CPU_INDEX_URL, checked by tests/deploy/test_dockerfile.py).
 ARG TORCH_VARIANT=cuda
 ARG TORCH_VERSION=2.13.0
 # Overrides the index torch comes from (a mirror, or a specific CUDA build such as .../whl/cu126).
@@ -34,18 +37,20 @@ ENV VIRTUAL_ENV=${VENV} \
 # Layer 1: torch alone (GBs for CUDA; changes only with the build args).
 RUN set -eu; \
     case "$TORCH_VARIANT" in \
-        cuda) index="${TORCH_INDEX_URL:-https://pypi.org/simple}" ;; \
+        cuda) index="${TORCH_INDEX_URL:-}" ;; \
         cpu) index="${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}" ;; \
         *) echo "TORCH_VARIANT must be cuda or cpu, not '$TORCH_VARIANT'" >&2; exit 1 ;; \
     esac; \
-    python -m pip install --index-url "$index" "torch==${TORCH_VERSION}"; \
+    set --; \
+    if [ -n "$index" ]; then set -- --index-url "$index"; fi; \
+    python -m pip install "$@" "torch==${TORCH_VERSION}"; \
     python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 
-# Layer 2: the project's dependencies, read from pyproject.toml alone, so editing the source does not
-# reinstall them. torch is already satisfied, so this never pulls a second torch build.
+# Layer 2: the project's dependencies with the `server` extra, read from pyproject.toml alone, so editing
+# the source does not reinstall them. torch is already satisfied, so this never pulls a second torch build.
 WORKDIR /src
 COPY pyproject.toml ./
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > requirements.txt \
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['server']))" > requirements.txt \
     && python -m pip install -r requirements.txt
 
 # Layer 3: the project itself (no dependency resolution: they are all installed above).

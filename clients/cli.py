@@ -550,6 +550,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Top-level modules of the `server` extra (pyproject.toml). In a client-only install (no torch) a command
+# that needs one says what to install instead of showing an ImportError traceback.
+SERVER_EXTRA_MODULES = frozenset(
+    {
+        "torch",
+        "numpy",
+        "safetensors",
+        "huggingface_hub",
+        "PIL",
+        "fastapi",
+        "fastapi_offline",
+        "starlette",
+        "uvicorn",
+        "pydantic_settings",
+        "prometheus_client",
+        "multipart",
+        "python_multipart",
+        "boto3",
+        "botocore",
+        "tomli",
+    }
+)
+SERVER_EXTRA_HINT = "pip install 'vpt-serve[server]' (in a checkout: pip install -e '.[server]')"
+
+
+def _missing_server_module(e: BaseException) -> str | None:
+    """The server-extra module whose absence raised `e`, or None for any other error."""
+    if isinstance(e, ModuleNotFoundError) and e.name:
+        top = e.name.partition(".")[0]
+        if top in SERVER_EXTRA_MODULES:
+            return top
+    return None
+
+
 def _expected_errors() -> tuple[type[BaseException], ...]:
     """Domain errors that deserve one line, not a traceback (imported lazily, as the commands are)."""
     errors: list[type[BaseException]] = [CliError, OSError]
@@ -587,12 +621,18 @@ def exit_status(e: BaseException) -> int | None:
     httpx = sys.modules.get("httpx")
     if httpx is not None and isinstance(e, httpx.TransportError):  # read timeout, dropped connection
         return EXIT_CONNECTION
-    if isinstance(e, _expected_errors()):
+    if isinstance(e, _expected_errors()) or _missing_server_module(e):
         return EXIT_ERROR
     return None
 
 
 def _message(e: BaseException, args: argparse.Namespace) -> str:
+    missing = _missing_server_module(e)
+    if missing:
+        return (
+            f"this command needs the server's dependencies ({missing} is not installed; this looks like "
+            f"a client-only install): {SERVER_EXTRA_HINT}"
+        )
     httpx = sys.modules.get("httpx")
     if httpx is not None and isinstance(e, httpx.TransportError):
         return f"connection failed: {type(e).__name__}: {e}"

@@ -1,15 +1,24 @@
 #!/usr/bin/env bash
 # The project's one test command (README): sets up a venv on a fresh machine and runs lint + tests.
-# torch is installed first from the pinned CPU wheel so nothing pulls a multi-GB CUDA build.
+# torch is the pinned 2.13.0, installed first as the CPU-only build (PyTorch's CPU index, or pip's
+# configured index when that cannot be reached: scripts/venv.sh) so nothing pulls a multi-GB CUDA build;
+# an installed 2.13.0 of either build is kept. A set-up still current (pyproject.toml and torch
+# unchanged) runs no pip.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-    "$PY" -m venv .venv
+SCRIPT_NAME=test.sh
+# shellcheck source=scripts/venv.sh
+. scripts/venv.sh
+
+venv_create
+if ! stamp_matches test cpu; then
+    case "$(torch_dist_version)" in
+        "$TORCH_VERSION" | "$TORCH_VERSION"+*) say "keeping the installed $(torch_describe)" ;;
+        *) install_torch cpu ;;
+    esac
+    "$VPY" -m pip install -q -e ".[test]"
+    stamp_write test cpu
 fi
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[test]"
-.venv/bin/python -m ruff check .
-.venv/bin/python -m ruff format --check .
-.venv/bin/python -m pytest "$@"
+"$VPY" -m ruff check .
+"$VPY" -m ruff format --check .
+"$VPY" -m pytest "$@"

@@ -10,6 +10,7 @@ an entry point that does not start fails here instead of in a user's `docker bui
 from __future__ import annotations
 
 import fnmatch
+import re
 import shutil
 import signal
 import subprocess
@@ -90,6 +91,28 @@ def test_torch_defaults_to_cuda_with_a_cpu_build_arg():
     assert "cpu)" in torch_run and "cuda)" in torch_run
 
 
+def test_torch_pins_and_cpu_index_match_the_scripts():
+    """One torch version and one CPU index for the image and for scripts/serve.sh and test.sh."""
+    script = (REPO / "scripts" / "venv.sh").read_text()
+    pins = dict(re.findall(r"^(TORCH_VERSION|TORCH_CPU_INDEX_URL)=(\S+)$", script, re.M))
+    args = {i.args.partition("=")[0]: i.args.partition("=")[2] for i in BUILDER.all("ARG")}
+    assert args["TORCH_VERSION"] == pins["TORCH_VERSION"]
+    torch_run = next(i.args for i in BUILDER.all("RUN") if "torch==" in i.args)
+    assert f'cpu) index="${{TORCH_INDEX_URL:-{pins["TORCH_CPU_INDEX_URL"]}}}"' in torch_run, torch_run
+
+
+def test_image_installs_the_server_extra():
+    """The base dependencies are the client alone; the image needs the `server` extra too."""
+    deps_run = next(i.args for i in BUILDER.all("RUN") if "requirements.txt" in i.args)
+    project = PYPROJECT["project"]
+    code = deps_run.split('python -c "', 1)[1].split('" >', 1)[0]
+    lines = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    assert lines == project["dependencies"] + project["optional-dependencies"]["server"]
+    assert any(line.startswith("torch") for line in lines)
+
+
 def test_dependencies_install_before_the_source_is_copied():
     """Layer caching: torch, then pyproject's dependencies, then the packages."""
     seq = [(i.keyword, i.args) for i in BUILDER.instructions if i.keyword in ("COPY", "RUN")]
@@ -138,13 +161,10 @@ def test_build_stage_and_entry_command_run_as_written(tmp_path):
     base_python = getattr(sys, "_base_executable", sys.executable)
     for name in ("python", "python3"):
         (shim / name).symlink_to(base_python)
-    build_args = {
-        "VENV": str(root / "opt" / "venv"),
-        "TORCH_VARIANT": "cpu",
-        # The CPU variant's default index (PyTorch's) is unreachable from CI; this machine's pip takes
-        # torch==2.13.0 (the CPU build) from its configured wheel directory through the default index.
-        "TORCH_INDEX_URL": "https://pypi.org/simple",
-    }
+    # The default variant (cuda) as written: torch==2.13.0 from pip's configured index. PyTorch's CPU
+    # index (the cpu variant's) is unreachable from CI, and this machine's pip takes the CPU build from
+    # its own wheel directory; with only the default index this would be the CUDA build (GBs).
+    build_args = {"VENV": str(root / "opt" / "venv")}
     base_env = dfm.clean_env()
     base_env["PATH"] = f"{shim}:{base_env.get('PATH', '')}"
     t0 = time.monotonic()
