@@ -49,7 +49,8 @@ torch_dist_version() {
 
 # One line on the installed torch, e.g. "torch 2.13.0+cpu, a CPU-only build".
 torch_describe() {
-    "$VPY" -W ignore -c "import torch; c = torch.version.cuda; print(f'torch {torch.__version__}, ' + (f'a CUDA {c} build' if c else 'a CPU-only build'))"
+    "$VPY" -W ignore -c "import torch; c = torch.version.cuda; \
+print(f'torch {torch.__version__}, ' + (f'a CUDA {c} build' if c else 'a CPU-only build'))"
 }
 
 torch_has_cuda() {
