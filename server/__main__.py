@@ -17,12 +17,25 @@ import sys
 import threading
 from collections.abc import Iterator
 
-import uvicorn
-from fastapi import FastAPI
+try:
+    import uvicorn
+    from fastapi import FastAPI
 
-from server.app import create_app
-from server.settings import Settings
-from vpt.hub import BackboneUnavailable
+    from server.app import create_app
+    from server.settings import Settings
+    from vpt.hub import BackboneUnavailable
+except ModuleNotFoundError as e:
+    # A client-only install (`pip install vpt-serve`, no extras) has the `vpt-serve` command but not
+    # what it runs on: say which extra brings it, rather than a traceback. Our own modules missing is
+    # a broken checkout, and re-raised as it is.
+    if (e.name or "").split(".")[0] in ("server", "vpt", "prompt_store", "clients"):
+        raise
+    print(
+        f"vpt-serve: error: this environment lacks the server's packages (no module {e.name!r}): "
+        "pip install 'vpt-serve[server]' (a checkout: bash scripts/serve.sh)",
+        file=sys.stderr,
+    )
+    raise SystemExit(3) from None
 
 EXIT_OK = 0  # stopped by SIGTERM/SIGINT after a clean drain
 EXIT_ENGINE_DIED = 1  # the engine process died while serving: a supervisor restarts the server
@@ -34,7 +47,7 @@ EXIT_HELP = """exit status:
   0  stopped by SIGTERM/SIGINT after draining
   1  the engine process died while serving (restart the server)
   2  usage
-  3  start-up failed (e.g. the port is taken; the log says why)
+  3  start-up failed (e.g. the port is taken, or no server packages; the log says why)
   4  the backbone is unavailable: no Hub within reach and no cached copy, or no such path;
      set VPT_BACKBONE to a local checkpoint or random:<preset> (docs/troubleshooting.md)"""
 

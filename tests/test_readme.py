@@ -86,7 +86,7 @@ def test_quick_start_runs_as_written(tmp_path):
         backbone=BACKBONE_SPEC,
         open_mode="false",  # the embedded default
         tenants_file=tmp_path / "srv" / "tenants.toml",  # not there yet: the first-start path
-    ).wait_ready(timeout=180)  # serve.sh first runs `pip install -e .`
+    ).wait_ready(timeout=180)  # serve.sh sets up .venv when it is new or stale
     try:
         printed = re.search(r"^\s+(vpt_[A-Za-z0-9_-]{40,})\s*$", server.log(), re.M)
         assert printed, f"the server printed no admin key on first start:\n{server.log()}"

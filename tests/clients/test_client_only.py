@@ -174,6 +174,16 @@ def test_client_only_local_commands_say_what_to_install(client_venv, tmp_path, a
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.integration
+def test_client_only_vpt_serve_says_what_to_install(client_venv, tmp_path):
+    proc = run(client_venv, tmp_path, "vpt-serve")
+    assert proc.returncode == 3, (proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert "pip install 'vpt-serve[server]'" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
 def test_the_cli_knows_every_module_of_the_server_extra():
     """`vpt` names the extra to install when a command misses one of the server extra's modules: each
     distribution of that extra must be known to it by one of its import names (Pillow: PIL, ...)."""
