@@ -88,12 +88,30 @@ class Flood:
 
 
 async def flood(
-    port: int, path: str, body: bytes, headers: dict[str, str], rate: float, stop: asyncio.Event
+    port: int,
+    path: str,
+    body: bytes,
+    headers: dict[str, str],
+    rate: float,
+    stop: asyncio.Event,
+    max_in_flight: int | None = None,
 ) -> Flood:
-    """Open-loop requests at `rate` until `stop`; each on a pooled connection (new ones as needed)."""
+    """Open-loop requests at `rate` until `stop`; each on a pooled connection (new ones as needed).
+
+    `max_in_flight` caps the requests awaiting an answer (the sender waits for a free place, and then
+    falls behind `rate`): what a server holds for a flood it cannot keep up with then stays the same
+    on a fast and on a slow or busy machine, instead of growing with the backlog."""
     out, pool, tasks = Flood(started=time.monotonic()), [], []
+    places = asyncio.Semaphore(max_in_flight) if max_in_flight else None
 
     async def one() -> None:
+        try:
+            await request()
+        finally:
+            if places is not None:
+                places.release()
+
+    async def request() -> None:
         client = pool.pop() if pool else RawClient(port)
         try:
             status, hdrs, data = await asyncio.wait_for(client.post(path, body, headers), 60)
@@ -112,6 +130,8 @@ async def flood(
 
     while not stop.is_set():
         await asyncio.sleep(max(0.0, out.started + out.sent / rate - time.monotonic()))
+        if places is not None:
+            await places.acquire()
         tasks.append(asyncio.create_task(one()))
         out.sent += 1
     out.stopped = time.monotonic()
