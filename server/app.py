@@ -15,7 +15,7 @@ from fastapi.staticfiles import StaticFiles
 
 import server
 from prompt_store.base import PromptStore
-from server.api import inference, system, tasks
+from server.api import inference, system, tasks, v2
 from server.api.bodies import largest_body
 from server.api.docs import install_docs
 from server.api.errors import install_error_handlers
@@ -79,7 +79,7 @@ def create_app(settings: Settings, *, store: PromptStore | None = None) -> FastA
     app.add_middleware(RateGate)
     app.add_middleware(RequestContext, metrics=metrics, enabled_log=settings.access_log)
     install_error_handlers(app)
-    for router in (inference.router, tasks.router, system.router):
+    for router in (inference.router, tasks.router, system.router, v2.router):
         app.include_router(router)
     if settings.metrics_port is None:  # else only the metrics port serves /metrics: here it is a 404
         app.include_router(system.metrics_router)

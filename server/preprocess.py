@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 
 from server.errors import InvalidImage
 from server.gpu_decode import GpuDecoder
@@ -57,17 +61,23 @@ class Preprocessor:
         # cannot park the Pillow pool's threads.
         self._gpu_pool = ThreadPoolExecutor(1, thread_name_prefix="vpt-gpu-decode") if self.gpu else None
 
-    def _chunk(self, items: list[tuple[int, bytes]]) -> list[torch.Tensor]:
+    def _decoded(self, data: bytes) -> Image.Image:
+        return decode_image(data, self.limits)
+
+    def _chunk(self, items: list[tuple[int, Any]], load: Callable[[Any], Image.Image]) -> list[torch.Tensor]:
         out = []
         for i, data in items:
             try:
-                out.append(eval_transform(decode_image(data, self.limits), self.cfg))
+                out.append(eval_transform(load(data), self.cfg))
             except ImageDecodeError as e:
                 raise InvalidImage(f"image {i}: {e}") from None
         return out
 
-    async def _pillow(self, items: list[tuple[int, bytes]]) -> torch.Tensor:
-        """(position, bytes) pairs → uint8 (len(items), 3, S, S) on the host.
+    async def _pillow(
+        self, items: list[tuple[int, Any]], load: Callable[[Any], Image.Image] | None = None
+    ) -> torch.Tensor:
+        """(position, bytes) pairs → uint8 (len(items), 3, S, S) on the host; `load` turns an item
+        into an RGB image (default: decode its bytes).
 
         One thread-pool job per chunk of images, not per image: each job costs the event loop a
         future and a wake-up, which dominated for the common one-image request."""
@@ -75,11 +85,22 @@ class Preprocessor:
         step = max(1, -(-len(items) // self.threads))  # ceil: at most `threads` chunks
         parts = await asyncio.gather(
             *(
-                loop.run_in_executor(self._pool, self._chunk, items[i : i + step])
+                loop.run_in_executor(self._pool, self._chunk, items[i : i + step], load or self._decoded)
                 for i in range(0, len(items), step)
             )
         )
         return torch.stack([t for part in parts for t in part])
+
+    async def pixels(self, images: np.ndarray) -> torch.Tensor:
+        """Raw RGB pixels uint8 (n, H, W, 3), any H and W → uint8 (n, 3, S, S), through the same
+        eval transform (Pillow) as a decoded image: a PNG of these pixels gives the same tensor."""
+        assert images.dtype == np.uint8 and images.ndim == 4 and images.shape[3] == 3, images.shape
+        h, w = int(images.shape[1]), int(images.shape[2])
+        if h * w > self.limits.max_pixels:
+            raise InvalidImage(f"images are {w}x{h} pixels, over the limit of {self.limits.max_pixels}")
+        if h == 0 or w == 0:
+            raise InvalidImage(f"images of {w}x{h} pixels are empty")
+        return await self._pillow(list(enumerate(images)), lambda a: Image.fromarray(np.ascontiguousarray(a)))
 
     async def __call__(self, blobs: list[bytes]) -> torch.Tensor:
         """Encoded images → uint8 (n, 3, S, S): on the host (Pillow releases the GIL while decoding and

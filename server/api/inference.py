@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Annotated, Any
 
+import torch
 from fastapi import APIRouter, Query, Request
 
 from server.api.bodies import read_images
 from server.api.common import ERRORS, unless_disconnected
 from server.api.deps import Principal, PrincipalDep, ServicesDep, TaskId
 from server.api.schemas import ClassifyJSON, ClassifyResponse, EmbedResponse, Prediction, Timings
+from server.engine.engine import Output
 from server.errors import InvalidRequest
 from server.scheduler.types import Result
 from server.services import Services
@@ -40,47 +45,98 @@ IMAGE_BODY: dict[str, Any] = {
 
 
 async def _run(
-    request: Request, services: Services, principal: Principal, task_id: str, output: str, top_k: int | None
+    request: Request,
+    services: Services,
+    principal: Principal,
+    task_id: str,
+    output: Output,
+    top_k: int | None,
 ) -> tuple[Result, Timings]:
-    tenant, quotas = principal.tenant, principal.quotas
     s = services.settings
     t0 = time.perf_counter()
     blobs, body_k = await read_images(request, max_body=s.max_body_bytes, max_images=s.max_images_per_request)
     k = top_k if top_k is not None else (body_k or 5)
     if k > s.max_top_k:
         raise InvalidRequest(f"top_k {k} exceeds the limit of {s.max_top_k}")
-    max_queued = quotas.max_queued_images if quotas else None
-    with services.scheduler.admit(tenant, len(blobs), max_queued):  # refuse before decoding
-        images = await services.preprocess(blobs)
-    services.metrics.images_decoded.inc(len(blobs))
-    t1 = time.perf_counter()
-    try:
-        result = await unless_disconnected(
-            request,
-            services.scheduler.submit(
-                tenant,
-                task_id,
-                images,
-                output=output,
-                top_k=k,
-                timeout_s=s.request_timeout_s,
-                weight=quotas.weight if quotas else 1.0,
-                tenant_max_queued=max_queued,
-            ),  # type: ignore[arg-type]
-        )
-    except Exception:
-        services.task_stats.record(tenant, task_id, len(blobs), ok=False)
-        raise
-    services.task_stats.record(tenant, task_id, len(blobs), ok=True)
-    services.metrics.images.labels(output).inc(len(blobs))
-    timings = Timings(
-        decode_ms=(t1 - t0) * 1000,
-        queue_ms=result.queue_s * 1000,
-        compute_ms=result.compute_s * 1000,
-        total_ms=(time.perf_counter() - t0) * 1000,
-        batch_size=result.batch_size,
+    (result,), timings = await run_images(
+        request,
+        services,
+        principal,
+        task_id,
+        Images(len(blobs), lambda: services.preprocess(blobs)),
+        (output,),
+        top_k=k,
+        route=output,
+        started=t0,
     )
     return result, timings
+
+
+@dataclass(frozen=True)
+class Images:
+    """A request's images before decoding: how many, and how to get them as the engine's input."""
+
+    n: int  # images in the request
+    decode: Callable[[], Awaitable[torch.Tensor]]  # → uint8 (n, 3, S, S): decode + eval transform
+
+
+async def run_images(
+    request: Request,
+    services: Services,
+    principal: Principal,
+    task_id: str,
+    images: Images,
+    outputs: tuple[Output, ...],
+    *,
+    top_k: int,
+    route: str,
+    started: float,
+) -> tuple[list[Result], Timings]:
+    """Admit, decode and submit one request's images, once per output kind (the scheduler batches
+    one kind at a time), and record the task's stats: /v1 and /v2 (`server.api.v2`) alike.
+
+    `route` labels `vpt_images_total`; `started` is when the request began (for `total_ms`)."""
+    tenant, quotas = principal.tenant, principal.quotas
+    s = services.settings
+    max_queued = quotas.max_queued_images if quotas else None
+    with services.scheduler.admit(tenant, images.n, max_queued):  # refuse before decoding
+        pixels = await images.decode()
+    services.metrics.images_decoded.inc(images.n)
+    t1 = time.perf_counter()
+    jobs = [
+        services.scheduler.submit(
+            tenant,
+            task_id,
+            pixels,
+            output=output,
+            top_k=top_k,
+            timeout_s=s.request_timeout_s,
+            weight=quotas.weight if quotas else 1.0,
+            tenant_max_queued=max_queued,
+        )
+        for output in outputs
+    ]
+    try:
+        # One output (every /v1 request) awaits its submission alone: no gather task per request.
+        work = asyncio.gather(*jobs) if len(jobs) > 1 else _listed(jobs[0])
+        results = await unless_disconnected(request, work)
+    except Exception:
+        services.task_stats.record(tenant, task_id, images.n, ok=False)
+        raise
+    services.task_stats.record(tenant, task_id, images.n, ok=True)
+    services.metrics.images.labels(route).inc(images.n)
+    timings = Timings(
+        decode_ms=(t1 - started) * 1000,  # reading the body included, as ever
+        queue_ms=max(r.queue_s for r in results) * 1000,
+        compute_ms=max(r.compute_s for r in results) * 1000,
+        total_ms=(time.perf_counter() - started) * 1000,
+        batch_size=results[0].batch_size,
+    )
+    return results, timings
+
+
+async def _listed(job: Awaitable[Result]) -> list[Result]:
+    return [await job]
 
 
 TopK = Annotated[int | None, Query(ge=1, description="Labels per image (default 5; also in a JSON body)")]

@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api.deps import authenticate, charge_rate
-from server.api.errors import error_response
+from server.api.errors import error_response, is_v2, route_path
 from server.errors import InvalidRequest, Overloaded, PayloadTooLarge, ServingError, Unauthorized
 from server.metrics import Metrics
 
@@ -84,22 +84,26 @@ class RequestContext:
                 )
 
 
-def route_path(scope: Scope) -> str:
-    """The path the router matches: without the `root_path` the app is served under (`uvicorn
-    --root-path`, or mounted in another app), which ASGI servers leave in `path`. Matching the raw path
-    would let every request under a prefix past the gate."""
-    path, root = scope["path"], scope.get("root_path", "")
-    return path[len(root) :] if root and path.startswith(root) else path
+def gated(path: str) -> bool:
+    """An API path: authenticated and charged by `RateGate`. /v1, and /v2 (the Open Inference Protocol,
+    server metadata included: it names the server's version, which /v1/info also keeps behind a key)
+    except its health probes, which are public like /healthz and /readyz."""
+    return path.startswith("/v1/") or (is_v2(path) and not path.startswith("/v2/health/"))
+
+
+async def _refuse(err: ServingError, scope: Scope, receive: Receive, send: Send) -> None:
+    v2 = is_v2(route_path(scope))
+    await error_response(err.status, err.type, err.message, err.headers, v2=v2)(scope, receive, send)
 
 
 class RateGate:
     """ASGI middleware: authenticate an API request and refuse it (401, 429) before routing.
 
-    Every /v1 request is authenticated here (with tenants), before FastAPI reads its body or validates
-    its path and query: a caller without a valid key costs a header lookup and a key hash, gets a 401
-    whatever the route, id or body, and learns nothing about which routes and ids exist. The unread
-    body is left to the HTTP server, which discards it as it arrives (in a fixed buffer) once the
-    response is sent.
+    Every API request (`gated`: /v1, and /v2 but its health probes) is authenticated here (with
+    tenants), before FastAPI reads its body or validates its path and query: a caller without a valid
+    key costs a header lookup and a key hash, gets a 401 whatever the route, id or body, and learns
+    nothing about which routes and ids exist. The unread body is left to the HTTP server, which
+    discards it as it arrives (in a fixed buffer) once the response is sent.
 
     A flooding tenant's requests are mostly refused by its rate limit. Refused inside FastAPI (routing,
     dependency resolution, exception handlers) each cost ~0.4 ms of event-loop CPU, which the engine
@@ -116,14 +120,13 @@ class RateGate:
         if refusal is None:
             await self.app(scope, receive, send)
         else:
-            response = error_response(refusal.status, refusal.type, refusal.message, refusal.headers)
-            await response(scope, receive, send)
+            await _refuse(refusal, scope, receive, send)
 
     @staticmethod
     def _admit(scope: Scope) -> Unauthorized | Overloaded | None:
         """Authenticate an API request and charge it to its tenant's bucket; the refusal if any."""
         services = getattr(scope["app"].state, "services", None)  # None while starting
-        if not route_path(scope).startswith("/v1/") or services is None or services.tenants is None:
+        if not gated(route_path(scope)) or services is None or services.tenants is None:
             return None
         state = scope.setdefault("state", {})
         try:
@@ -171,8 +174,7 @@ class BodyLimit:
             except ValueError:
                 refusal = InvalidRequest("invalid Content-Length header")
         if refusal is not None:
-            response = error_response(refusal.status, refusal.type, refusal.message, refusal.headers)
-            await response(scope, receive, send)
+            await _refuse(refusal, scope, receive, send)
             return
         seen = 0
 

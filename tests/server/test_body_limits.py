@@ -1,8 +1,10 @@
 """Every route authenticates before it reads a body, and no route reads more than its limit.
 
-Walks the app's own route table, so a new route is checked as soon as it exists: a /v1 route must be
-covered by the walk (its path parameters filled, its body's limit known), any other route must be
-listed in PUBLIC with the reason it needs no key. Against a real `vpt-serve` on 127.0.0.1 with a raw
+Walks the app's own route table, so a new route is checked as soon as it exists: an API route (/v1,
+and /v2 but its health probes: `middleware.gated`) must be covered by the walk (its path parameters
+filled, its body's limit known), any other route must be listed in PUBLIC with the reason it needs no
+key. /v2 answers errors in the Open Inference Protocol's shape, `{"error": "<message>"}`: there the
+status code alone says what the error is. Against a real `vpt-serve` on 127.0.0.1 with a raw
 socket client, which declares a large body and sends it slowly (or fast), to see when the server
 answers and how much it had to be sent first:
 - no key: 401 at once, whatever the route, the id or the body (the server does not wait for it);
@@ -31,6 +33,7 @@ from fastapi import Request
 from fastapi.testclient import TestClient
 
 from server.api.bodies import SMALL_JSON_BYTES, largest_body
+from server.api.middleware import gated
 from server.app import create_app
 from server.settings import Settings
 from server.tenants import generate_key
@@ -52,12 +55,14 @@ SETTINGS = Settings(
 HUGE = 64 * 1024 * 1024  # a declared body far over every limit
 FLOOD = 16 * 1024 * 1024  # a body sent at full speed (a server that buffered it would grow by 16+ MiB)
 MEMORY_SLACK = 8 * 1024 * 1024  # peak RSS growth allowed across a walk (allocator noise, buffers)
-PARAMS = {"task_id": "t1"}  # values for the route table's path parameters
+PARAMS = {"task_id": "t1", "version": "1"}  # values for the route table's path parameters
 
-# Routes outside /v1 (no tenant key checked before routing), and why. Each gets a sample path (a
+# Routes outside the API (no tenant key checked before routing), and why. Each gets a sample path (a
 # mount's is a file under it). They read no body; the largest-body backstop still covers them.
 PUBLIC = {
     "/healthz": ("/healthz", "liveness probe for orchestrators"),
+    "/v2/health/live": ("/v2/health/live", "the Open Inference Protocol's liveness probe"),
+    "/v2/health/ready": ("/v2/health/ready", "the Open Inference Protocol's readiness probe"),
     "/readyz": ("/readyz", "readiness probe for load balancers"),
     "/metrics": ("/metrics", "Prometheus scrape: checks its own token or admin key, reads no body"),
     "/": ("/", "the browser playground's page; its API calls carry the user's key"),
@@ -68,12 +73,14 @@ PUBLIC = {
     "/redoc": ("/redoc", "API documentation (ReDoc)"),
     "/docs/assets": ("/docs/assets/swagger-ui.css", "the scripts and styles of /docs and /redoc"),
 }
-# /v1 routes that take a body: (Content-Type, the route's own limit). A new one must be added here.
+# API routes that take a body: (Content-Type, the route's own limit). A new one must be added here.
 BODY_ROUTES = {
     ("PUT", "/v1/tasks/{task_id}"): ("application/octet-stream", MAX_ARTIFACT),
     ("POST", "/v1/tasks/{task_id}/classify"): ("image/png", MAX_BODY),
     ("POST", "/v1/tasks/{task_id}/embed"): ("image/png", MAX_BODY),
     ("POST", "/v1/tasks/{task_id}/rollback"): ("application/json", SMALL_JSON_BYTES),
+    ("POST", "/v2/models/{task_id}/infer"): ("application/json", MAX_BODY),
+    ("POST", "/v2/models/{task_id}/versions/{version}/infer"): ("application/json", MAX_BODY),
 }
 
 
@@ -97,12 +104,12 @@ def route_table(app) -> list[RouteEntry]:
     out = []
     for route in routes:
         template = route.path
-        if template.startswith("/v1/"):
+        if gated(template):
             missing = set(re.findall(r"{(\w+)", template)) - set(PARAMS)
             assert not missing, f"{template}: add a value for {missing} to PARAMS"
             target = template.format(**PARAMS)
         else:
-            assert template in PUBLIC, f"{template} is neither under /v1 nor listed in PUBLIC"
+            assert template in PUBLIC, f"{template} is neither an API route nor listed in PUBLIC"
             target = PUBLIC[template][0]
         extra = getattr(route, "openapi_extra", None) or {}
         takes_body = getattr(route, "body_field", None) is not None or "requestBody" in extra
@@ -112,8 +119,8 @@ def route_table(app) -> list[RouteEntry]:
 
 
 ROUTES = route_table(create_app(SETTINGS))
-API = [r for r in ROUTES if r.template.startswith("/v1/")]
-OPEN = [r for r in ROUTES if not r.template.startswith("/v1/")]
+API = [r for r in ROUTES if gated(r.template)]
+OPEN = [r for r in ROUTES if not gated(r.template)]
 
 
 @dataclass(frozen=True)
@@ -125,7 +132,15 @@ class Reply:
     sent: int  # body bytes sent before the answer came
 
     def error(self) -> dict:
-        return json.loads(self.body)["error"]
+        """The error as /v1 shapes it; /v2's `{"error": "<message>"}` gives a type of None."""
+        err = json.loads(self.body)["error"]
+        return err if isinstance(err, dict) else {"type": None, "message": err}
+
+
+def expected_type(route_or_path: RouteEntry | str, type_: str) -> str | None:
+    """The error type a response on this route carries: none under /v2 (the protocol's shape)."""
+    path = route_or_path if isinstance(route_or_path, str) else route_or_path.template
+    return None if path.startswith("/v2") else type_
 
 
 def exchange(
@@ -199,12 +214,12 @@ def server(tmp_path_factory) -> Iterator[ServerProcess]:
 
 
 def test_the_route_table_is_covered():
-    """Every route is walked below: /v1 routes with their parameters filled, the others listed as
-    public with a reason, and every /v1 route that takes a body has its limit in BODY_ROUTES."""
+    """Every route is walked below: API routes with their parameters filled, the others listed as
+    public with a reason, and every API route that takes a body has its limit in BODY_ROUTES."""
     assert len(API) >= 8  # route_table() refused anything unknown
     assert {r.template for r in OPEN} == set(PUBLIC), "PUBLIC lists a route that is gone"
     with_body = {(r.method, r.template) for r in API if r.takes_body}
-    assert with_body == set(BODY_ROUTES), "a /v1 route with a body needs its limit in BODY_ROUTES"
+    assert with_body == set(BODY_ROUTES), "an API route with a body needs its limit in BODY_ROUTES"
     assert largest_body(SETTINGS) >= max(limit for _, limit in BODY_ROUTES.values())
 
 
@@ -240,13 +255,13 @@ def test_no_key_is_refused_before_the_body(server, route):
         assert r.status == 401, (route, headers, r)
         assert _answered_at_once(r), r
         assert r.headers["www-authenticate"] == "Bearer"
-        assert r.error()["type"] == "unauthorized"
+        assert r.error()["type"] == expected_type(route, "unauthorized")
 
 
 @pytest.mark.parametrize("route", API, ids=lambda r: f"{r.method} {r.template}")
 def test_over_limit_bodies_are_refused(server, route):
     r = _slow_huge(server, route, AUTH)
-    assert r.status == 413 and r.error()["type"] == "payload_too_large", (route, r)
+    assert r.status == 413 and r.error()["type"] == expected_type(route, "payload_too_large"), (route, r)
     assert _answered_at_once(r), r
     if not route.takes_body:
         return
@@ -257,7 +272,11 @@ def test_over_limit_bodies_are_refused(server, route):
         r = exchange(
             server.port, route.method, route.target, headers, size=limit + 1, chunked=chunked, chunk=16384
         )
-        assert r.status == 413 and r.error()["type"] == "payload_too_large", (route, chunked, r)
+        assert r.status == 413 and r.error()["type"] == expected_type(route, "payload_too_large"), (
+            route,
+            chunked,
+            r,
+        )
         assert "limit" in r.error()["message"]
 
 
@@ -267,7 +286,7 @@ def test_public_routes_refuse_a_body_over_the_largest_limit(server, route):
     assert r.status == 413, (route, r)
     assert _answered_at_once(r), r
     if route.method != "HEAD":
-        assert r.error()["type"] == "payload_too_large"
+        assert r.error()["type"] == expected_type(route, "payload_too_large")
 
 
 @pytest.mark.parametrize(
@@ -279,13 +298,19 @@ def test_public_routes_refuse_a_body_over_the_largest_limit(server, route):
         ("GET", "/v1/tasks?limit=0&cursor=..%2Fx"),  # invalid query parameters
         ("GET", "/v1/no-such-route"),  # 404 with a key
         ("PATCH", "/v1/info"),  # 405 with a key
+        ("GET", "/v2/models/UPPER"),
+        ("POST", "/v2/models/t1/versions/x/infer"),
+        ("GET", "/v2/no-such-route"),
+        ("DELETE", "/v2"),
     ],
 )
 def test_invalid_paths_are_401_without_a_key(server, method, path):
     """A caller without a key learns nothing about ids, routes or parameters."""
     r = httpx.request(method, server.url + path, timeout=5.0)
     assert r.status_code == 401, r.text
-    assert r.json()["error"]["type"] == "unauthorized" and r.headers["www-authenticate"] == "Bearer"
+    err = r.json()["error"]
+    assert (err["type"] if isinstance(err, dict) else None) == expected_type(path, "unauthorized")
+    assert r.headers["www-authenticate"] == "Bearer"
     keyed = httpx.request(method, server.url + path, headers=AUTH, timeout=5.0)
     assert keyed.status_code in (400, 404, 405, 422), keyed.text  # what a key holder learns
 

@@ -41,7 +41,7 @@ SEED = os.environ.get("VPT_FUZZ_SEED")
 KEY, ROOT_KEY = generate_key(), generate_key()
 AUTH = {"authorization": f"Bearer {KEY}"}
 REAL_TASK = "fuzz-task"
-OPEN_ROUTES = ("/healthz", "/readyz")
+OPEN_ROUTES = ("/healthz", "/readyz", "/v2/health/live", "/v2/health/ready")
 ADMIN_ROUTES = ("/metrics",)  # an admin's key (VPT_METRICS_TOKEN unset)
 ID_RULE = "^" + ID_PATTERN.pattern + "$"
 
@@ -106,7 +106,8 @@ BASE_CHECKS = [
 ]
 # Operations whose bodies are opaque bytes (images, artifacts): the schema cannot say "a decodable
 # image", so schema-valid random bytes are rightly refused and positive acceptance is not checked.
-OPAQUE_BODIES = ("/classify", "/embed", "PUT /v1/tasks/{task_id}")
+# An Open Inference Protocol request is declared as any JSON object (or bytes, with binary tensors).
+OPAQUE_BODIES = ("/classify", "/embed", "PUT /v1/tasks/{task_id}", "/infer")
 
 
 @pytest.mark.parametrize("variant", ["positive", "negative", "real-task"])
