@@ -16,6 +16,13 @@
 #                                            endpoint, 1 JPEG per request; then mixed with 8 per request
 #                                            (multipart) so the Python load generator is not the limit;
 #                                            1024 px JPEGs decoded by Pillow vs nvJPEG (VPT_GPU_DECODE=1)
+#   5. perf_analyzer                         Triton's perf_analyzer on the /v2 routes (Open Inference
+#                                            Protocol) of a vpt-serve that benchmarks/triton_load.py
+#                                            starts: 256 px JPEGs, 1 and 8 per request, concurrency 1/4/16.
+#                                            Only where perf_analyzer is installed (Triton's SDK image);
+#                                            elsewhere skipped with a line saying so. Its 60 s come on top
+#                                            of the 540: where it runs, give it a call of its own
+#                                            (STEPS=perf_analyzer) if the first ran short
 # Results: $OUT_DIR (default benchmarks/results/gpu) — JSON per step, logs, summary.md.
 # Extra engine flags for the eager and compiled steps: ENGINE_EXTRA="--flag ...".
 set -uo pipefail
@@ -37,7 +44,7 @@ T0=$(date +%s)
 
 # STEPS="name ..." (space-separated) runs only the steps named, e.g. to rerun what failed within a
 # device lease; a name that is no step is refused before anything runs.
-ALL_STEPS="pytest_gpu engine_eager engine_graphs engine_compile load_jpeg load_multi load_decode_pillow load_decode_nvjpeg"
+ALL_STEPS="pytest_gpu engine_eager engine_graphs engine_compile load_jpeg load_multi load_decode_pillow load_decode_nvjpeg perf_analyzer"
 for s in ${STEPS:-}; do
     [[ " $ALL_STEPS " == *" $s "* ]] || { echo "STEPS: no step named '$s' (steps: $ALL_STEPS)" >&2; exit 2; }
 done
@@ -68,6 +75,7 @@ if [ "$SMOKE" = 1 ]; then
     COMPILE_SIZES=()
     LOAD=(--quick --configs mixed,naive --image-format jpeg)
     LOAD_MULTI=(--quick --configs mixed --image-format jpeg --images-per-request 4 --rates 10 --cold-preset none)
+    TRITON=(--device cpu --duration 1 --concurrency 1,4 --images-per-request 1,8 --images 4 --v1 off)
 else
     DEV=(--device cuda --preset vit_base_patch16_224 --dtype bfloat16)
     ENGINE_SIZES=(--tasks 1000 --modes deep --prompt-lengths 0,50 --batch-sizes 1,8,32,128,256,512
@@ -88,6 +96,10 @@ else
     # Pillow vs nvJPEG (VPT_GPU_DECODE) on 1024 px JPEGs, large enough for the GPU path (>= 2x 256).
     LOAD_DECODE=("${LOAD_COMMON[@]}" --image-px 1024 --tasks 50 --configs mixed --images-per-request 8
                  --rates 400,800,1600 --cold-preset none)
+    # perf_analyzer: 6 points of up to 3 windows of 2 s each (any spread counts as stable: it reports,
+    # not gates), after the server's start (~15 s).
+    TRITON=(--device cuda --preset vit_base_patch16_224 --image-px 256 --duration 2
+            --concurrency 1,4,16 --images-per-request 1,8 --v1 off)
 fi
 
 # 1. GPU tests (only if the suite declares a `gpu` marker).
@@ -128,6 +140,15 @@ else
         --json "$OUT/load_decode_pillow.json" --plot none
     step load_decode_nvjpeg 50 "$PY" -m benchmarks.load "${LOAD_DECODE[@]}" --server-env VPT_GPU_DECODE=1 \
         --json "$OUT/load_decode_nvjpeg.json" --plot none
+fi
+
+# 5. Triton's perf_analyzer against the server triton_load.py starts; it reads /v2/models/<task>/config.
+if command -v perf_analyzer > /dev/null 2>&1; then
+    step perf_analyzer 60 "$PY" -m benchmarks.triton_load "${TRITON[@]}" --perf-analyzer \
+        --json "$OUT/perf_analyzer.json"
+else
+    echo "== perf_analyzer: skipped, not installed on this machine (it comes with Triton's SDK image)" >&2
+    printf 'perf_analyzer\tskipped (perf_analyzer not installed)\t0\n' >> "$OUT/steps.tsv"
 fi
 
 # Summary table (markdown) from whatever JSON the steps produced.
@@ -192,6 +213,9 @@ for d, how in ((load_j, ""), (load_m, ""), (dec_p, ", Pillow"), (dec_n, ", nvJPE
         add(f"HTTP mixed / naive ({tag})", f"{s['mixed_vs_naive']:.1f}x")
     if "cold_load_ms_per_MB_max" in s:
         add("cold load from local store, worst artifact", f"{s['cold_load_ms_per_MB_max']:.2f} ms/MB", "<= 2 ms/MB")
+for r in (load("perf_analyzer") or {}).get("points", []):
+    add(f"perf_analyzer /v2, {r['images_per_request']} JPEG/request, concurrency {r['concurrency']} (p50 / p99)",
+        f"{r['img_s']:,.0f} img/s ({r['p50_ms']:.1f} / {r['p99_ms']:.1f} ms)")
 print(f"## GPU check — {machine.get('gpu', 'no GPU (CPU smoke)')}, torch {machine.get('torch', '?')}, "
       f"{machine.get('when', '')}, {wall}s\n")
 print("| step | status | s |\n|---|---|---|")
