@@ -141,7 +141,11 @@ def triton_loop(
         try:
             while (t0 := time.perf_counter()) < t_end:
                 try:
-                    result = client.infer(task, [inputs[i % len(inputs)]], outputs=wanted, headers=headers)
+                    # A copy per call: tritonclient writes Inference-Header-Content-Length into the
+                    # dict it is given, and the threads would race on a shared one.
+                    result = client.infer(
+                        task, [inputs[i % len(inputs)]], outputs=wanted, headers=dict(headers)
+                    )
                     answered = result.as_numpy(outputs[0])
                     if answered is None or answered.shape[0] != n:
                         raise ValueError(f"{outputs[0]}: not one answer per image")

@@ -24,7 +24,7 @@ from tests.server.server_proc import ServerProcess
 from vpt.hub import load_backbone
 
 REPO = Path(__file__).resolve().parents[2]
-TINY = ["--duration", "1", "--warmup", "0.3", "--concurrency", "1,2", "--images-per-request", "1,8",
+TINY = ["--duration", "2.5", "--warmup", "0.3", "--concurrency", "1,2", "--images-per-request", "1,8",
         "--images", "4", "--image-px", "64"]  # fmt: skip
 
 

@@ -172,6 +172,12 @@ def test_tenants_secret_is_mounted_read_only_where_the_settings_point(isvc, cont
     assert mount["readOnly"] is True
     assert "subPath" not in mount, "a subPath mount never sees Secret updates (no live key changes)"
     volume = next(v for v in isvc["spec"]["predictor"]["volumes"] if v["name"] == mount["name"])
+    # The server's user must be able to read it: without a pod fsGroup (Knative refuses one unless a
+    # feature flag is set) the mounted files are root's, so "other" needs the read bit.
+    mode = volume["secret"].get("defaultMode", 0o644)
+    assert mode & 0o004, (
+        f"defaultMode {mode:o}: uid {container['securityContext']['runAsUser']} cannot read it"
+    )
     toml = secrets[volume["secret"]["secretName"]][tenants_file.name]
     tenants = parse_tenants(toml, "secret.example.yaml")  # the server's own parser
     assert any(t.role == "admin" for t in tenants.values())
