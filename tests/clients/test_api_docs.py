@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 
 from server.app import create_app
 from server.settings import Settings
-from tests.clients.test_browser import CHROMIUM, CHROMIUM_ARGS
+from tests.clients.test_browser import CHROMIUM_ARGS, chromium
 from tests.server.helpers import BACKBONE_SPEC
 
 # Chromium resolves no host name but 127.0.0.1: a page that needs a CDN cannot reach one, whatever
@@ -32,18 +32,7 @@ SCREENSHOT_DIR = Path(__file__).resolve().parents[2] / "test-output"
 
 @pytest.fixture(scope="module")
 def offline_browser():
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.fail("Playwright for Python is not installed: pip install 'playwright>=1.40' (test extra)")
-    if not Path(CHROMIUM).exists():
-        pytest.fail(
-            f"Chromium not found at {CHROMIUM}: apt-get install -y chromium (or set VPT_TEST_CHROMIUM)"
-        )
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, args=OFFLINE_ARGS, headless=True)
-        yield b
-        b.close()
+    yield from chromium(OFFLINE_ARGS)
 
 
 class OfflinePage:

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -51,8 +53,9 @@ def picture() -> bytes:
     return buf.getvalue()
 
 
-@pytest.fixture(scope="module")
-def browser():
+def chromium(args: list[str]) -> Iterator[Any]:
+    """Headless Chromium (Debian's) under Playwright with `args`, for a module-scoped fixture; the
+    test fails with what to install when Playwright or Chromium is missing."""
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
@@ -62,9 +65,14 @@ def browser():
             f"Chromium not found at {CHROMIUM}: apt-get install -y chromium (or set VPT_TEST_CHROMIUM)"
         )
     with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=args, headless=True)
         yield b
         b.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    yield from chromium(CHROMIUM_ARGS)
 
 
 def test_playground_routes_leave_the_api_alone(live):
