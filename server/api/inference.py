@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -95,11 +95,16 @@ async def run_images(
     """Admit, decode and submit one request's images, once per output kind (the scheduler batches
     one kind at a time), and record the task's stats: /v1 and /v2 (`server.api.v2`) alike.
 
+    Each submission queues the n images again, and the scheduler bounds a tenant's queued images as
+    it queues them, so admission holds room for all of them: a request the bound must refuse is
+    refused before decoding, not after its first submission ran. The first submission to fail
+    cancels the others (their queued images are freed, no engine work is left running for them).
+
     `route` labels `vpt_images_total`; `started` is when the request began (for `total_ms`)."""
     tenant, quotas = principal.tenant, principal.quotas
     s = services.settings
     max_queued = quotas.max_queued_images if quotas else None
-    with services.scheduler.admit(tenant, images.n, max_queued):  # refuse before decoding
+    with services.scheduler.admit(tenant, images.n * len(outputs), max_queued):  # refuse before decoding
         pixels = await images.decode()
     services.metrics.images_decoded.inc(images.n)
     t1 = time.perf_counter()
@@ -117,8 +122,8 @@ async def run_images(
         for output in outputs
     ]
     try:
-        # One output (every /v1 request) awaits its submission alone: no gather task per request.
-        work = asyncio.gather(*jobs) if len(jobs) > 1 else _listed(jobs[0])
+        # One output (every /v1 request) awaits its submission alone: no task per request.
+        work = _all(jobs) if len(jobs) > 1 else _listed(jobs[0])
         results = await unless_disconnected(request, work)
     except Exception:
         services.task_stats.record(tenant, task_id, images.n, ok=False)
@@ -137,6 +142,19 @@ async def run_images(
 
 async def _listed(job: Awaitable[Result]) -> list[Result]:
     return [await job]
+
+
+async def _all(jobs: list[Coroutine[Any, Any, Result]]) -> list[Result]:
+    """Every job's result, in order; the first to fail cancels the others, which are awaited before
+    its error goes on (so their queued images are gone by then). Python 3.10 has no TaskGroup."""
+    tasks = [asyncio.ensure_future(job) for job in jobs]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 TopK = Annotated[int | None, Query(ge=1, description="Labels per image (default 5; also in a JSON body)")]

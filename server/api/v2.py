@@ -31,9 +31,16 @@ from server.api.bodies import read_body
 from server.api.common import ERRORS
 from server.api.deps import Principal, PrincipalDep, ServicesDep, TaskId
 from server.api.inference import Images, run_images
-from server.api.v2_tensors import InferRequest, OutputTensor, RequestedOutput, encode_response, parse_request
+from server.api.v2_tensors import (
+    InferRequest,
+    OutputTensor,
+    RequestedOutput,
+    encode_response,
+    parse_request,
+    show,
+)
 from server.engine.engine import Output
-from server.errors import InvalidRequest, TaskNotFound, Unavailable
+from server.errors import InvalidImage, InvalidRequest, TaskNotFound, Unavailable
 from server.scheduler.types import Result
 from server.services import Services
 
@@ -307,11 +314,12 @@ _model_route(
 
 
 def _images(req: InferRequest, services: Services) -> Images:
-    """The request's one image input, checked, as the shared inference path takes it."""
+    """The request's one image input, its declared shape checked against the model's inputs and the
+    server's limits before its data is decoded, as the shared inference path takes it."""
     unknown = set(req.inputs) - set(INPUTS)
     if unknown:
         raise InvalidRequest(
-            f"unknown input {sorted(unknown)[0]!r}: the model's inputs are 'images' (BYTES [N]) and "
+            f"unknown input {show(sorted(unknown)[0])}: the model's inputs are 'images' (BYTES [N]) and "
             "'pixels' (UINT8 [N,H,W,3])"
         )
     if len(req.inputs) != 1:
@@ -334,9 +342,12 @@ def _images(req: InferRequest, services: Services) -> Images:
     if not 1 <= n <= limit:
         raise InvalidRequest(f"{n} images: a request carries 1 to {limit}")
     if name == "pixels":
-        pixels = tensor.value
+        h, w, max_pixels = tensor.shape[1], tensor.shape[2], services.settings.max_image_pixels
+        if h * w > max_pixels:  # as `preprocess.pixels` says it, before the data is read
+            raise InvalidImage(f"images are {w}x{h} pixels, over the limit of {max_pixels}")
+        pixels = tensor.decode()
         return Images(n, lambda: services.preprocess.pixels(pixels))
-    blobs = [bytes(b) for b in tensor.value.reshape(-1)]
+    blobs = [bytes(b) for b in tensor.decode().reshape(-1)]
     if not tensor.binary:  # JSON carries text: images in JSON `data` are base64, as in /v1's JSON body
         blobs = [_base64(b, i) for i, b in enumerate(blobs)]
     return Images(n, lambda: services.preprocess(blobs))
@@ -360,7 +371,9 @@ def _wanted(req: InferRequest) -> list[RequestedOutput]:
         raise InvalidRequest('"outputs" is empty: leave it out for every output')
     for o in req.outputs:
         if o.name not in OUTPUTS:
-            raise InvalidRequest(f"unknown output {o.name!r}: the model's outputs are {', '.join(OUTPUTS)}")
+            raise InvalidRequest(
+                f"unknown output {show(o.name)}: the model's outputs are {', '.join(OUTPUTS)}"
+            )
     return req.outputs
 
 
@@ -369,7 +382,7 @@ def _top_k(req: InferRequest, limit: int) -> int:
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise InvalidRequest('parameter "top_k" must be a positive integer')
     if k > limit:
-        raise InvalidRequest(f"top_k {k} exceeds the limit of {limit}")
+        raise InvalidRequest(f"top_k exceeds the limit of {limit}")
     return k
 
 

@@ -5,15 +5,22 @@ protocol's error shape; keys, tenants and metrics as on /v1."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import io
 import json
+import struct
+import time
+from types import SimpleNamespace
 
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
+from server.api.inference import Images, run_images
+from server.errors import Overloaded
 from server.tenants import generate_key
 from tests.server.helpers import (
     BACKBONE_SPEC,
@@ -32,8 +39,9 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
-KEY, OTHER_KEY = generate_key(), generate_key()
+KEY, OTHER_KEY, TIGHT_KEY = generate_key(), generate_key(), generate_key()
 AUTH, OTHER = {"authorization": f"Bearer {KEY}"}, {"authorization": f"Bearer {OTHER_KEY}"}
+TIGHT = {"authorization": f"Bearer {TIGHT_KEY}"}  # a tenant of at most 3 queued images
 
 
 def auth() -> dict[str, str]:
@@ -45,7 +53,7 @@ def other() -> dict[str, str]:
     return dict(OTHER)
 
 
-MAX_BODY = 256 * 1024
+MAX_BODY = 6 * 1024 * 1024  # over the JSON header's own limit (4 MiB)
 C = 6  # classes of the test task
 SIZES = [(40, 36), (23, 57)]  # images of different sizes, as a client sends them
 
@@ -58,7 +66,11 @@ def backbone():
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, backbone):
     tmp = tmp_path_factory.mktemp("v2")
-    tenants = write_tenants(tmp, {"acme": KEY, "other": OTHER_KEY}, {"acme": {"rate_per_s": 10000.0}})
+    tenants = write_tenants(
+        tmp,
+        {"acme": KEY, "other": OTHER_KEY, "tight": TIGHT_KEY},
+        {"acme": {"rate_per_s": 10000.0}, "tight": {"rate_per_s": 10000.0, "max_queued_images": 3}},
+    )
     proc = ServerProcess(
         tmp,
         backbone=BACKBONE_SPEC,
@@ -275,18 +287,167 @@ def test_oversized_binary_section_is_413(server):
                 {
                     "name": "pixels",
                     "datatype": "UINT8",
-                    "shape": [1, 512, 512, 3],
-                    "parameters": {"binary_data_size": 512 * 512 * 3},
+                    "shape": [1, 1500, 1500, 3],
+                    "parameters": {"binary_data_size": 1500 * 1500 * 3},
                 }
             ]
         }
     ).encode()
     r = httpx.post(
         f"{server.url}/v2/models/birds/infer",
-        content=head + bytes(512 * 512 * 3),
+        content=head + bytes(1500 * 1500 * 3),
         headers={**AUTH, "inference-header-content-length": str(len(head))},
     )
     assert r.status_code == 413 and "exceeds the limit" in r.json()["error"], r.text
+
+
+def v2_input(name: str, datatype: str, shape: object, data: str) -> bytes:
+    return f'{{"inputs": [{{"name": "{name}", "datatype": "{datatype}", "shape": {shape}, "data": {data}}}]}}'.encode()
+
+
+def test_sizes_and_values_a_client_chooses_are_refused_quickly_as_4xx(server):
+    """Checked on the declared header before any data is decoded, each answered at once (a generous
+    bound for a busy CI box: each of these once took seconds on the event loop, or was a 500)."""
+    many = b"".join(struct.pack("<I", 2) + b"ab" for _ in range(200_000))  # 200k tiny "images"
+    many_head = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "images",
+                    "datatype": "BYTES",
+                    "shape": [200_000],
+                    "parameters": {"binary_data_size": len(many)},
+                }
+            ]
+        }
+    ).encode()
+    cases = [
+        # (body, Inference-Header-Content-Length, status, words)
+        (v2_input("pixels", "UINT8", [1] * 4 + [10**18] * 40_000, "[0]"), None, 400, "at most 8"),
+        (v2_input("pixels", "UINT8", [10**2000] * 4, "[0]"), None, 400, "int64"),
+        (
+            v2_input("pixels", "UINT8", [1, 1, 1, 3], "[" + ",".join(["[0]"] * 1_000_000) + "]"),
+            None,
+            400,
+            "widely",
+        ),
+        (
+            v2_input("pixels", "UINT8", [1, 1, 1, 3], "[" + ",".join(["0"] * 2_500_000) + "]"),
+            None,
+            413,
+            "JSON part",
+        ),
+        (many_head + many, str(len(many_head)), 400, "200000 images: a request carries 1 to"),
+        (v2_input("pixels", "UINT8", [1, 10**6, 10**6, 3], "[0]"), None, 400, "can hold"),
+        (v2_input("pixels", "FP32", [1, 1, 1, 3], f"[{10**400}, 0, 0]"), None, 400, "must be UINT8"),
+        (v2_input("images", "BYTES", [1], '["\\ud800"]'), None, 400, "valid Unicode"),
+    ]
+    for body, header_length, status, words in cases:
+        headers = {**AUTH, "content-type": "application/json"}
+        if header_length is not None:
+            headers["inference-header-content-length"] = header_length
+        t0 = time.perf_counter()
+        r = httpx.post(f"{server.url}/v2/models/birds/infer", content=body, headers=headers, timeout=30)
+        elapsed = time.perf_counter() - t0
+        assert r.status_code == status and words in r.json()["error"], (words, r.status_code, r.text[:300])
+        assert r.json() == {"error": r.json()["error"]} and len(r.json()["error"]) < 300
+        assert elapsed < 2.0, (words, elapsed)
+
+
+def test_a_tenants_queue_bound_counts_every_output_at_admission(server):
+    """Classify and embed each queue the images: a tenant of 3 queued images is served 1 image with
+    every output (2 queued), and refused 2 with every output (4) before they are decoded, rather than
+    after the first submission ran."""
+    tight = httpclient.InferenceServerClient(server.url.removeprefix("http://"))
+    upload = httpx.put(
+        f"{server.url}/v1/tasks/birds",
+        content=artifact_bytes(load_backbone(BACKBONE_SPEC), P=2, mode="deep", C=C, seed=5),
+        headers={**TIGHT, "content-type": "application/octet-stream"},
+    )
+    assert upload.status_code == 201, upload.text
+    result = tight.infer("birds", [images_input([png_bytes(1)])], headers=dict(TIGHT))
+    assert result.as_numpy("scores").shape == (1, C) and result.as_numpy("embedding").shape[0] == 1
+
+    def decoded() -> float:
+        return metric(
+            httpx.get(f"{server.url}/metrics", headers=METRICS_AUTH).text, "vpt_images_decoded_total"
+        )
+
+    before = decoded()
+    e = error_of(
+        lambda: tight.infer("birds", [images_input([png_bytes(1), png_bytes(2)])], headers=dict(TIGHT))
+    )
+    assert e.status() == "429" and "limit 3" in e.message()
+    assert decoded() == before  # refused before decoding
+    out = [httpclient.InferRequestedOutput("scores")]  # one output: 2 images fit
+    result = tight.infer(
+        "birds", [images_input([png_bytes(1), png_bytes(2)])], outputs=out, headers=dict(TIGHT)
+    )
+    assert result.as_numpy("scores").shape == (2, C)
+    tight.close()
+
+
+def test_a_failed_output_cancels_the_other():
+    """When one output's submission fails, the other's is cancelled (its queued images freed, no
+    engine work left running) before the error goes on, and admission held room for both."""
+
+    class Scheduler:
+        def __init__(self) -> None:
+            self.admitted: list[int] = []
+            self.queued = 0  # classify's images waiting
+            self.cancelled = False
+
+        @contextlib.contextmanager
+        def admit(self, tenant, n, max_queued):
+            self.admitted.append(n)
+            yield
+
+        async def submit(self, tenant, task_id, pixels, *, output, **_):
+            if output == "embed":
+                await asyncio.sleep(0)  # classify is queued by now
+                raise Overloaded("the server queue is full")
+            self.queued += len(pixels)
+            try:
+                await asyncio.Event().wait()  # never computed
+            except asyncio.CancelledError:
+                self.cancelled = True
+                raise
+            finally:
+                self.queued -= len(pixels)
+
+    class Client:  # never disconnects
+        async def receive(self):
+            await asyncio.Event().wait()
+
+    counter = SimpleNamespace(inc=lambda n: None, labels=lambda route: SimpleNamespace(inc=lambda n: None))
+    scheduler = Scheduler()
+    services = SimpleNamespace(
+        settings=SimpleNamespace(request_timeout_s=5.0),
+        scheduler=scheduler,
+        metrics=SimpleNamespace(images_decoded=counter, images=counter),
+        task_stats=SimpleNamespace(record=lambda *a, **k: None),
+    )
+
+    async def decode():
+        return [0, 0]  # 2 images
+
+    async def main() -> None:
+        with pytest.raises(Overloaded):
+            await run_images(
+                Client(),
+                services,
+                SimpleNamespace(tenant="t", quotas=None),
+                "birds",
+                Images(2, decode),
+                ("classify", "embed"),
+                top_k=5,
+                route="v2_infer",
+                started=0.0,
+            )
+        assert scheduler.cancelled and scheduler.queued == 0
+
+    asyncio.run(main())
+    assert scheduler.admitted == [4]  # 2 images, 2 outputs
 
 
 def test_unknown_and_other_tenants_models_are_the_same_404(client):
