@@ -194,6 +194,10 @@ class Services:
     def ready(self) -> bool:
         return self.engine.ready and not self.draining
 
+    @property
+    def not_ready_reason(self) -> str:
+        return "draining" if self.draining else "starting"
+
     def validate_upload(self, data: bytes) -> None:
         """Store-side validator: the artifact must fit this backbone and this bank."""
         meta = read_metadata(data, artifact_limits(self.settings))

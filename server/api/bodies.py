@@ -125,13 +125,19 @@ def _json_images(body: bytes) -> tuple[list[bytes], int | None]:
     for i, item in enumerate(payload["images"]):
         if not isinstance(item, str):
             raise InvalidRequest(f"images[{i}] must be a base64 string")
-        if item.startswith("data:") and "," in item:  # accept data URLs from browsers
-            item = item.split(",", 1)[1]
-        try:
-            images.append(base64.b64decode(item, validate=True))
-        except (binascii.Error, ValueError):
-            raise InvalidRequest(f"images[{i}] is not valid base64") from None
+        images.append(decode_base64_image(item.encode("ascii", "replace"), i))
     return images, top_k
+
+
+def decode_base64_image(data: bytes, i: int) -> bytes:
+    """Image `i` of a JSON body (/v1 `images`, /v2 BYTES `data`): base64, or a data URL as browsers
+    make them."""
+    if data.startswith(b"data:") and b"," in data:
+        data = data.split(b",", 1)[1]
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequest(f"images[{i}] is not valid base64") from None
 
 
 async def read_artifact(request: Request, *, max_bytes: int) -> bytes:

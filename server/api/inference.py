@@ -17,6 +17,7 @@ from server.api.deps import Principal, PrincipalDep, ServicesDep, TaskId
 from server.api.schemas import ClassifyJSON, ClassifyResponse, EmbedResponse, Prediction, Timings
 from server.engine.engine import Output
 from server.errors import InvalidRequest
+from server.scheduler.scheduler import DEFAULT_TOP_K
 from server.scheduler.types import Result
 from server.services import Services
 
@@ -55,7 +56,7 @@ async def _run(
     s = services.settings
     t0 = time.perf_counter()
     blobs, body_k = await read_images(request, max_body=s.max_body_bytes, max_images=s.max_images_per_request)
-    k = top_k if top_k is not None else (body_k or 5)
+    k = top_k if top_k is not None else (body_k or DEFAULT_TOP_K)
     if k > s.max_top_k:
         raise InvalidRequest(f"top_k {k} exceeds the limit of {s.max_top_k}")
     (result,), timings = await run_images(
@@ -157,7 +158,9 @@ async def _all(jobs: list[Coroutine[Any, Any, Result]]) -> list[Result]:
         raise
 
 
-TopK = Annotated[int | None, Query(ge=1, description="Labels per image (default 5; also in a JSON body)")]
+TopK = Annotated[
+    int | None, Query(ge=1, description=f"Labels per image (default {DEFAULT_TOP_K}; also in a JSON body)")
+]
 
 
 @router.post(

@@ -84,7 +84,7 @@ async def healthz(request: Request, response: Response) -> dict[str, str]:
 async def readyz(services: ServicesDep, response: Response) -> dict[str, str]:
     if not services.ready:
         response.status_code = 503
-        return {"status": "draining" if services.draining else "starting"}
+        return {"status": services.not_ready_reason}
     return {"status": "ready"}
 
 

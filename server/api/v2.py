@@ -14,8 +14,6 @@ References: kserve/open-inference-protocol (`rest_predict_v2.yaml`), Triton's
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -27,7 +25,7 @@ from pydantic import BaseModel, Field
 
 import server
 from prompt_store.base import TaskInfo
-from server.api.bodies import read_body
+from server.api.bodies import decode_base64_image, read_body
 from server.api.common import ERRORS
 from server.api.deps import Principal, PrincipalDep, ServicesDep, TaskId
 from server.api.inference import Images, run_images
@@ -41,13 +39,13 @@ from server.api.v2_tensors import (
 )
 from server.engine.engine import Output
 from server.errors import InvalidImage, InvalidRequest, TaskNotFound, Unavailable
+from server.scheduler.scheduler import DEFAULT_TOP_K
 from server.scheduler.types import Result
 from server.services import Services
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol"])
 
 EXTENSIONS = ["binary_tensor_data", "model_configuration"]
-DEFAULT_TOP_K = 5  # as /v1 classify
 
 
 @dataclass(frozen=True)
@@ -131,7 +129,7 @@ async def live(request: Request) -> Response:
 async def ready(request: Request) -> Response:
     services: Services | None = getattr(request.app.state, "services", None)
     if services is None or not services.ready:
-        raise Unavailable("draining" if services is not None and services.draining else "starting")
+        raise Unavailable(services.not_ready_reason if services is not None else "starting")
     return Response(status_code=200)
 
 
@@ -239,7 +237,7 @@ async def _get_ready(
 ) -> Response:
     await _model(services, principal, task_id, version)
     if not services.ready:
-        raise Unavailable("draining" if services.draining else "starting")
+        raise Unavailable(services.not_ready_reason)
     return Response(status_code=200)
 
 
@@ -349,19 +347,8 @@ def _images(req: InferRequest, services: Services) -> Images:
         return Images(n, lambda: services.preprocess.pixels(pixels))
     blobs = [bytes(b) for b in tensor.decode().reshape(-1)]
     if not tensor.binary:  # JSON carries text: images in JSON `data` are base64, as in /v1's JSON body
-        blobs = [_base64(b, i) for i, b in enumerate(blobs)]
+        blobs = [decode_base64_image(b, i) for i, b in enumerate(blobs)]
     return Images(n, lambda: services.preprocess(blobs))
-
-
-def _base64(data: bytes, i: int) -> bytes:
-    if data.startswith(b"data:") and b"," in data:  # a data URL, as browsers make them
-        data = data.split(b",", 1)[1]
-    try:
-        return base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        raise InvalidRequest(
-            f"images[{i}] is not valid base64 (JSON data carries images as base64)"
-        ) from None
 
 
 def _wanted(req: InferRequest) -> list[RequestedOutput]:

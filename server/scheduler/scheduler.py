@@ -43,6 +43,8 @@ from server.threads import pin_thread
 
 log = logging.getLogger(__name__)
 
+DEFAULT_TOP_K = 5  # labels per image when a request names none (/v1 and /v2 alike)
+
 
 @dataclass(frozen=True)
 class SchedulerConfig:
@@ -153,7 +155,7 @@ class Scheduler:
         images: torch.Tensor,
         *,
         output: Output = "classify",
-        top_k: int = 5,
+        top_k: int = DEFAULT_TOP_K,
         timeout_s: float = 30.0,
         weight: float = 1.0,
         tenant_max_queued: int | None = None,
