@@ -50,10 +50,14 @@ for s in ${STEPS:-}; do
 done
 
 # step NAME BUDGET_S CMD...: run with a time limit, log to $OUT/NAME.log, record status and seconds.
+selected() {  # is step $1 in STEPS (all steps when STEPS is unset)?
+    [ -z "${STEPS:-}" ] || [[ " $STEPS " == *" $1 "* ]]
+}
+
 step() {
     local name=$1 budget=$2 start rc
     shift 2
-    if [ -n "${STEPS:-}" ] && [[ " $STEPS " != *" $name "* ]]; then
+    if ! selected "$name"; then
         printf '%s\tskipped (STEPS)\t0\n' "$name" >> "$OUT/steps.tsv"
         return
     fi
@@ -143,7 +147,7 @@ else
 fi
 
 # 5. Triton's perf_analyzer against the server triton_load.py starts; it reads /v2/models/<task>/config.
-if command -v perf_analyzer > /dev/null 2>&1; then
+if ! selected perf_analyzer || command -v perf_analyzer > /dev/null 2>&1; then
     step perf_analyzer 60 "$PY" -m benchmarks.triton_load "${TRITON[@]}" --perf-analyzer \
         --json "$OUT/perf_analyzer.json"
 else
