@@ -7,7 +7,7 @@ tests) and passed down.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Self
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -174,7 +174,7 @@ class Settings(BaseSettings):
         return v
 
     @model_validator(mode="after")
-    def _check_metrics(self) -> Self:
+    def _check_metrics(self) -> Settings:
         if self.metrics_token_file is not None:
             if self.metrics_token is not None:
                 raise ValueError("set VPT_METRICS_TOKEN or VPT_METRICS_TOKEN_FILE, not both")

@@ -63,11 +63,7 @@ class KeyedGate:
             slot = self._slots[key] = _Slot()
         slot.users += 1
         try:
-            try:
-                async with asyncio.timeout(timeout):
-                    await slot.lock.acquire()
-            except TimeoutError:
-                raise GateTimeout(f"waited {timeout:g}s for the previous call of {key!r}") from None
+            await _acquire(slot.lock, timeout, f"waited {timeout:g}s for the previous call of {key!r}")
             try:
                 loop = asyncio.get_running_loop()
                 future = loop.run_in_executor(None, contextvars.copy_context().run, fn)  # as to_thread
@@ -90,6 +86,22 @@ class KeyedGate:
         slot.users -= 1
         if slot.users == 0:
             del self._slots[key]
+
+
+async def _acquire(lock: asyncio.Lock, timeout: float, message: str) -> None:
+    """`lock` within `timeout` seconds, else GateTimeout; never left held by a timeout or a
+    cancellation. (`asyncio.timeout` would do, but the project supports Python 3.10.) A cancelled
+    acquire either never got the lock (`cancel()` is True: `Lock.acquire` passes it on) or had already
+    finished with it (`cancel()` is False), which is then kept or given back."""
+    acquiring = asyncio.ensure_future(lock.acquire())
+    try:
+        done, _ = await asyncio.wait({acquiring}, timeout=timeout)
+    except BaseException:  # the caller was cancelled while waiting
+        if not acquiring.cancel() and not acquiring.cancelled():
+            lock.release()
+        raise
+    if not done and acquiring.cancel():
+        raise GateTimeout(message)
 
 
 class TaskUploads:
