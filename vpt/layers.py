@@ -42,13 +42,29 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.embed_dim, cfg.embed_dim * 3, bias=cfg.qkv_bias)
         self.proj = nn.Linear(cfg.embed_dim, cfg.embed_dim)
 
-    def forward(self, x: Tensor, key_mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, key_mask: Tensor | None = None, prefix: tuple[Tensor, Tensor] | None = None
+    ) -> Tensor:
+        """`prefix`: (keys, values), each (B, nh, P, hd), attended to before the tokens' own keys (the
+        mask then covers P + T keys): how a VPT-deep task's prompts enter at inference (`kv`)."""
         B, T, D = x.shape
         qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, nh, T, hd)
+        if prefix is not None:
+            k = torch.cat([prefix[0], k], dim=2)  # (B, nh, P + T, hd)
+            v = torch.cat([prefix[1], v], dim=2)
         attn_mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, T)
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, nh, T, hd)
         return self.proj(x.transpose(1, 2).reshape(B, T, D))
+
+    def kv(self, x: Tensor) -> Tensor:
+        """Keys and values only of tokens x (..., T, D) → (..., 2, nh, T, hd): `qkv` without its query
+        rows (timm's qkv weight stacks q, k, v along the output dimension)."""
+        D = x.shape[-1]
+        bias = None if self.qkv.bias is None else self.qkv.bias[D:]
+        out = F.linear(x, self.qkv.weight[D:], bias)  # (..., T, 2D)
+        out = out.unflatten(-1, (2, self.num_heads, self.head_dim))  # (..., T, 2, nh, hd)
+        return out.movedim(-4, -2)  # (..., 2, nh, T, hd)
 
 
 class Mlp(nn.Module):
@@ -73,15 +89,20 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.embed_dim, eps=cfg.layer_norm_eps)
         self.mlp = Mlp(cfg)
 
-    def forward(self, x: Tensor, key_mask: Tensor | None = None) -> Tensor:
-        x = x + self.attn(self.norm1(x), key_mask)
+    def forward(
+        self, x: Tensor, key_mask: Tensor | None = None, prefix: tuple[Tensor, Tensor] | None = None
+    ) -> Tensor:
+        x = x + self.attn(self.norm1(x), key_mask, prefix)
         return x + self.mlp(self.norm2(x))
 
 
-def prompt_key_mask(lengths: Tensor, max_len: int, num_patches: int) -> Tensor:
+def prompt_key_mask(lengths: Tensor, max_len: int, num_patches: int, *, prefix: bool = False) -> Tensor:
     """(B, 1 + max_len + N) bool key mask for the sequence `[CLS, prompts (padded to max_len), patches]`:
-    sample b may attend to CLS, its first `lengths[b]` prompt slots and all patches."""
+    sample b may attend to CLS, its first `lengths[b]` prompt slots and all patches. `prefix`: the
+    prompts' keys come first, `[prompts, CLS, patches]` (`Attention`'s `prefix`)."""
     pos = torch.arange(max_len, device=lengths.device)
     prompt_ok = pos[None, :] < lengths[:, None]  # (B, max_len)
     ones = torch.ones(lengths.shape[0], 1, dtype=torch.bool, device=lengths.device)
+    if prefix:
+        return torch.cat([prompt_ok, ones.expand(-1, 1 + num_patches)], dim=1)
     return torch.cat([ones, prompt_ok, ones.expand(-1, num_patches)], dim=1)

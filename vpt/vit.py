@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from vpt.config import ViTConfig
 from vpt.layers import Block, PatchEmbed, prompt_key_mask
-from vpt.prompts import HeadBatch, PromptBatch
+from vpt.prompts import HeadBatch, PromptBatch, PromptKV
 
 
 class VisionTransformer(nn.Module):
@@ -86,6 +86,37 @@ class VisionTransformer(nn.Module):
                     new = torch.where(prompts.deep[:, None, None], new, x[:, 1 : 1 + P])
                 x = torch.cat([x[:, :1], new, x[:, 1 + P :]], dim=1)
             x = blk(x, key_mask)
+            if between_blocks is not None and i < last:
+                between_blocks()
+        return self.norm(x)
+
+    def prompt_kv(self, prompts: Tensor) -> Tensor:
+        """A VPT-deep task's prompts (L, P, D) → the keys and values they give each layer,
+        (L, 2, nh, P, hd): layer i's are `qkv_i(LN1_i(prompts[i]))` without the query rows — all the
+        image tokens ever see of deep prompts (`PromptKV`). Made once per task, in the model's dtype."""
+        if prompts.shape[0] != len(self.blocks):
+            raise ValueError(f"deep prompts need {len(self.blocks)} layers, not {prompts.shape[0]}")
+        prompts = prompts.to(self.pos_embed.dtype)
+        return torch.stack([blk.attn.kv(blk.norm1(p)) for blk, p in zip(self.blocks, prompts, strict=True)])
+
+    def forward_features_kv(
+        self,
+        x: Tensor,
+        prompts: PromptKV,
+        between_blocks: Callable[[], None] | None = None,
+    ) -> Tensor:
+        """images (B, 3, H, W) → (B, 1 + N, D) after the final norm, VPT-deep prompts entering every layer
+        as keys/values (`PromptKV`): each sample's CLS and patch tokens are those of
+        `forward_features` with the same prompts as tokens (only the prompt positions, which VPT-deep
+        discards, are not computed). Inference only; `between_blocks` as in `forward_features`."""
+        x = self.embed(x)
+        P = prompts.max_len
+        key_mask = None
+        if P and not prompts.uniform:
+            key_mask = prompt_key_mask(prompts.lengths, P, x.shape[1] - 1, prefix=True)
+        last = len(self.blocks) - 1
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, key_mask, prompts.layer(i) if P else None)
             if between_blocks is not None and i < last:
                 between_blocks()
         return self.norm(x)

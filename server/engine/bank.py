@@ -1,7 +1,9 @@
 """Device-resident prompt bank: fixed-capacity slots holding each resident task's prompts and head.
 
 Every slot is padded to the bank's maximum prompt length and class count, so a batch gathers its
-samples' prompts and heads by slot index in one indexing op (Punica / S-LoRA style for VPT). Slots are
+samples' prompts and heads by slot index in one indexing op (Punica / S-LoRA style for VPT). A shallow
+task's slot holds its prompt tokens; a deep task's holds what its prompts give every layer, their keys
+and values (`vpt.prompts.PromptKV`), derived once here when the task is installed. Slots are
 reused LRU; a slot in use by a queued or running batch (refs > 0) or pinned is never evicted, and a slot
 becomes visible to lookups only after its tensors are fully written — the bank never serves a
 half-loaded slot. A new version of a task goes into a new slot; the old one keeps serving the requests
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -56,7 +59,7 @@ class SlotInfo:
     num_classes: int  # C of this task (<= bank max)
     deep: bool  # VPT-deep (replace prompts before every layer) vs shallow
     labels: list[str]  # class names, len == num_classes
-    nbytes: int  # bytes of the task's real (unpadded) tensors in the bank dtype
+    nbytes: int  # bytes of the task's real (unpadded) tables in the bank dtype (deep: keys/values)
     refs: int = 0  # requests bound to this slot and not yet finished
     stale: bool = False  # task deleted or superseded: free when refs drops to 0
 
@@ -87,6 +90,8 @@ class PromptBank:
         *,
         depth: int,
         embed_dim: int,
+        num_heads: int,
+        prompt_kv: Callable[[torch.Tensor], torch.Tensor],
         max_slots: int,
         max_prompt_length: int,
         max_classes: int,
@@ -95,7 +100,9 @@ class PromptBank:
         byte_budget: int | None = None,
         shared: bool = False,
     ) -> None:
-        """`shared`: the tables live in shared memory (CPU), for an engine process to read."""
+        """`prompt_kv`: a deep task's prompts (L, P, D) → their keys/values (L, 2, nh, P, D/nh), on the
+        bank's device (`VisionTransformer.prompt_kv`). `shared`: the tables live in shared memory (CPU),
+        for an engine process to read."""
         elem = torch.empty((), dtype=dtype).element_size()
         capacity, slot_bytes = self.plan(
             depth, embed_dim, max_slots, max_prompt_length, max_classes, dtype, byte_budget
@@ -105,8 +112,10 @@ class PromptBank:
         self.max_prompt_length, self.max_classes = max_prompt_length, max_classes
         self.device, self.dtype, self.elem_size = device, dtype, elem
         self.slot_bytes = slot_bytes
-        S, L, P, C, D = capacity, depth, max_prompt_length, max_classes, embed_dim
-        self.prompts = _zeros((S, L, P, D), dtype, device, shared)  # (S, L, Pmax, D)
+        S, L, P, C, D, H = capacity, depth, max_prompt_length, max_classes, embed_dim, num_heads
+        self.prompt_kv_of = prompt_kv
+        self.prompts = _zeros((S, 1, P, D), dtype, device, shared)  # (S, 1, Pmax, D): shallow tasks'
+        self.prompt_kv = _zeros((S, L, 2, H, P, D // H), dtype, device, shared)  # deep tasks' keys/values
         self.head_weight = _zeros((S, C, D), dtype, device, shared)  # (S, Cmax, D)
         self.head_bias = _zeros((S, C), dtype, device, shared)  # (S, Cmax)
         self._lock = threading.Lock()
@@ -115,7 +124,7 @@ class PromptBank:
         self._lru: OrderedDict[int, None] = OrderedDict()  # resident slots, least recently used first
         self._free = list(range(S - 1, -1, -1))
         self._pinned: set[tuple[str, str]] = set()
-        self._extent: dict[int, tuple[int, int, int]] = {}  # slot → (L_p, P, C) last written
+        self._extent: dict[int, tuple[int, int, int]] = {}  # slot → (shallow P, deep P, C) last written
         self.hits = self.misses = self.evictions = self.loads = 0
 
     @staticmethod
@@ -128,9 +137,11 @@ class PromptBank:
         dtype: torch.dtype,
         byte_budget: int | None,
     ) -> tuple[int, int]:
-        """(slots, bytes per slot) of a bank with these limits; its tables take their product."""
+        """(slots, bytes per slot) of a bank with these limits; its tables take their product. A slot
+        holds shallow prompts (P x D), deep keys/values (L x 2 x P x D) and a head (C x D + C)."""
         elem = torch.empty((), dtype=dtype).element_size()
-        slot_bytes = (depth * max_prompt_length * embed_dim + max_classes * embed_dim + max_classes) * elem
+        prompts = (1 + 2 * depth) * max_prompt_length * embed_dim
+        slot_bytes = (prompts + max_classes * embed_dim + max_classes) * elem
         capacity = max_slots if byte_budget is None else min(max_slots, byte_budget // slot_bytes)
         if capacity < 1:
             raise ValueError(
@@ -200,7 +211,8 @@ class PromptBank:
         """Write a task into a free (or the least recently used evictable) slot; returns the slot.
 
         Called from the engine thread only. The slot is published after its tensors are written, and
-        on CUDA the copies are stream-ordered before any later batch, so no batch sees it half-written.
+        on CUDA the copies (and a deep task's key/value derivation) are stream-ordered before any later
+        batch, so no batch sees it half-written.
         """
         self.check_fits(artifact)
         with self._lock:
@@ -208,19 +220,20 @@ class PromptBank:
             if existing is not None and not self._slots[existing].stale:
                 return existing
             slot = self._take_slot()
+        deep = artifact.mode == "deep"
         try:
-            self._write(slot, artifact)
+            written = self._write(slot, artifact, deep)
         except BaseException:
             with self._lock:
                 self._free.append(slot)
             raise
         P, C = artifact.prompt_length, artifact.num_classes
-        real = artifact.prompts.numel() + artifact.head_weight.numel() + artifact.head_bias.numel()
+        real = written + artifact.head_weight.numel() + artifact.head_bias.numel()
         info = SlotInfo(
             key=key,
             prompt_length=P,
             num_classes=C,
-            deep=artifact.mode == "deep",
+            deep=deep,
             labels=list(artifact.labels),
             nbytes=real * self.elem_size,
         )
@@ -289,25 +302,34 @@ class PromptBank:
             self._free.append(slot)
 
     @torch.no_grad()
-    def _write(self, slot: int, a: TaskArtifact) -> None:
-        L_p, P, _ = a.prompts.shape
-        C = a.num_classes
-        # Padding past P and C must be zeros (masked anyway, but keeps slots deterministic): clear only
-        # what the slot's previous task wrote outside the region this task overwrites — nothing at all
-        # when it is no larger, the common case — not the whole slot (MBs for ViT-B).
-        old_L, old_P, old_C = self._extent.get(slot, (0, 0, 0))
-        if old_P:
-            if old_L > L_p:  # layers this task does not have (deep → shallow)
-                self.prompts[slot, L_p:old_L, :old_P].zero_()
-            if old_P > P:  # prompt positions past this task's length, in the layers it has
-                self.prompts[slot, : min(old_L, L_p), P:old_P].zero_()
+    def _write(self, slot: int, a: TaskArtifact, deep: bool) -> int:
+        """Write a task's prompt table (shallow: its tokens; deep: their keys/values) and head into
+        `slot`; returns the elements its prompt table takes."""
+        P, C = a.prompt_length, a.num_classes
+        P_s, P_d = (0, P) if deep else (P, 0)
+        # Padding past P and C must be zeros (masked anyway, but keeps slots deterministic and finite:
+        # a masked key's value still meets a zero weight): clear only what the slot's previous task
+        # wrote outside the region this task overwrites — nothing at all when it is no larger, the
+        # common case — not the whole slot (MBs for ViT-B).
+        old_s, old_d, old_C = self._extent.get(slot, (0, 0, 0))
+        if old_s > P_s:
+            self.prompts[slot, :, P_s:old_s].zero_()
+        if old_d > P_d:
+            self.prompt_kv[slot, :, :, :, P_d:old_d].zero_()
         if old_C > C:
             self.head_weight[slot, C:old_C].zero_()
             self.head_bias[slot, C:old_C].zero_()
-        self._extent[slot] = (L_p, P, C)
+        self._extent[slot] = (P_s, P_d, C)
         # copy_ converts the dtype on the way (no converted temporary: one pass fewer per install).
         cuda = self.device.type == "cuda"
-        if P:
-            self.prompts[slot, :L_p, :P].copy_(a.prompts, non_blocking=cuda)
+        written = 0
+        if P_s:
+            self.prompts[slot, :, :P].copy_(a.prompts, non_blocking=cuda)
+            written = P * self.embed_dim
+        elif P_d:
+            prompts = a.prompts.to(self.device, non_blocking=cuda)
+            self.prompt_kv[slot, :, :, :, :P].copy_(self.prompt_kv_of(prompts))
+            written = 2 * self.depth * P * self.embed_dim
         self.head_weight[slot, :C].copy_(a.head_weight, non_blocking=cuda)
         self.head_bias[slot, :C].copy_(a.head_bias, non_blocking=cuda)
+        return written

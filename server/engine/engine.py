@@ -3,7 +3,8 @@
 Contract (no asyncio, no HTTP): uint8 images (B, 3, H, W) + bank slot indices (B,) in, logits top-k or
 CLS features out. A batch may mix tasks, prompt lengths, VPT modes and class counts; every sample's
 result equals its solo result (the invariant DESIGN.md asks for), because prompts are gathered per sample
-and padded prompt keys are masked (see `vpt.vit`).
+and padded prompt keys are masked (see `vpt.vit`). Deep tasks' prompts enter as per-layer keys/values
+(`vpt.prompts.PromptKV`), shallow tasks' as tokens; a batch mixing both runs as two sub-batches.
 
 The scheduler calls `launch` from one engine thread and, on CUDA, `collect` from another. On CUDA
 `launch` only enqueues kernels (nothing in it waits for the device), so the engine thread can launch
@@ -30,7 +31,7 @@ from server.engine.faults import Faults
 from server.engine.graphs import FeatureGraphs
 from server.engine.process import EngineProcess, ProcessConfig, check_shared_memory, shared_bytes
 from vpt.hub import Backbone
-from vpt.prompts import HeadBatch, PromptBatch
+from vpt.prompts import HeadBatch, PromptBatch, PromptKV
 from vpt.vit import VisionTransformer
 
 log = logging.getLogger(__name__)
@@ -72,14 +73,46 @@ class BankTables(Protocol):
     """The bank's device tables a forward pass reads (a `PromptBank`, or their shared-memory views in
     the engine process)."""
 
-    prompts: torch.Tensor  # (S, L, Pmax, D)
+    prompts: torch.Tensor  # (S, 1, Pmax, D) shallow tasks' prompt tokens
+    prompt_kv: torch.Tensor  # (S, L, 2, nh, Pmax, hd) deep tasks' prompt keys/values
     head_weight: torch.Tensor  # (S, Cmax, D)
     head_bias: torch.Tensor  # (S, Cmax)
 
 
+@dataclass(frozen=True)
+class Features:
+    """The backbone's two feature forwards, each `torch.compile`d or not: shallow prompts as tokens
+    (`VisionTransformer.forward_features`) and deep prompts as keys/values (`forward_features_kv`)."""
+
+    tokens: Callable[..., torch.Tensor]
+    kv: Callable[..., torch.Tensor]
+
+    @classmethod
+    def of(cls, model: VisionTransformer, compile: bool) -> Features:
+        if not compile:
+            return cls(model.forward_features, model.forward_features_kv)
+        # dynamic=True: batch size and prompt length vary from batch to batch.
+        return cls(
+            torch.compile(model.forward_features, dynamic=True),
+            torch.compile(model.forward_features_kv, dynamic=True),
+        )
+
+    def warmup(self, model: VisionTransformer, bank: BankTables, batch_size: int) -> None:
+        """Both forwards once at this batch size (kernel selection, compile, allocator); the deep one
+        over one prompt slot of slot 0 (zeros, or a task: only read)."""
+        S = model.cfg.img_size
+        x = model.normalize(
+            torch.zeros(batch_size, 3, S, S, dtype=torch.uint8, device=model.pos_embed.device)
+        )
+        model.pool(self.tokens(x, None))
+        if bank.prompt_kv.shape[4]:
+            index = torch.zeros(batch_size, dtype=torch.long)
+            model.pool(self.kv(x, PromptKV.build(bank.prompt_kv, index, [1] * batch_size)))
+
+
 def forward(
     model: VisionTransformer,
-    features: Callable[..., torch.Tensor],
+    features: Features,
     bank: BankTables,
     images: torch.Tensor,
     batch: EngineBatch,
@@ -92,13 +125,7 @@ def forward(
     cuda = images.device.type == "cuda"
     x = model.normalize(images)  # (B, 3, H, W) in the model dtype
     index = torch.tensor(batch.slots, dtype=torch.long).to(images.device, non_blocking=cuda)
-    lengths = [i.prompt_length for i in batch.infos]
-    deep = [i.deep for i in batch.infos]
-    # A graph replay returns its output buffer, read below on this stream before a later replay.
-    feats = graphs.run(x, batch.slots, lengths, deep) if graphs is not None else None
-    if feats is None:
-        prompts = PromptBatch.build(bank.prompts, index, lengths, deep)
-        feats = model.pool(features(x, prompts, between_blocks))  # (B, D)
+    feats = _features(model, features, bank, x, batch, index, between_blocks, graphs)  # (B, D)
     if batch.output == "embed":
         return (feats.float(),)
     classes = [i.num_classes for i in batch.infos]
@@ -114,6 +141,72 @@ def forward(
     probs = heads(feats).float().softmax(dim=-1)  # (B, C) — padded classes score exactly 0
     scores, indices = probs.topk(min(batch.top_k, c_max), dim=-1)  # (B, k)
     return scores, indices
+
+
+def _features(
+    model: VisionTransformer,
+    features: Features,
+    bank: BankTables,
+    x: torch.Tensor,
+    batch: EngineBatch,
+    index: torch.Tensor,
+    between_blocks: Callable[[], None] | None,
+    graphs: FeatureGraphs | None,
+) -> torch.Tensor:
+    """(B, D) CLS features of normalised images `x`. Deep and shallow samples run as separate
+    sub-batches: a deep sample's sequence is CLS + patches, a shallow one's carries its prompt tokens
+    (measured against one padded forward for both: docs/benchmarks.md, "Deep prompts as keys/values")."""
+    deep = [i.deep for i in batch.infos]
+    lengths = [i.prompt_length for i in batch.infos]
+    if all(deep) or not any(deep):
+        return _group(model, features, bank, x, batch.slots, index, lengths, deep[0], between_blocks, graphs)
+    cuda = x.device.type == "cuda"
+    out = torch.empty(x.shape[0], model.cfg.embed_dim, dtype=x.dtype, device=x.device)
+    for kind in (True, False):
+        rows = [j for j, d in enumerate(deep) if d == kind]
+        at = torch.tensor(rows, dtype=torch.long).to(x.device, non_blocking=cuda)
+        part = _group(
+            model,
+            features,
+            bank,
+            x.index_select(0, at),
+            [batch.slots[j] for j in rows],
+            index.index_select(0, at),
+            [lengths[j] for j in rows],
+            kind,
+            between_blocks,
+            graphs,
+        )
+        # Copied out at once: a graph's output buffer may be reused by the next replay.
+        out.index_copy_(0, at, part)
+        if kind and between_blocks is not None:
+            between_blocks()
+    return out
+
+
+def _group(
+    model: VisionTransformer,
+    features: Features,
+    bank: BankTables,
+    x: torch.Tensor,
+    slots: list[int],
+    index: torch.Tensor,
+    lengths: list[int],
+    deep: bool,
+    between_blocks: Callable[[], None] | None,
+    graphs: FeatureGraphs | None,
+) -> torch.Tensor:
+    """(n, D) CLS features of a sub-batch whose samples are all deep or all shallow."""
+    # A graph replay returns its output buffer: the caller reads it before a later replay.
+    feats = graphs.run(x, slots, lengths, deep) if graphs is not None else None
+    if feats is not None:
+        return feats
+    if deep:
+        tokens = features.kv(x, PromptKV.build(bank.prompt_kv, index, lengths), between_blocks)
+    else:
+        prompts = PromptBatch.build(bank.prompts, index, lengths, [False] * len(lengths))
+        tokens = features.tokens(x, prompts, between_blocks)
+    return model.pool(tokens)
 
 
 def _resolve(fut: Future[T], compute: Callable[[], T]) -> None:
@@ -177,6 +270,8 @@ class Engine:
         self.bank = PromptBank(
             depth=self.cfg.depth,
             embed_dim=self.cfg.embed_dim,
+            num_heads=self.cfg.num_heads,
+            prompt_kv=self.model.prompt_kv,
             max_slots=bank_slots,
             max_prompt_length=max_prompt_length,
             max_classes=max_classes,
@@ -185,11 +280,8 @@ class Engine:
             byte_budget=bank_bytes,
             shared=process is not None,
         )
-        self._features = self.model.forward_features
+        self._features = Features.of(self.model, compile)
         self.compiled = compile
-        if compile:
-            # dynamic=True: batch size and prompt length vary from batch to batch.
-            self._features = torch.compile(self.model.forward_features, dynamic=True)
         # CUDA graphs for batches up to this size (captured in `warmup`; see server/engine/graphs.py).
         self.cuda_graph_max_batch = cuda_graph_max_batch
         self.graphs: FeatureGraphs | None = None
@@ -311,22 +403,20 @@ class Engine:
             torch.cuda.empty_cache()
 
     def warmup(self, batch_sizes: tuple[int, ...] = (1, 8)) -> None:
-        """Run the plain backbone once per batch size (kernel selection, compile, allocator)."""
-        s = self.cfg.img_size
+        """Run both feature forwards once per batch size (kernel selection, compile, allocator)."""
         t0 = time.perf_counter()
         if self.process is not None:
             self.process.warmup(batch_sizes)
             batch_sizes = ()  # this process computes nothing
         with torch.inference_mode():
             for b in batch_sizes:
-                x = self.model.normalize(torch.zeros(b, 3, s, s, dtype=torch.uint8, device=self.device))
-                self.model.pool(self._features(x, None))
+                self._features.warmup(self.model, self.bank, b)
         if self.device.type == "cuda" and self.cuda_graph_max_batch > 0:
             if self.compiled:
                 # Not worth a warning: graphs are on by default, and a compiled backbone runs without them.
                 log.info("CUDA graphs are off: the backbone is compiled (torch.compile)")
             else:
-                graphs = FeatureGraphs(self.model, self.bank.prompts, self.cuda_graph_max_batch, capture=True)
+                graphs = FeatureGraphs(self.model, self.bank, self.cuda_graph_max_batch, capture=True)
                 try:
                     graphs.prepare()
                     self.graphs = graphs

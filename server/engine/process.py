@@ -189,6 +189,7 @@ class _Tables:
     """The bank's tables as the child sees them (shared memory): a `BankTables`."""
 
     prompts: torch.Tensor
+    prompt_kv: torch.Tensor
     head_weight: torch.Tensor
     head_bias: torch.Tensor
 
@@ -219,7 +220,8 @@ class EngineProcess:
             config.lanes, config.max_batch_size, cfg.img_size, bank.max_classes, cfg.embed_dim
         )
         weights = _SharedWeights.of(model)
-        tables = _Tables(bank.prompts, bank.head_weight, bank.head_bias)  # allocated shared (`PromptBank`)
+        # allocated shared (`PromptBank`)
+        tables = _Tables(bank.prompts, bank.prompt_kv, bank.head_weight, bank.head_bias)
         # Forked from a fork server that has imported torch and this module: a start (or a restart,
         # or another engine in this process, as in tests) takes ~0.2 s instead of spawn's ~2 s, for
         # the same memory (the child shares the server's pages). Plain fork would copy this process's
@@ -391,7 +393,7 @@ def _child_main(
     faults: Faults,
 ) -> None:
     """The engine process: compute batches from `conn` until told to stop or the server is gone."""
-    from server.engine.engine import EngineBatch, forward  # the child imports what it runs
+    from server.engine.engine import EngineBatch, Features, forward  # the child imports what it runs
 
     # Ctrl-C in a terminal and a SIGTERM to the process group reach this process too: the server
     # drains its requests first and then stops it (`close`), or it exits when the server's end closes.
@@ -402,7 +404,7 @@ def _child_main(
     model = weights.model()
     if cpus and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, cpus)
-    features = torch.compile(model.forward_features, dynamic=True) if compile else model.forward_features
+    features = Features.of(model, compile)
     gc.collect()
     gc.freeze()  # long-lived objects: keep full collections from scanning them mid-batch
     stop = False
@@ -417,8 +419,7 @@ def _child_main(
         try:
             with torch.inference_mode():
                 if kind == _WARMUP:
-                    S = model.cfg.img_size
-                    model.pool(features(model.normalize(torch.zeros(n, 3, S, S, dtype=torch.uint8)), None))
+                    features.warmup(model, tables, n)
                 else:
                     if faults:
                         faults.check(n)

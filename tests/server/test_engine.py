@@ -7,8 +7,10 @@ import torch
 
 from server.engine.bank import BankFull, TaskKey, TaskTooLarge
 from server.engine.engine import Engine, EngineBatch, pick_device, pick_dtype
+from server.engine.process import ProcessConfig
 from tests.server.helpers import BACKBONE_SPEC, make_artifact
 from vpt.hub import load_backbone
+from vpt.prompts import PromptBatch
 
 TOL = 1e-5
 
@@ -60,6 +62,81 @@ def test_mixed_batch_equals_solo_runs(backbone):
         assert torch.allclose(mixed_cls.scores[b, :C], solo_cls.scores[0, :C], atol=1e-6)
         assert torch.all(mixed_cls.scores[b, C:] == 0)  # padded classes never score
     assert worst <= TOL
+
+
+def reference(backbone, image: torch.Tensor, art) -> tuple[torch.Tensor, torch.Tensor]:
+    """(CLS feature, class probabilities) of one uint8 image through the token path with the task's
+    prompts (`PromptBatch.single_task`: the official VPT forward's algorithm, tests/vpt/test_official.py)."""
+    model = backbone.model
+    with torch.inference_mode():
+        x = model.normalize(image[None])
+        feats = model.pool(
+            model.forward_features(x, PromptBatch.single_task(art.prompts, 1, art.mode == "deep"))
+        )
+        probs = (feats @ art.head_weight.T + art.head_bias).softmax(dim=-1)
+    return feats[0], probs[0]
+
+
+EXACT = [  # (P, mode, C): deep with and without padding to the batch's longest, shallow, prompt-free
+    (12, "deep", 7),
+    (12, "deep", 4),
+    (5, "deep", 3),
+    (1, "deep", 10),
+    (0, "deep", 2),
+    (9, "shallow", 10),
+    (3, "shallow", 5),
+    (0, "shallow", 6),
+]
+EXACT_BATCHES = [
+    [0, 1, 0, 1],  # deep, uniform lengths: keys/values without a mask
+    [0, 2, 3, 4, 2],  # deep, ragged: masked
+    [5, 6, 7, 5],  # shallow only: prompts as tokens
+    [0, 5, 2, 6, 4, 7, 3, 1],  # mixed: two sub-batches
+    [3],
+    [6],
+]
+
+
+@pytest.mark.parametrize("process", [False, True], ids=["in_process", "engine_process"])
+def test_served_results_equal_the_reference_forward(backbone, process):
+    """Issue J: deep tasks served as per-layer keys/values, shallow ones as tokens, in any mix — every
+    sample's features and probabilities equal the token-path forward run on it alone, within 1e-5
+    relative (fp32), in the server's process and in the engine process."""
+    kw = {"process": ProcessConfig(max_batch_size=8)} if process else {}
+    engine = make_engine(load_backbone(BACKBONE_SPEC) if process else backbone, **kw)
+    try:
+        engine.warmup((1,))
+        arts = [make_artifact(backbone, P=P, mode=m, C=C, seed=20 + i) for i, (P, m, C) in enumerate(EXACT)]
+        slots = [engine.install(TaskKey("t", f"x{i}", 1), a) for i, a in enumerate(arts)]
+        gen = torch.Generator().manual_seed(5)
+        for order in EXACT_BATCHES:
+            images = torch.randint(0, 256, (len(order), 3, 32, 32), dtype=torch.uint8, generator=gen)
+            s = [slots[i] for i in order]
+            feats = run(engine, images, s, "embed").features
+            cls = run(engine, images, s, "classify")
+            for b, i in enumerate(order):
+                want_f, want_p = reference(backbone, images[b], arts[i])
+                err = ((feats[b] - want_f).norm() / want_f.norm()).item()
+                assert err <= TOL, (order, b, err)
+                C = EXACT[i][2]
+                got_p = torch.zeros(C).scatter_(0, cls.indices[b, :C], cls.scores[b, :C])
+                assert ((got_p - want_p).abs().max() / want_p.max()).item() <= TOL, (order, b)
+    finally:
+        engine.close()
+
+
+def test_bank_holds_tokens_for_shallow_and_keys_values_for_deep(backbone):
+    """What a slot costs (issue J): shallow P x D, deep L x 2 x P x D (keys and values), plus the head;
+    the byte budget plans for both."""
+    cfg = backbone.cfg
+    engine = make_engine(backbone, P=12, C=10)
+    L, D, elem = cfg.depth, cfg.embed_dim, 4
+    assert engine.bank.slot_bytes == ((1 + 2 * L) * 12 * D + 10 * D + 10) * elem
+    deep = engine.install(TaskKey("t", "d", 1), make_artifact(backbone, P=5, mode="deep", C=3, seed=0))
+    shallow = engine.install(TaskKey("t", "s", 1), make_artifact(backbone, P=5, mode="shallow", C=3, seed=0))
+    assert engine.bank.info(deep).nbytes == (2 * L * 5 * D + 3 * D + 3) * elem
+    assert engine.bank.info(shallow).nbytes == (5 * D + 3 * D + 3) * elem
+    assert engine.bank.stats().used_bytes == engine.bank.info(deep).nbytes + engine.bank.info(shallow).nbytes
 
 
 def test_bank_lru_eviction_pinning_and_refs(backbone):
@@ -134,9 +211,14 @@ def test_slot_reuse_leaves_exactly_the_new_task_and_zeros(backbone):
         art = make_artifact(backbone, P=P, mode=mode, C=C, seed=10 + i)
         slot = engine.install(TaskKey("t", f"geo{i}", 1), art)
         assert slot == 0
-        expected = torch.zeros_like(bank.prompts[0])
-        expected[: art.prompts.shape[0], :P] = art.prompts
-        assert torch.equal(bank.prompts[0], expected), i
+        # A shallow task's slot holds its prompt tokens, a deep one's their keys/values.
+        tokens, kv = torch.zeros_like(bank.prompts[0]), torch.zeros_like(bank.prompt_kv[0])
+        if mode == "shallow":
+            tokens[:, :P] = art.prompts
+        elif P:
+            with torch.no_grad():
+                kv[..., :P, :] = backbone.model.prompt_kv(art.prompts)
+        assert torch.equal(bank.prompts[0], tokens) and torch.equal(bank.prompt_kv[0], kv), i
         w, b = torch.zeros_like(bank.head_weight[0]), torch.zeros_like(bank.head_bias[0])
         w[:C], b[:C] = art.head_weight, art.head_bias
         assert torch.equal(bank.head_weight[0], w) and torch.equal(bank.head_bias[0], b), i

@@ -48,7 +48,7 @@ def test_buckets():
 
 def test_fits_picks_the_smallest_bucket(backbone):
     engine, _ = engine_with_tasks(backbone)
-    g = FeatureGraphs(engine.model, engine.bank.prompts, max_batch=8, capture=False)
+    g = FeatureGraphs(engine.model, engine.bank, max_batch=8, capture=False)
     assert g.fits(1, 0) == (1, 1)
     assert g.fits(3, 5) == (4, 8)
     assert g.fits(8, 12) == (8, 12)
@@ -77,7 +77,7 @@ def test_padded_static_forward_equals_the_eager_engine(backbone):
         images = torch.randint(0, 256, (len(order), 3, 32, 32), dtype=torch.uint8, generator=gen)
         s = [slots[i] for i in order]
         eager.append((images, s, run(engine, images, s, "embed"), run(engine, images, s)))
-    engine.graphs = FeatureGraphs(engine.model, engine.bank.prompts, max_batch=8, capture=False)
+    engine.graphs = FeatureGraphs(engine.model, engine.bank, max_batch=8, capture=False)
     engine.graphs.prepare()
     for images, s, feats, cls in eager:
         g_feats, g_cls = run(engine, images, s, "embed"), run(engine, images, s)
@@ -100,16 +100,16 @@ def test_capture_check_catches_a_replay_that_ignores_its_inputs(backbone):
     """The check run after capture must pass a faithful replay and refuse one that reads stale inputs
     (the failure a capture bug produces), which turns graphs off instead of serving wrong results."""
     engine, _ = engine_with_tasks(backbone)
-    g = FeatureGraphs(engine.model, engine.bank.prompts, max_batch=2, capture=False)
+    g = FeatureGraphs(engine.model, engine.bank, max_batch=2, capture=False)
     g.prepare()
-    for (_, P), st in g._static.items():
-        st.out = g._forward(st, P).clone()
-        st.graph = Replay(lambda st=st, P=P: st.out.copy_(g._forward(st, P)))  # type: ignore[assignment]
+    for (_, P, deep), st in g._static.items():
+        st.out = g._forward(st, P, deep).clone()
+        st.graph = Replay(lambda st=st, P=P, d=deep: st.out.copy_(g._forward(st, P, d)))  # type: ignore[assignment]
     with torch.inference_mode():
         g._check()  # faithful: passes
-        for (_, P), st in g._static.items():
+        for (_, P, deep), st in g._static.items():
             st.x.zero_()
-            st.out.copy_(g._forward(st, P))  # what the last replay wrote, for other inputs...
+            st.out.copy_(g._forward(st, P, deep))  # what the last replay wrote, for other inputs...
             st.graph = Replay(lambda: None)  # type: ignore[assignment]  # ...and a replay that keeps it
         with pytest.raises(RuntimeError, match="differs from eager"):
             g._check()

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from vpt import HeadBatch, PromptBatch, VisionTransformer
+from vpt.prompts import PromptKV
 
 TOL = 1e-5
 
@@ -204,3 +205,122 @@ def test_between_blocks_hook_runs_at_every_block_boundary_and_changes_nothing(ti
         hooked = tiny_vit.forward_features(images, prompts, between_blocks=other_work)
     assert len(calls) == L - 1
     assert torch.equal(plain, hooked)
+
+
+# --- deep prompts as keys/values (PromptKV, VisionTransformer.forward_features_kv) ----------------
+
+
+def kv_table(model: VisionTransformer, tasks: list[torch.Tensor]) -> torch.Tensor:
+    """Deep tasks' prompts (L, P_s, D) → a keys/values table (S, L, 2, nh, Pmax, hd), zero-padded."""
+    cfg = model.cfg
+    P = max(p.shape[1] for p in tasks)
+    table = torch.zeros(len(tasks), cfg.depth, 2, cfg.num_heads, P, cfg.head_dim, dtype=model.pos_embed.dtype)
+    with torch.no_grad():
+        for s, p in enumerate(tasks):
+            table[s, ..., : p.shape[1], :] = model.prompt_kv(p)
+    return table
+
+
+@pytest.fixture(params=["vit_test_tiny", "vit_test_small"])
+def vit(request) -> VisionTransformer:
+    """Depth 2 and 4: layer 0, the middle layers and the last one each get their own keys/values."""
+    from vpt import get_preset
+
+    model = VisionTransformer(get_preset(request.param)).init_random(torch.Generator().manual_seed(0))
+    return model.eval().requires_grad_(False)
+
+
+def test_prompt_kv_are_each_layers_keys_and_values(vit):
+    """Layer i's entry is what its qkv projection gives LN1_i(prompts[i]) at the key and value rows, in
+    SDPA's (heads, tokens, head_dim) layout."""
+    cfg = vit.cfg
+    prompts = torch.randn(cfg.depth, 5, cfg.embed_dim, generator=torch.Generator().manual_seed(0))
+    kv = vit.prompt_kv(prompts)
+    assert kv.shape == (cfg.depth, 2, cfg.num_heads, 5, cfg.head_dim)
+    for i, blk in enumerate(vit.blocks):
+        qkv = blk.attn.qkv(blk.norm1(prompts[i])).reshape(5, 3, cfg.num_heads, cfg.head_dim)
+        assert rel_err(kv[i, 0], qkv[:, 1].transpose(0, 1)) <= TOL  # keys
+        assert rel_err(kv[i, 1], qkv[:, 2].transpose(0, 1)) <= TOL  # values
+    with pytest.raises(ValueError, match="layers"):
+        vit.prompt_kv(prompts[:1])
+
+
+@pytest.mark.parametrize("lengths", [[6, 6, 6, 6], [6, 2, 0, 4], [0, 0, 0, 0]])
+def test_kv_path_equals_the_token_path_at_every_kept_position(vit, lengths):
+    """VPT-deep with prompts as keys/values gives CLS and every patch token exactly what the full
+    forward (prompts as tokens, replaced before each layer) gives them — uniform, ragged (masked) and
+    prompt-free batches, each sample against the official algorithm run on it alone."""
+    cfg = vit.cfg
+    g = torch.Generator().manual_seed(len(set(lengths)))
+    tasks = [torch.rand(cfg.depth, n, cfg.embed_dim, generator=g) * 0.2 - 0.1 for n in lengths]
+    table = (
+        kv_table(vit, tasks) if max(lengths) else torch.zeros(4, cfg.depth, 2, cfg.num_heads, 1, cfg.head_dim)
+    )
+    images = torch.randn(4, 3, 32, 32, generator=g)
+    kv = PromptKV.build(table, torch.arange(4), lengths)
+    assert kv.uniform == (len(set(lengths)) == 1)
+    with torch.inference_mode():
+        got = vit.forward_features_kv(images, kv)  # (B, 1 + N, D)
+        for b, p in enumerate(tasks):
+            full = vit.forward_features(images[b : b + 1], PromptBatch.single_task(p, 1, deep=True))
+            P = p.shape[1]
+            kept = torch.cat([full[:, :1], full[:, 1 + P :]], dim=1)  # CLS + patches
+            assert rel_err(got[b : b + 1], kept) <= TOL, (b, lengths)
+            assert rel_err(got[b, :1], reference_features(vit, images[b : b + 1], p, deep=True)) <= TOL
+
+
+def test_kv_path_masks_only_ragged_batches(tiny_vit, images):
+    """Uniform prompt lengths: SDPA without a mask (fused kernels); ragged ones: masked."""
+    L = tiny_vit.cfg.depth
+    tasks = [torch.randn(L, n, tiny_vit.cfg.embed_dim) for n in (3, 3, 1)]
+    table = kv_table(tiny_vit, tasks)
+    uniform = PromptKV.build(table, torch.tensor([0, 1, 0, 1, 0, 1]), [3] * 6)
+    ragged = PromptKV.build(table, torch.tensor([0, 2, 0, 1, 2, 1]), [3, 1, 3, 3, 1, 3])
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("attn_mask") is not None)
+        return sdpa(*args, **kwargs)
+
+    with mock.patch.object(F, "scaled_dot_product_attention", spy), torch.inference_mode():
+        tiny_vit.forward_features_kv(images, uniform)
+        tiny_vit.forward_features_kv(images, ragged)
+    assert seen == [False] * L + [True] * L
+
+
+def test_kv_path_in_bf16_follows_fp32(tiny_vit, images):
+    """The GPU dtype: keys/values derived and attended in bf16, within bf16's rounding of the fp32
+    token path (the tolerance of test_half_precision_mixed_batch_follows_fp32)."""
+    L, D = tiny_vit.cfg.depth, tiny_vit.cfg.embed_dim
+    g = torch.Generator().manual_seed(9)
+    tasks = [torch.rand(L, n, D, generator=g) * 0.2 - 0.1 for n in (5, 2, 5)]
+    slots, lengths = torch.tensor([0, 1, 2, 1, 0, 2]), [5, 2, 5, 2, 5, 5]
+    half = copy.deepcopy(tiny_vit).to(torch.bfloat16)
+    with torch.inference_mode():
+        got = half.pool(
+            half.forward_features_kv(images.bfloat16(), PromptKV.build(kv_table(half, tasks), slots, lengths))
+        )
+        for b, s in enumerate(slots.tolist()):
+            want = reference_features(tiny_vit, images[b : b + 1], tasks[s], deep=True)
+            assert rel_err(got[b : b + 1].float(), want) <= 3e-2
+
+
+@pytest.mark.parametrize("P", [0, 3])
+def test_between_blocks_hook_on_the_kv_path(tiny_vit, images, P):
+    L, D = tiny_vit.cfg.depth, tiny_vit.cfg.embed_dim
+    table = kv_table(tiny_vit, [torch.randn(L, max(P, 1), D)])
+    kv = PromptKV.build(table, torch.zeros(images.shape[0], dtype=torch.long), [P] * images.shape[0])
+    calls = []
+    with torch.inference_mode():
+        plain = tiny_vit.forward_features_kv(images, kv)
+        hooked = tiny_vit.forward_features_kv(
+            images, kv, between_blocks=lambda: calls.append(tiny_vit.forward_features(images[:2]))
+        )
+    assert len(calls) == L - 1 and torch.equal(plain, hooked)
+
+
+def test_kv_prompt_length_over_table_is_refused(tiny_vit):
+    table = torch.zeros(1, tiny_vit.cfg.depth, 2, tiny_vit.cfg.num_heads, 3, tiny_vit.cfg.head_dim)
+    with pytest.raises(ValueError, match="exceeds"):
+        PromptKV.build(table, torch.tensor([0]), [4])
