@@ -4,7 +4,8 @@ The stages are exactly the server's path for a task that is not resident
 (`server.scheduler.residency.Residency._fetch` then `Engine.install`):
 `store.get` (manifest, file read, sha256 check) → `load_artifact` (header rules, safetensors, finiteness)
 → `validate_for_backbone` + `bank.check_fits` → `engine.install` (zeroing what the new task does not
-overwrite, copy with dtype conversion, device sync).
+overwrite, a deep task's per-layer keys/values derived through the backbone's LN1 and qkv weights,
+copy with dtype conversion, device sync).
 Files are read through the page cache (the store just wrote them): this is the cost of a task that is
 on the server's disk but not in its bank, not of a disk seek. MB = 10^6 bytes.
 """
@@ -53,7 +54,12 @@ def measure_cold_load(
             store.put("default", task_id, save_artifact(art))
             stages: dict[str, list[float]] = {"get": [], "load_artifact": [], "validate": [], "install": []}
             # "Of which" parts, timed on their own right after: what dominates each stage.
-            parts: dict[str, list[float]] = {"sha256": [], "finite_check": [], "slot_copy": []}
+            parts: dict[str, list[float]] = {
+                "sha256": [],
+                "finite_check": [],
+                "derive_kv": [],
+                "slot_copy": [],
+            }
             size = 0
             for rep in range(reps + 1):  # the first rep warms allocator and code paths; not counted
                 t0 = time.perf_counter()
@@ -80,18 +86,27 @@ def measure_cold_load(
                 ):
                     check_finite(name, tensor)
                 t7 = time.perf_counter()
-                # The copy into the slot (dtype conversion included), again: what install costs
-                # besides bookkeeping. Same values, so the bank's state is unchanged.
-                bank, (L_p, P_, _), C_ = engine.bank, loaded.prompts.shape, loaded.num_classes
-                bank.prompts[slot, :L_p, :P_].copy_(loaded.prompts)
-                bank.head_weight[slot, :C_].copy_(loaded.head_weight)
-                bank.head_bias[slot, :C_].copy_(loaded.head_bias)
+                # A deep task's keys/values (issue J), then the copy into the slot (dtype conversion
+                # included), again: what install costs besides bookkeeping. Same values, so the bank's
+                # state is unchanged.
+                bank, P_, C_ = engine.bank, loaded.prompt_length, loaded.num_classes
+                with torch.no_grad():
+                    prompts = loaded.prompts.to(engine.device)
+                    kv = engine.model.prompt_kv(prompts) if mode == "deep" else None
+                    sync(engine.device)
+                    t8 = time.perf_counter()
+                    if kv is not None:
+                        bank.prompt_kv[slot, :, :, :, :P_].copy_(kv)
+                    else:
+                        bank.prompts[slot, :, :P_].copy_(prompts)
+                    bank.head_weight[slot, :C_].copy_(loaded.head_weight)
+                    bank.head_bias[slot, :C_].copy_(loaded.head_bias)
                 sync(engine.device)
-                t8 = time.perf_counter()
+                t9 = time.perf_counter()
                 if rep:
                     for k, v in zip(stages, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
                         stages[k].append(v)
-                    for k, v in zip(parts, (t6 - t5, t7 - t6, t8 - t7), strict=True):
+                    for k, v in zip(parts, (t6 - t5, t7 - t6, t8 - t7, t9 - t8), strict=True):
                         parts[k].append(v)
             mb = size / 1e6
             row: dict[str, Any] = {"artifact": f"{mode} P={P} C={C} {dt}", "MB": mb}

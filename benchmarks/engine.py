@@ -5,6 +5,13 @@ What is timed is `Engine.run(EngineBatch)` — the call the scheduler makes: uin
 normalise → per-sample prompt gather and insertion → ViT → per-sample head → softmax → top-k on the
 host. No HTTP, no decoding, no queueing (benchmarks/load.py measures those).
 
+Deep prompts (issue J): mode `deep` is the engine's path, prompts as per-layer keys/values; mode
+`tokens` runs the same deep tasks with their prompts as full tokens through every block — the engine's
+path before, kept here as the baseline of the same run (`TokenPath`). `vs_no_prompt` is each row's
+img/s over the prompt-free row at the same batch size. The `modes` section times one batch mixing
+shallow and deep tasks both ways the engine could run it: as two sub-batches (deep ones as keys/values;
+what the engine does) and as one forward with every prompt as tokens, padded to the longest.
+
 Mixed vs per task (ANCHORS.md: 10.3x on an H200 with ViT-B/16, deep P=50, 1000 tasks): one set of
 `--zipf-requests` single-image requests drawn with Zipf(s) popularity over N tasks is run twice on the
 same engine in the same process: (a) mixed — batches of up to `--zipf-batch` images in arrival order,
@@ -24,6 +31,7 @@ import random
 import sys
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -43,9 +51,20 @@ from benchmarks.common import (
     write_json,
     zipf_sample,
 )
+from prompt_store.artifact import TaskArtifact
 from server.engine.bank import TaskKey
-from server.engine.engine import Engine, EngineBatch, EngineResult, pick_device, pick_dtype
+from server.engine.engine import (
+    Engine,
+    EngineBatch,
+    EngineResult,
+    batch_features,
+    forward,
+    pick_device,
+    pick_dtype,
+    split_modes,
+)
 from vpt.hub import Backbone, load_backbone
+from vpt.prompts import PromptBatch, PromptKV
 
 CPU_DEFAULTS = {
     "preset": "vit_test_small",
@@ -99,16 +118,70 @@ def install_tasks(
     num_classes: int,
     tag: str,
     dtype: torch.dtype = torch.float32,
+    tokens: TokenPath | None = None,
 ) -> list[int]:
-    """Install n random tasks (evicting earlier ones LRU when the bank is full); returns their slots."""
+    """Install n random tasks (evicting earlier ones LRU when the bank is full); returns their slots.
+    `tokens`: also keep their prompts as tokens there."""
     slots = []
     for i in range(n):
         art = make_artifact(
             backbone, prompt_length=prompt_length, mode=mode, num_classes=num_classes, seed=i, dtype=dtype
         )
         slots.append(engine.install(TaskKey("bench", f"{tag}-{i}", 1), art))
+        if tokens is not None:
+            tokens.install(slots[-1], art)
     sync(engine.device)
     return slots
+
+
+class TokenPath:
+    """Every task's prompts as tokens through every block, deep ones replaced before each layer — the
+    engine's forward before deep prompts became keys/values (issue J), for the same engine's tasks:
+    `run` is `Engine.run` with only the feature forward swapped (same normalisation, heads, top-k)."""
+
+    def __init__(self, engine: Engine) -> None:
+        b = engine.bank
+        self.engine = engine
+        self.table = torch.zeros(
+            b.capacity, b.depth, b.max_prompt_length, b.embed_dim, dtype=b.dtype, device=engine.device
+        )  # (S, L, Pmax, D): shallow tasks fill layer 0
+        self.features = engine._features  # compiled when the engine is
+
+    def install(self, slot: int, art: TaskArtifact) -> None:
+        self.table[slot].zero_()
+        self.table[slot, : art.prompts.shape[0], : art.prompt_length].copy_(art.prompts)
+
+    def _as_tokens(
+        self,
+        x: torch.Tensor,
+        prompts: PromptBatch | None,
+        between_blocks: Callable[[], None] | None = None,
+        kv: PromptKV | None = None,
+    ) -> torch.Tensor:
+        """`forward_features` with the deep samples' keys/values swapped for their prompt tokens."""
+        if kv is None:
+            return self.features(x, prompts, between_blocks)
+        lengths = kv.lengths if prompts is None else kv.lengths + prompts.lengths  # one is 0 per sample
+        P = kv.max_len if prompts is None else max(kv.max_len, prompts.max_len)
+        uniform = kv.uniform and prompts is None
+        tokens = PromptBatch(self.table, kv.index, lengths, kv.lengths > 0, P, uniform, True, False)
+        return self.features(x, tokens, between_blocks)
+
+    def batch_tokens(self, x: torch.Tensor, batch: EngineBatch) -> torch.Tensor:
+        """(B, D) CLS features of normalised images, the whole batch in one token forward."""
+        index = torch.tensor(batch.slots, dtype=torch.long)
+        lengths = [i.prompt_length for i in batch.infos]
+        prompts = PromptBatch.build(self.table, index, lengths, [i.deep for i in batch.infos])
+        return self.engine.model.pool(self.features(x, prompts))
+
+    @torch.inference_mode()
+    def run(self, batch: EngineBatch) -> EngineResult:
+        e = self.engine
+        t0 = time.perf_counter()
+        cuda = e.device.type == "cuda"
+        out = forward(e.model, self._as_tokens, e.bank, batch.images.to(e.device, non_blocking=cuda), batch)
+        scores, indices = (t.cpu() for t in out)
+        return EngineResult(scores, indices, None, time.perf_counter() - t0)
 
 
 def make_batch(engine: Engine, images: torch.Tensor, slots: list[int], top_k: int = 5) -> EngineBatch:
@@ -119,12 +192,21 @@ def make_batch(engine: Engine, images: torch.Tensor, slots: list[int], top_k: in
 
 
 # --- measurements ---------------------------------------------------------------------------------------
-def throughput(engine: Engine, batch: EngineBatch, *, min_time: float, warmup: int = 2) -> dict[str, float]:
-    """Steady-state img/s of one batch run back to back (median batch time)."""
+def throughput(
+    engine: Engine,
+    batch: EngineBatch,
+    *,
+    min_time: float,
+    warmup: int = 2,
+    run: Callable[[EngineBatch], EngineResult] | None = None,
+) -> dict[str, float]:
+    """Steady-state img/s of one batch run back to back (median batch time); `run`: instead of
+    `engine.run`."""
+    run = run or engine.run
     for _ in range(warmup):
-        engine.run(batch)
+        run(batch)
     cpu0 = time.process_time()
-    times = timed_runs(lambda: engine.run(batch), min_time=min_time)
+    times = timed_runs(lambda: run(batch), min_time=min_time)
     cpu = time.process_time() - cpu0
     B = len(batch.slots)
     t = median(times)
@@ -218,6 +300,76 @@ def zipf_compare(
     }
 
 
+def modes_compare(
+    engine: Engine,
+    backbone: Backbone,
+    tokens: TokenPath,
+    *,
+    tasks: int,
+    prompt_length: int,
+    classes: int,
+    batch_sizes: list[int],
+    images: torch.Tensor,
+    min_time: float,
+) -> list[dict[str, Any]]:
+    """Batches alternating shallow and deep tasks (P each, `tasks` of each mode), CLS features three
+    ways: two sub-batches (deep ones as keys/values), one forward (shallow prompts as tokens, deep ones
+    as keys/values, each masked where a sample has none), and one forward with every prompt as tokens
+    (the engine before issue J). Alternated, so drift hits all three; `engine` is what the engine
+    chooses (`split_modes`)."""
+    common = {"n": tasks, "prompt_length": prompt_length, "num_classes": classes, "tokens": tokens}
+    shallow = install_tasks(engine, backbone, mode="shallow", tag="mix-s", **common)  # type: ignore[arg-type]
+    deep = install_tasks(engine, backbone, mode="deep", tag="mix-d", **common)  # type: ignore[arg-type]
+    rng = random.Random(2)
+    rows = []
+    for B in batch_sizes:
+        if B >= 2:
+            picks = [rng.choice(deep if j % 2 else shallow) for j in range(B)]
+            rows.append(
+                _modes_row(engine, tokens, make_batch(engine, images[:B], picks), prompt_length, min_time)
+            )
+    return rows
+
+
+@torch.inference_mode()
+def _modes_row(
+    engine: Engine, tokens: TokenPath, batch: EngineBatch, prompt_length: int, min_time: float
+) -> dict[str, Any]:
+    B = len(batch.slots)
+    x = engine.model.normalize(batch.images.to(engine.device))
+    index = torch.tensor(batch.slots, dtype=torch.long).to(engine.device)
+
+    def way(split: bool | None) -> Callable[[], torch.Tensor]:
+        def f() -> torch.Tensor:
+            if split is None:
+                out = tokens.batch_tokens(x, batch)
+            else:
+                out = batch_features(
+                    engine.model, engine._features, engine.bank, x, batch, index, split=split
+                )
+            sync(engine.device)
+            return out
+
+        return f
+
+    ways = {"split": way(True), "one_forward": way(False), "tokens": way(None)}
+    outs = {k: f().float() for k, f in ways.items()}
+    ref = outs["tokens"]
+    diff = max(((o - ref).norm(dim=1) / ref.norm(dim=1)).max().item() for o in outs.values())
+    times: dict[str, list[float]] = {k: [] for k in ways}
+    start = time.perf_counter()
+    while len(times["split"]) < 3 or time.perf_counter() - start < min_time:
+        for k, f in ways.items():
+            times[k] += timed_runs(f, min_time=0, min_runs=1)
+    row: dict[str, Any] = {"batch": B, "P": prompt_length}
+    row.update({f"{k}_img_s": B / median(t) for k, t in times.items()})
+    row["split_over_one"] = row["split_img_s"] / row["one_forward_img_s"]
+    deep = [i.deep for i in batch.infos]
+    row["engine"] = "split" if split_modes(deep, [prompt_length] * B, engine.device) else "one_forward"
+    row["max_rel_diff"] = diff
+    return row
+
+
 def latency(engine: Engine, slots: list[int], sizes: list[int], *, min_time: float) -> list[dict[str, Any]]:
     """Engine-side latency of small batches (host images in → top-k on the host)."""
     rng = random.Random(1)
@@ -257,7 +409,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--batch-sizes", help="comma list; default by device")
     p.add_argument("--prompt-lengths", help="comma list (0 = no prompts: plain ViT + head)")
-    p.add_argument("--modes", default="shallow,deep")
+    p.add_argument(
+        "--modes",
+        default="shallow,deep,tokens",
+        help="sweep modes; tokens: deep prompts as full tokens (before J)",
+    )
     p.add_argument("--tasks", type=int, help="tasks in the bank (sweep and Zipf); default by device")
     p.add_argument("--classes", type=int, default=100, help="classes per task head")
     p.add_argument("--zipf-s", type=float, default=1.1)
@@ -268,7 +424,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--zipf-prompt-length", type=int, default=50)
     p.add_argument("--latency-sizes", help="batch sizes for the latency table; default 1,8")
     p.add_argument("--min-time", type=float, default=0.5, help="seconds per measured point (at least)")
-    p.add_argument("--skip", default="", help="comma list of sections to skip: sweep,zipf,latency")
+    p.add_argument("--skip", default="", help="comma list of sections to skip: sweep,modes,zipf,latency")
     p.add_argument("--json", default="benchmarks/results/engine.json", help="where to write the results")
     p.add_argument("--quick", action="store_true", help="smoke sizes: seconds, not minutes")
     args = p.parse_args(argv)
@@ -330,6 +486,7 @@ def main(argv: list[str] | None = None) -> int:
     }  # fmt: skip
     rng = random.Random(0)
     images = random_images(max([*args.batch_sizes, *args.latency_sizes]), cfg.img_size, 0)
+    token_path = TokenPath(engine)
 
     if "sweep" not in args.skip:
         rows: list[dict[str, Any]] = []
@@ -341,16 +498,23 @@ def main(argv: list[str] | None = None) -> int:
                 backbone,
                 n=args.tasks,
                 prompt_length=P,
-                mode="shallow" if mode == "none" else mode,
+                mode={"none": "shallow", "tokens": "deep"}.get(mode, mode),
                 num_classes=args.classes,
                 tag=f"{mode}{P}",
+                tokens=token_path if mode == "tokens" else None,
             )
             for B in args.batch_sizes:
-                r = throughput(engine, mixed_batch(engine, slots, B, images, rng), min_time=args.min_time)
+                batch = mixed_batch(engine, slots, B, images, rng)
+                run = token_path.run if mode == "tokens" else engine.run
+                r = throughput(engine, batch, min_time=args.min_time, run=run)
                 if P == 0:
                     plain[B] = r["img_s"]
                 row = {"mode": mode, "P": P, "batch": B, **r}
                 row["vs_no_prompt"] = r["img_s"] / plain[B] if B in plain else float("nan")
+                if mode == "tokens":  # the same numbers both ways (issue J's exactness, in this run)
+                    kv, tok = engine.run(batch).scores, token_path.run(batch).scores
+                    assert kv is not None and tok is not None
+                    row["max_abs_score_diff_vs_deep"] = float((kv.float() - tok.float()).abs().max())
                 rows.append(row)
                 print(f"  {mode:>7} P={P:<3} B={B:<4} {r['img_s']:10.1f} img/s", flush=True)
         out["sweep"] = rows
@@ -358,7 +522,47 @@ def main(argv: list[str] | None = None) -> int:
             format_table(
                 rows,
                 ["mode", "P", "batch", "img_s", "ms_per_batch", "vs_no_prompt"],
-                f"img/s, mixed batches over {args.tasks} tasks (tasks drawn uniformly per sample)",
+                f"img/s, mixed batches over {args.tasks} tasks (tasks drawn uniformly per sample); "
+                "tokens = deep prompts as full tokens (the engine before issue J)",
+            )
+        )
+        by = {(r["mode"], r["P"], r["batch"]): r for r in rows}
+        for (mode, P, B), r in by.items():
+            t = by.get(("tokens", P, B))
+            if mode == "deep" and t is not None:
+                print(
+                    f"  deep P={P} B={B}: {r['vs_no_prompt']:.2f}x the prompt-free img/s as keys/values, "
+                    f"{t['vs_no_prompt']:.2f}x as tokens ({r['img_s'] / t['img_s']:.2f}x faster; max |score "
+                    f"diff| {t['max_abs_score_diff_vs_deep']:.1e})"
+                )
+
+    if "modes" not in args.skip:
+        modes = modes_compare(
+            engine,
+            backbone,
+            token_path,
+            tasks=max(args.tasks // 2, 1),
+            prompt_length=args.zipf_prompt_length,
+            classes=args.classes,
+            batch_sizes=args.batch_sizes,
+            images=random_images(max(args.batch_sizes), cfg.img_size, 2),
+            min_time=max(args.min_time, 0.1),
+        )
+        out["modes"] = modes
+        print(
+            format_table(
+                modes,
+                [
+                    "batch",
+                    "P",
+                    "split_img_s",
+                    "one_forward_img_s",
+                    "tokens_img_s",
+                    "split_over_one",
+                    "engine",
+                ],
+                "shallow + deep tasks alternating in one batch: two sub-batches (deep as keys/values), one "
+                "forward (tokens + keys/values, masked), one forward all tokens (before issue J)",
             )
         )
 

@@ -7,11 +7,16 @@ loads into these modules as it is (`patch_embed.proj`, `blocks.N.attn.qkv`, `blo
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vpt.config import ViTConfig
+
+# Keys and values (B, nh, T, hd) of a block's tokens → the keys and values its attention uses.
+Prefix = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
 class PatchEmbed(nn.Module):
@@ -42,17 +47,15 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.embed_dim, cfg.embed_dim * 3, bias=cfg.qkv_bias)
         self.proj = nn.Linear(cfg.embed_dim, cfg.embed_dim)
 
-    def forward(
-        self, x: Tensor, key_mask: Tensor | None = None, prefix: tuple[Tensor, Tensor] | None = None
-    ) -> Tensor:
-        """`prefix`: (keys, values), each (B, nh, P, hd), attended to before the tokens' own keys (the
-        mask then covers P + T keys): how a VPT-deep task's prompts enter at inference (`kv`)."""
+    def forward(self, x: Tensor, key_mask: Tensor | None = None, prefix: Prefix | None = None) -> Tensor:
+        """`prefix(k, v)`: the keys and values to attend over, given the tokens' own — P more before
+        them (the mask then covers P + T keys): how a VPT-deep task's prompts enter at inference
+        (`vpt.prompts.PromptKV.extend`)."""
         B, T, D = x.shape
         qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, nh, T, hd)
         if prefix is not None:
-            k = torch.cat([prefix[0], k], dim=2)  # (B, nh, P + T, hd)
-            v = torch.cat([prefix[1], v], dim=2)
+            k, v = prefix(k, v)  # each (B, nh, P + T, hd)
         attn_mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, T)
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, nh, T, hd)
         return self.proj(x.transpose(1, 2).reshape(B, T, D))
@@ -89,20 +92,18 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.embed_dim, eps=cfg.layer_norm_eps)
         self.mlp = Mlp(cfg)
 
-    def forward(
-        self, x: Tensor, key_mask: Tensor | None = None, prefix: tuple[Tensor, Tensor] | None = None
-    ) -> Tensor:
+    def forward(self, x: Tensor, key_mask: Tensor | None = None, prefix: Prefix | None = None) -> Tensor:
         x = x + self.attn(self.norm1(x), key_mask, prefix)
         return x + self.mlp(self.norm2(x))
 
 
-def prompt_key_mask(lengths: Tensor, max_len: int, num_patches: int, *, prefix: bool = False) -> Tensor:
+def prompt_key_mask(lengths: Tensor, max_len: int, num_patches: int) -> Tensor:
     """(B, 1 + max_len + N) bool key mask for the sequence `[CLS, prompts (padded to max_len), patches]`:
-    sample b may attend to CLS, its first `lengths[b]` prompt slots and all patches. `prefix`: the
-    prompts' keys come first, `[prompts, CLS, patches]` (`Attention`'s `prefix`)."""
-    pos = torch.arange(max_len, device=lengths.device)
-    prompt_ok = pos[None, :] < lengths[:, None]  # (B, max_len)
+    sample b may attend to CLS, its first `lengths[b]` prompt slots and all patches."""
     ones = torch.ones(lengths.shape[0], 1, dtype=torch.bool, device=lengths.device)
-    if prefix:
-        return torch.cat([prompt_ok, ones.expand(-1, 1 + num_patches)], dim=1)
-    return torch.cat([ones, prompt_ok, ones.expand(-1, num_patches)], dim=1)
+    return torch.cat([ones, length_mask(lengths, max_len), ones.expand(-1, num_patches)], dim=1)
+
+
+def length_mask(lengths: Tensor, max_len: int) -> Tensor:
+    """(B, max_len) bool: True at each sample's first `lengths[b]` positions (its real prompts)."""
+    return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]

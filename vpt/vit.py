@@ -14,12 +14,13 @@ The architecture and parameter names follow timm's `VisionTransformer` (pre-norm
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import Tensor, nn
 
 from vpt.config import ViTConfig
-from vpt.layers import Block, PatchEmbed, prompt_key_mask
+from vpt.layers import Block, PatchEmbed, length_mask, prompt_key_mask
 from vpt.prompts import HeadBatch, PromptBatch, PromptKV
 
 
@@ -61,31 +62,41 @@ class VisionTransformer(nn.Module):
         x: Tensor,
         prompts: PromptBatch | None = None,
         between_blocks: Callable[[], None] | None = None,
+        kv: PromptKV | None = None,
     ) -> Tensor:
         """images (B, 3, H, W) → (B, 1 + P + N, D) after the final norm; P = prompts.max_len (or 0).
 
+        `prompts`: prompt tokens inserted after CLS (VPT-shallow; VPT-deep replaced before every layer:
+        the reference algorithm, and training's path). `kv`: VPT-deep prompts as each layer's keys and
+        values instead (`PromptKV`, inference): image tokens attend to them first, and no prompt
+        position is computed — CLS and the patches get exactly what the token path gives them. A
+        sample uses one or the other (its length 0 in the one it does not use); a batch may hold both.
         `between_blocks()` is called after every block but the last: a serving scheduler's point to
         run other work before this batch continues (it must not touch this batch's tensors)."""
         x = self.embed(x)
+        B, T = x.shape[0], x.shape[1]  # T = 1 + N
+        P = 0 if prompts is None else prompts.max_len
+        K = 0 if kv is None else kv.max_len
+        key_mask = None  # over [kv (K), CLS, prompts (P), patches]
+        if P:
+            assert prompts is not None
+            if not prompts.uniform:
+                key_mask = prompt_key_mask(prompts.lengths, P, T - 1)
+            x = torch.cat([x[:, :1], prompts.layer(0).to(x.dtype), x[:, 1:]], dim=1)  # (B, 1 + P + N, D)
+        if K:
+            assert kv is not None
+            if not kv.uniform or key_mask is not None:
+                own = key_mask if key_mask is not None else x.new_ones(B, x.shape[1], dtype=torch.bool)
+                key_mask = torch.cat([length_mask(kv.lengths, K), own], dim=1)
         last = len(self.blocks) - 1
-        if prompts is None or prompts.max_len == 0:
-            for i, blk in enumerate(self.blocks):
-                x = blk(x)
-                if between_blocks is not None and i < last:
-                    between_blocks()
-            return self.norm(x)
-
-        P = prompts.max_len
-        key_mask = None if prompts.uniform else prompt_key_mask(prompts.lengths, P, x.shape[1] - 1)
-        x = torch.cat([x[:, :1], prompts.layer(0).to(x.dtype), x[:, 1:]], dim=1)  # (B, 1 + P + N, D)
         for i, blk in enumerate(self.blocks):
-            if i > 0 and prompts.any_deep:
+            if P and i > 0 and prompts is not None and prompts.any_deep:
                 new = prompts.layer(i).to(x.dtype)  # (B, P, D)
                 if not prompts.all_deep:
                     # Shallow samples keep the previous layer's outputs at their prompt positions.
                     new = torch.where(prompts.deep[:, None, None], new, x[:, 1 : 1 + P])
                 x = torch.cat([x[:, :1], new, x[:, 1 + P :]], dim=1)
-            x = blk(x, key_mask)
+            x = blk(x, key_mask, partial(kv.extend, i) if K and kv is not None else None)
             if between_blocks is not None and i < last:
                 between_blocks()
         return self.norm(x)
@@ -98,28 +109,6 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"deep prompts need {len(self.blocks)} layers, not {prompts.shape[0]}")
         prompts = prompts.to(self.pos_embed.dtype)
         return torch.stack([blk.attn.kv(blk.norm1(p)) for blk, p in zip(self.blocks, prompts, strict=True)])
-
-    def forward_features_kv(
-        self,
-        x: Tensor,
-        prompts: PromptKV,
-        between_blocks: Callable[[], None] | None = None,
-    ) -> Tensor:
-        """images (B, 3, H, W) → (B, 1 + N, D) after the final norm, VPT-deep prompts entering every layer
-        as keys/values (`PromptKV`): each sample's CLS and patch tokens are those of
-        `forward_features` with the same prompts as tokens (only the prompt positions, which VPT-deep
-        discards, are not computed). Inference only; `between_blocks` as in `forward_features`."""
-        x = self.embed(x)
-        P = prompts.max_len
-        key_mask = None
-        if P and not prompts.uniform:
-            key_mask = prompt_key_mask(prompts.lengths, P, x.shape[1] - 1, prefix=True)
-        last = len(self.blocks) - 1
-        for i, blk in enumerate(self.blocks):
-            x = blk(x, key_mask, prompts.layer(i) if P else None)
-            if between_blocks is not None and i < last:
-                between_blocks()
-        return self.norm(x)
 
     @staticmethod
     def pool(tokens: Tensor) -> Tensor:

@@ -4,7 +4,7 @@ Contract (no asyncio, no HTTP): uint8 images (B, 3, H, W) + bank slot indices (B
 CLS features out. A batch may mix tasks, prompt lengths, VPT modes and class counts; every sample's
 result equals its solo result (the invariant DESIGN.md asks for), because prompts are gathered per sample
 and padded prompt keys are masked (see `vpt.vit`). Deep tasks' prompts enter as per-layer keys/values
-(`vpt.prompts.PromptKV`), shallow tasks' as tokens; a batch mixing both runs as two sub-batches.
+(`vpt.prompts.PromptKV`), shallow tasks' as tokens (`batch_features`).
 
 The scheduler calls `launch` from one engine thread and, on CUDA, `collect` from another. On CUDA
 `launch` only enqueues kernels (nothing in it waits for the device), so the engine thread can launch
@@ -79,40 +79,28 @@ class BankTables(Protocol):
     head_bias: torch.Tensor  # (S, Cmax)
 
 
-@dataclass(frozen=True)
-class Features:
-    """The backbone's two feature forwards, each `torch.compile`d or not: shallow prompts as tokens
-    (`VisionTransformer.forward_features`) and deep prompts as keys/values (`forward_features_kv`)."""
+def feature_forward(model: VisionTransformer, compile: bool) -> Callable[..., torch.Tensor]:
+    """The backbone's feature forward (`VisionTransformer.forward_features`), `torch.compile`d or not."""
+    # dynamic=True: batch size and prompt length vary from batch to batch.
+    return torch.compile(model.forward_features, dynamic=True) if compile else model.forward_features
 
-    tokens: Callable[..., torch.Tensor]
-    kv: Callable[..., torch.Tensor]
 
-    @classmethod
-    def of(cls, model: VisionTransformer, compile: bool) -> Features:
-        if not compile:
-            return cls(model.forward_features, model.forward_features_kv)
-        # dynamic=True: batch size and prompt length vary from batch to batch.
-        return cls(
-            torch.compile(model.forward_features, dynamic=True),
-            torch.compile(model.forward_features_kv, dynamic=True),
-        )
-
-    def warmup(self, model: VisionTransformer, bank: BankTables, batch_size: int) -> None:
-        """Both forwards once at this batch size (kernel selection, compile, allocator); the deep one
-        over one prompt slot of slot 0 (zeros, or a task: only read)."""
-        S = model.cfg.img_size
-        x = model.normalize(
-            torch.zeros(batch_size, 3, S, S, dtype=torch.uint8, device=model.pos_embed.device)
-        )
-        model.pool(self.tokens(x, None))
-        if bank.prompt_kv.shape[4]:
-            index = torch.zeros(batch_size, dtype=torch.long)
-            model.pool(self.kv(x, PromptKV.build(bank.prompt_kv, index, [1] * batch_size)))
+def warm_features(
+    model: VisionTransformer, features: Callable[..., torch.Tensor], bank: BankTables, batch_size: int
+) -> None:
+    """The plain forward and the deep one (prompts as keys/values, over one slot of slot 0: zeros or a
+    task, only read) once at this batch size: kernel selection, compile, allocator."""
+    S = model.cfg.img_size
+    x = model.normalize(torch.zeros(batch_size, 3, S, S, dtype=torch.uint8, device=model.pos_embed.device))
+    model.pool(features(x, None))
+    if bank.prompt_kv.shape[4]:
+        index = torch.zeros(batch_size, dtype=torch.long)
+        model.pool(features(x, None, kv=PromptKV.build(bank.prompt_kv, index, [1] * batch_size)))
 
 
 def forward(
     model: VisionTransformer,
-    features: Features,
+    features: Callable[..., torch.Tensor],
     bank: BankTables,
     images: torch.Tensor,
     batch: EngineBatch,
@@ -125,7 +113,7 @@ def forward(
     cuda = images.device.type == "cuda"
     x = model.normalize(images)  # (B, 3, H, W) in the model dtype
     index = torch.tensor(batch.slots, dtype=torch.long).to(images.device, non_blocking=cuda)
-    feats = _features(model, features, bank, x, batch, index, between_blocks, graphs)  # (B, D)
+    feats = batch_features(model, features, bank, x, batch, index, between_blocks, graphs)  # (B, D)
     if batch.output == "embed":
         return (feats.float(),)
     classes = [i.num_classes for i in batch.infos]
@@ -143,29 +131,33 @@ def forward(
     return scores, indices
 
 
-def _features(
+def batch_features(
     model: VisionTransformer,
-    features: Features,
+    features: Callable[..., torch.Tensor],
     bank: BankTables,
     x: torch.Tensor,
     batch: EngineBatch,
     index: torch.Tensor,
-    between_blocks: Callable[[], None] | None,
-    graphs: FeatureGraphs | None,
+    between_blocks: Callable[[], None] | None = None,
+    graphs: FeatureGraphs | None = None,
+    split: bool | None = None,
 ) -> torch.Tensor:
-    """(B, D) CLS features of normalised images `x`. Deep and shallow samples run as separate
-    sub-batches: a deep sample's sequence is CLS + patches, a shallow one's carries its prompt tokens
-    (measured against one padded forward for both: docs/benchmarks.md, "Deep prompts as keys/values")."""
+    """(B, D) CLS features of normalised images `x` (`index`: their slots on the device). A batch
+    mixing shallow and deep tasks runs as two sub-batches when that saves work (`split_modes`; `split`
+    overrides it, for benchmarks): there a deep sample's sequence is CLS + patches, a shallow one's
+    carries its prompt tokens."""
     deep = [i.deep for i in batch.infos]
     lengths = [i.prompt_length for i in batch.infos]
-    if all(deep) or not any(deep):
-        return _group(model, features, bank, x, batch.slots, index, lengths, deep[0], between_blocks, graphs)
+    if split is None:
+        split = split_modes(deep, lengths, x.device)
+    if not split or all(deep) or not any(deep):
+        return _features(model, features, bank, x, batch.slots, index, lengths, deep, between_blocks, graphs)
     cuda = x.device.type == "cuda"
     out = torch.empty(x.shape[0], model.cfg.embed_dim, dtype=x.dtype, device=x.device)
     for kind in (True, False):
         rows = [j for j, d in enumerate(deep) if d == kind]
         at = torch.tensor(rows, dtype=torch.long).to(x.device, non_blocking=cuda)
-        part = _group(
+        part = _features(
             model,
             features,
             bank,
@@ -173,7 +165,7 @@ def _features(
             [batch.slots[j] for j in rows],
             index.index_select(0, at),
             [lengths[j] for j in rows],
-            kind,
+            [kind] * len(rows),
             between_blocks,
             graphs,
         )
@@ -184,29 +176,44 @@ def _features(
     return out
 
 
-def _group(
+def split_modes(deep: list[bool], lengths: list[int], device: torch.device) -> bool:
+    """Run a batch mixing shallow and deep tasks as two sub-batches? In one forward every deep sample
+    carries the shallow samples' prompt positions (masked: they change no result, but are computed);
+    split, every op runs twice. Split when the positions saved, deep samples x the longest shallow
+    prompt, outweigh a second pass: on CPU from 64 (measured, docs/benchmarks.md "Deep prompts as
+    keys/values"); on CUDA, where a pass of a small batch costs its kernel launches, from 2,048."""
+    shallow = [n for n, d in zip(lengths, deep, strict=True) if not d]
+    if not shallow or len(shallow) == len(deep):
+        return False
+    saved = (len(deep) - len(shallow)) * max(shallow)
+    return saved >= SPLIT_MODES_SAVED[device.type == "cuda"]
+
+
+SPLIT_MODES_SAVED = {False: 64, True: 2048}  # prompt positions; by "on CUDA"
+
+
+def _features(
     model: VisionTransformer,
-    features: Features,
+    features: Callable[..., torch.Tensor],
     bank: BankTables,
     x: torch.Tensor,
     slots: list[int],
     index: torch.Tensor,
     lengths: list[int],
-    deep: bool,
+    deep: list[bool],
     between_blocks: Callable[[], None] | None,
     graphs: FeatureGraphs | None,
 ) -> torch.Tensor:
-    """(n, D) CLS features of a sub-batch whose samples are all deep or all shallow."""
+    """(n, D) CLS features: shallow samples' prompts as tokens, deep ones' as keys/values."""
     # A graph replay returns its output buffer: the caller reads it before a later replay.
     feats = graphs.run(x, slots, lengths, deep) if graphs is not None else None
     if feats is not None:
         return feats
-    if deep:
-        tokens = features.kv(x, PromptKV.build(bank.prompt_kv, index, lengths), between_blocks)
-    else:
-        prompts = PromptBatch.build(bank.prompts, index, lengths, [False] * len(lengths))
-        tokens = features.tokens(x, prompts, between_blocks)
-    return model.pool(tokens)
+    tokens = [0 if d else n for n, d in zip(lengths, deep, strict=True)]
+    kv = [n if d else 0 for n, d in zip(lengths, deep, strict=True)]
+    prompts = PromptBatch.build(bank.prompts, index, tokens, [False] * len(tokens)) if any(tokens) else None
+    keys = PromptKV.build(bank.prompt_kv, index, kv) if any(kv) else None
+    return model.pool(features(x, prompts, between_blocks, kv=keys))
 
 
 def _resolve(fut: Future[T], compute: Callable[[], T]) -> None:
@@ -280,7 +287,7 @@ class Engine:
             byte_budget=bank_bytes,
             shared=process is not None,
         )
-        self._features = Features.of(self.model, compile)
+        self._features = feature_forward(self.model, compile)
         self.compiled = compile
         # CUDA graphs for batches up to this size (captured in `warmup`; see server/engine/graphs.py).
         self.cuda_graph_max_batch = cuda_graph_max_batch
@@ -410,7 +417,7 @@ class Engine:
             batch_sizes = ()  # this process computes nothing
         with torch.inference_mode():
             for b in batch_sizes:
-                self._features.warmup(self.model, self.bank, b)
+                warm_features(self.model, self._features, self.bank, b)
         if self.device.type == "cuda" and self.cuda_graph_max_batch > 0:
             if self.compiled:
                 # Not worth a warning: graphs are on by default, and a compiled backbone runs without them.

@@ -393,7 +393,7 @@ def _child_main(
     faults: Faults,
 ) -> None:
     """The engine process: compute batches from `conn` until told to stop or the server is gone."""
-    from server.engine.engine import EngineBatch, Features, forward  # the child imports what it runs
+    from server.engine.engine import EngineBatch, feature_forward, forward, warm_features  # the child imports
 
     # Ctrl-C in a terminal and a SIGTERM to the process group reach this process too: the server
     # drains its requests first and then stops it (`close`), or it exits when the server's end closes.
@@ -404,7 +404,7 @@ def _child_main(
     model = weights.model()
     if cpus and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, cpus)
-    features = Features.of(model, compile)
+    features = feature_forward(model, compile)
     gc.collect()
     gc.freeze()  # long-lived objects: keep full collections from scanning them mid-batch
     stop = False
@@ -419,7 +419,7 @@ def _child_main(
         try:
             with torch.inference_mode():
                 if kind == _WARMUP:
-                    features.warmup(model, tables, n)
+                    warm_features(model, features, tables, n)
                 else:
                     if faults:
                         faults.check(n)

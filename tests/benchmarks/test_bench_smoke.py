@@ -121,8 +121,15 @@ def test_engine_benchmark_quick(tmp_path: Path) -> None:
     r = run_module("benchmarks.engine", "--quick", "--threads", "1", "--json", str(out), timeout=180)
     assert r.returncode == 0, r.stdout + r.stderr
     d = json.loads(out.read_text())
-    assert {row["mode"] for row in d["sweep"]} == {"none", "shallow", "deep"}
+    assert {row["mode"] for row in d["sweep"]} == {"none", "shallow", "deep", "tokens"}
     assert all(row["img_s"] > 0 for row in d["sweep"])
+    # Deep prompts as keys/values and as tokens (the engine before issue J) score the same, in the run.
+    tokens = [row for row in d["sweep"] if row["mode"] == "tokens"]
+    assert tokens and all(row["max_abs_score_diff_vs_deep"] < 1e-5 for row in tokens)
+    assert "faster; max |score diff|" in r.stdout
+    (m,) = d["modes"]  # shallow + deep in one batch (of 8; batch 1 has no mix): three ways, same features
+    assert m["batch"] == 8 and m["split_img_s"] > 0 and m["one_forward_img_s"] > 0 and m["tokens_img_s"] > 0
+    assert m["max_rel_diff"] < 1e-5 and m["engine"] in ("split", "one_forward")
     z = d["zipf"]
     assert z["mixed_img_s"] > 0 and z["per_task_img_s"] > 0 and z["per_task_batches"] == z["distinct_tasks"]
     assert z["max_abs_score_diff"] < 1e-4  # same requests, same scores, whichever way they were batched

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from server.engine.bank import BankFull, TaskKey, TaskTooLarge
-from server.engine.engine import Engine, EngineBatch, pick_device, pick_dtype
+from server.engine.engine import Engine, EngineBatch, pick_device, pick_dtype, split_modes
 from server.engine.process import ProcessConfig
 from tests.server.helpers import BACKBONE_SPEC, make_artifact
 from vpt.hub import load_backbone
@@ -94,7 +94,12 @@ EXACT_BATCHES = [
     [0, 5, 2, 6, 4, 7, 3, 1],  # mixed: two sub-batches
     [3],
     [6],
+    [0, 5, 2, 6, 4, 7, 3, 5, 1, 6, 0, 7, 2, 5, 3, 6],  # mixed, large: two sub-batches (split_modes)
 ]
+
+
+def modes(order: list[int]) -> tuple[list[bool], list[int]]:
+    return [EXACT[i][1] == "deep" for i in order], [EXACT[i][0] for i in order]
 
 
 @pytest.mark.parametrize("process", [False, True], ids=["in_process", "engine_process"])
@@ -102,7 +107,10 @@ def test_served_results_equal_the_reference_forward(backbone, process):
     """Issue J: deep tasks served as per-layer keys/values, shallow ones as tokens, in any mix — every
     sample's features and probabilities equal the token-path forward run on it alone, within 1e-5
     relative (fp32), in the server's process and in the engine process."""
-    kw = {"process": ProcessConfig(max_batch_size=8)} if process else {}
+    # Both ways of running a mixed batch are covered: one forward, and two sub-batches (the last).
+    cpu = torch.device("cpu")
+    assert not split_modes(*modes(EXACT_BATCHES[3]), cpu) and split_modes(*modes(EXACT_BATCHES[-1]), cpu)
+    kw = {"process": ProcessConfig(max_batch_size=16)} if process else {}
     engine = make_engine(load_backbone(BACKBONE_SPEC) if process else backbone, **kw)
     try:
         engine.warmup((1,))

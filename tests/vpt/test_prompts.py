@@ -207,7 +207,7 @@ def test_between_blocks_hook_runs_at_every_block_boundary_and_changes_nothing(ti
     assert torch.equal(plain, hooked)
 
 
-# --- deep prompts as keys/values (PromptKV, VisionTransformer.forward_features_kv) ----------------
+# --- deep prompts as keys/values (PromptKV: VisionTransformer.forward_features's `kv`) -------------
 
 
 def kv_table(model: VisionTransformer, tasks: list[torch.Tensor]) -> torch.Tensor:
@@ -260,13 +260,38 @@ def test_kv_path_equals_the_token_path_at_every_kept_position(vit, lengths):
     kv = PromptKV.build(table, torch.arange(4), lengths)
     assert kv.uniform == (len(set(lengths)) == 1)
     with torch.inference_mode():
-        got = vit.forward_features_kv(images, kv)  # (B, 1 + N, D)
+        got = vit.forward_features(images, None, kv=kv)  # (B, 1 + N, D)
         for b, p in enumerate(tasks):
             full = vit.forward_features(images[b : b + 1], PromptBatch.single_task(p, 1, deep=True))
             P = p.shape[1]
             kept = torch.cat([full[:, :1], full[:, 1 + P :]], dim=1)  # CLS + patches
             assert rel_err(got[b : b + 1], kept) <= TOL, (b, lengths)
             assert rel_err(got[b, :1], reference_features(vit, images[b : b + 1], p, deep=True)) <= TOL
+
+
+def test_one_forward_mixes_shallow_tokens_and_deep_keys_values(vit):
+    """Shallow samples' prompts as tokens and deep samples' as keys/values in one forward (each masked
+    where a sample has none): every sample's CLS feature is the official algorithm's on it alone."""
+    cfg = vit.cfg
+    g = torch.Generator().manual_seed(4)
+    D, L = cfg.embed_dim, cfg.depth
+    shallow = [torch.rand(1, n, D, generator=g) * 0.2 - 0.1 for n in (6, 2)]
+    deep = [torch.rand(L, n, D, generator=g) * 0.2 - 0.1 for n in (3, 7)]
+    tokens = torch.zeros(4, 1, 7, D)
+    tokens[0, :, :6], tokens[1, :, :2] = shallow
+    kv = kv_table(
+        vit, [shallow[0][:1].expand(L, -1, -1)[:, :0], shallow[1][:1].expand(L, -1, -1)[:, :0], *deep]
+    )
+    slots = torch.tensor([0, 2, 1, 3, 2, 0])
+    tok_len, kv_len = [6, 0, 2, 0, 0, 6], [0, 3, 0, 7, 3, 0]
+    images = torch.randn(len(slots), 3, 32, 32, generator=g)
+    prompts = PromptBatch.build(tokens, slots, tok_len, [False] * len(slots))
+    with torch.inference_mode():
+        got = vit.pool(vit.forward_features(images, prompts, kv=PromptKV.build(kv, slots, kv_len)))
+        for b, s in enumerate(slots.tolist()):
+            task, is_deep = (deep[s - 2], True) if s >= 2 else (shallow[s], False)
+            want = reference_features(vit, images[b : b + 1], task, is_deep)
+            assert rel_err(got[b : b + 1], want) <= TOL, b
 
 
 def test_kv_path_masks_only_ragged_batches(tiny_vit, images):
@@ -284,8 +309,8 @@ def test_kv_path_masks_only_ragged_batches(tiny_vit, images):
         return sdpa(*args, **kwargs)
 
     with mock.patch.object(F, "scaled_dot_product_attention", spy), torch.inference_mode():
-        tiny_vit.forward_features_kv(images, uniform)
-        tiny_vit.forward_features_kv(images, ragged)
+        tiny_vit.forward_features(images, kv=uniform)
+        tiny_vit.forward_features(images, kv=ragged)
     assert seen == [False] * L + [True] * L
 
 
@@ -299,7 +324,7 @@ def test_kv_path_in_bf16_follows_fp32(tiny_vit, images):
     half = copy.deepcopy(tiny_vit).to(torch.bfloat16)
     with torch.inference_mode():
         got = half.pool(
-            half.forward_features_kv(images.bfloat16(), PromptKV.build(kv_table(half, tasks), slots, lengths))
+            half.forward_features(images.bfloat16(), kv=PromptKV.build(kv_table(half, tasks), slots, lengths))
         )
         for b, s in enumerate(slots.tolist()):
             want = reference_features(tiny_vit, images[b : b + 1], tasks[s], deep=True)
@@ -313,9 +338,9 @@ def test_between_blocks_hook_on_the_kv_path(tiny_vit, images, P):
     kv = PromptKV.build(table, torch.zeros(images.shape[0], dtype=torch.long), [P] * images.shape[0])
     calls = []
     with torch.inference_mode():
-        plain = tiny_vit.forward_features_kv(images, kv)
-        hooked = tiny_vit.forward_features_kv(
-            images, kv, between_blocks=lambda: calls.append(tiny_vit.forward_features(images[:2]))
+        plain = tiny_vit.forward_features(images, kv=kv)
+        hooked = tiny_vit.forward_features(
+            images, kv=kv, between_blocks=lambda: calls.append(tiny_vit.forward_features(images[:2]))
         )
     assert len(calls) == L - 1 and torch.equal(plain, hooked)
 
