@@ -96,7 +96,7 @@ def measure_cold_load(
                     sync(engine.device)
                     t8 = time.perf_counter()
                     if kv is not None:
-                        bank.prompt_kv[slot, :, :, :, :P_].copy_(kv)
+                        bank.prompt_kv[slot, :, :P_].copy_(kv)
                     else:
                         bank.prompts[slot, :, :P_].copy_(prompts)
                     bank.head_weight[slot, :C_].copy_(loaded.head_weight)

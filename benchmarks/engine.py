@@ -300,6 +300,50 @@ def zipf_compare(
     }
 
 
+def deep_ratios(
+    engine: Engine,
+    backbone: Backbone,
+    tokens: TokenPath,
+    *,
+    tasks: int,
+    prompt_lengths: list[int],
+    classes: int,
+    batch_size: int,
+    images: torch.Tensor,
+    min_time: float,
+) -> list[dict[str, Any]]:
+    """Issue J's ratios at one batch size, interleaved: batches of deep tasks (uniform over `tasks` of
+    them per P) as keys/values and as tokens, and of prompt-free tasks, each run in turn for a short
+    slice until every one has `min_time`, so drift on a shared machine hits all alike (the sweep runs
+    one configuration after another, and a single slow point skews its ratios)."""
+    rng = random.Random(3)
+    common = {"n": tasks, "num_classes": classes}
+    plain = install_tasks(engine, backbone, prompt_length=0, mode="shallow", tag="ratio0", **common)  # type: ignore[arg-type]
+    runs: dict[tuple[str, int], tuple[Callable[[EngineBatch], EngineResult], EngineBatch]] = {
+        ("none", 0): (engine.run, mixed_batch(engine, plain, batch_size, images, rng))
+    }
+    for P in prompt_lengths:
+        slots = install_tasks(
+            engine, backbone, prompt_length=P, mode="deep", tag=f"ratio{P}", tokens=tokens, **common
+        )  # type: ignore[arg-type]
+        batch = mixed_batch(engine, slots, batch_size, images, rng)
+        runs[("deep", P)] = (engine.run, batch)
+        runs[("tokens", P)] = (tokens.run, batch)
+    times: dict[tuple[str, int], list[float]] = {k: [] for k in runs}
+    for run, batch in runs.values():
+        run(batch)  # warm
+    start = time.perf_counter()
+    while min(len(t) for t in times.values()) < 5 or time.perf_counter() - start < min_time * len(runs):
+        for k, (run, batch) in runs.items():
+            times[k] += timed_runs(lambda r=run, b=batch: r(b), min_time=0.05)  # type: ignore[misc]
+    base = median(times[("none", 0)])
+    return [
+        {"mode": mode, "P": P, "batch": batch_size, "img_s": batch_size / median(t), "vs_no_prompt": base / median(t),
+         "runs": len(t)}
+        for (mode, P), t in times.items()
+    ]  # fmt: skip
+
+
 def modes_compare(
     engine: Engine,
     backbone: Backbone,
@@ -424,7 +468,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--zipf-prompt-length", type=int, default=50)
     p.add_argument("--latency-sizes", help="batch sizes for the latency table; default 1,8")
     p.add_argument("--min-time", type=float, default=0.5, help="seconds per measured point (at least)")
-    p.add_argument("--skip", default="", help="comma list of sections to skip: sweep,modes,zipf,latency")
+    p.add_argument(
+        "--skip", default="", help="comma list of sections to skip: sweep,ratios,modes,zipf,latency"
+    )
     p.add_argument("--json", default="benchmarks/results/engine.json", help="where to write the results")
     p.add_argument("--quick", action="store_true", help="smoke sizes: seconds, not minutes")
     args = p.parse_args(argv)
@@ -461,7 +507,8 @@ def main(argv: list[str] | None = None) -> int:
         spec,
         device=device,
         dtype=dtype,
-        bank_slots=args.tasks,
+        # The ratios section keeps `tasks` resident per prompt length (and prompt-free) at once.
+        bank_slots=args.tasks * (1 + sum(1 for P in args.prompt_lengths if P > 0)),
         max_prompt_length=max_p,
         max_classes=args.classes,
         compile=args.compile,
@@ -535,6 +582,27 @@ def main(argv: list[str] | None = None) -> int:
                     f"{t['vs_no_prompt']:.2f}x as tokens ({r['img_s'] / t['img_s']:.2f}x faster; max |score "
                     f"diff| {t['max_abs_score_diff_vs_deep']:.1e})"
                 )
+
+    if "ratios" not in args.skip:
+        ratios = deep_ratios(
+            engine,
+            backbone,
+            token_path,
+            tasks=args.tasks,
+            prompt_lengths=[P for P in args.prompt_lengths if P > 0],
+            classes=args.classes,
+            batch_size=min(args.zipf_batch, max(args.batch_sizes)),  # CPU 64, GPU 256 by default
+            images=images,
+            min_time=max(args.min_time * 2, 0.1),
+        )
+        out["deep_ratios"] = ratios
+        print(
+            format_table(
+                ratios,
+                ["mode", "P", "batch", "img_s", "vs_no_prompt", "runs"],
+                "deep prompts vs no prompts, interleaved (issue J's targets): keys/values (deep) and tokens",
+            )
+        )
 
     if "modes" not in args.skip:
         modes = modes_compare(

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from vpt.config import ViTConfig
 
-# Keys and values (B, nh, T, hd) of a block's tokens → the keys and values its attention uses.
+# Keys and values (B, T, 2D) of a block's tokens → the keys and values its attention uses.
 Prefix = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
@@ -48,26 +48,28 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.embed_dim, cfg.embed_dim)
 
     def forward(self, x: Tensor, key_mask: Tensor | None = None, prefix: Prefix | None = None) -> Tensor:
-        """`prefix(k, v)`: the keys and values to attend over, given the tokens' own — P more before
-        them (the mask then covers P + T keys): how a VPT-deep task's prompts enter at inference
-        (`vpt.prompts.PromptKV.extend`)."""
+        """`prefix(kv)`: the keys and values to attend over (B, P + T, 2D), given the tokens' own
+        (B, T, 2D) — P more before them (the mask then covers P + T keys): how a VPT-deep task's
+        prompts enter at inference (`vpt.prompts.PromptKV.extend`)."""
         B, T, D = x.shape
-        qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each (B, nh, T, hd)
-        if prefix is not None:
-            k, v = prefix(k, v)  # each (B, nh, P + T, hd)
+        qkv = self.qkv(x)  # (B, T, 3D): per token q, k, v
+        if prefix is None:
+            q, k, v = qkv.reshape(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            kv = prefix(qkv[..., D:])  # (B, P + T, 2D): per token k, v
+            q = qkv[..., :D].unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+            k, v = kv.unflatten(-1, (2, self.num_heads, self.head_dim)).permute(2, 0, 3, 1, 4).unbind(0)
+        # q, k, v: (B, nh, T or P + T, hd)
         attn_mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, T)
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, nh, T, hd)
         return self.proj(x.transpose(1, 2).reshape(B, T, D))
 
     def kv(self, x: Tensor) -> Tensor:
-        """Keys and values only of tokens x (..., T, D) → (..., 2, nh, T, hd): `qkv` without its query
-        rows (timm's qkv weight stacks q, k, v along the output dimension)."""
+        """Keys and values only of tokens x (..., T, D) → (..., T, 2D), the layout of `qkv`'s output
+        without its query part (timm's qkv weight stacks q, k, v along the output dimension)."""
         D = x.shape[-1]
         bias = None if self.qkv.bias is None else self.qkv.bias[D:]
-        out = F.linear(x, self.qkv.weight[D:], bias)  # (..., T, 2D)
-        out = out.unflatten(-1, (2, self.num_heads, self.head_dim))  # (..., T, 2, nh, hd)
-        return out.movedim(-4, -2)  # (..., 2, nh, T, hd)
+        return F.linear(x, self.qkv.weight[D:], bias)
 
 
 class Mlp(nn.Module):

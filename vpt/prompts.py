@@ -117,7 +117,7 @@ class PromptKV:
     the full forward. Training keeps the token path (`PromptBatch`): it needs gradients through them.
     """
 
-    table: Tensor  # (S, L, 2, nh, P_t, hd) keys/values table; rows padded with zeros past P
+    table: Tensor  # (S, L, P_t, 2D) keys/values table, per position [k; v]; zeros past a task's P
     index: Tensor  # (B,) long, on table's device: the table row each sample uses
     lengths: Tensor  # (B,) long, on table's device: real prompt tokens of each sample (<= P_t)
     max_len: int  # host copy of lengths.max(): the batch's padded prompt length
@@ -126,22 +126,21 @@ class PromptKV:
     @classmethod
     def build(cls, table: Tensor, index: Tensor, lengths: Tensor | list[int]) -> PromptKV:
         """Build from host lists or tensors (one sync if `lengths` is on a GPU)."""
-        rows = _Rows.of(table.device, table.shape[4], index, lengths)
+        rows = _Rows.of(table.device, table.shape[2], index, lengths)
         return cls(table, rows.index, rows.lengths, rows.max_len, rows.uniform)
 
-    def extend(self, i: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Layer i's keys and values for every sample: its task's prompt keys/values first, then the
-        tokens' own `k`, `v` (B, nh, T, hd) → each (B, nh, max_len + T, hd).
+    def extend(self, i: int, kv: Tensor) -> Tensor:
+        """Layer i's keys and values for every sample: its task's prompt keys/values, then the tokens'
+        own `kv` (B, T, 2D) → (B, max_len + T, 2D).
 
-        Gathered straight into one buffer (index_select's `out`): gathering and then concatenating
-        copied the prompts twice, 13 % of the whole forward on CPU (vit_test_tiny, B=64, P=50)."""
+        Gathered straight into one buffer (index_select's `out`), token-major like `qkv`'s output, so
+        every copy moves whole rows: a gather then a concatenation in (B, nh, T, hd) layout copied the
+        prompts twice through strided views, 13 % of the forward on CPU (vit_test_tiny, B=64, P=50)."""
         P = self.max_len
-        B, H, T, hd = k.shape
-        kv = k.new_empty(2, B, H, P + T, hd)
-        torch.index_select(self.table[:, i, :, :, :P].transpose(0, 1), 1, self.index, out=kv[:, :, :, :P])
-        kv[0, :, :, P:] = k
-        kv[1, :, :, P:] = v
-        return kv[0], kv[1]
+        out = kv.new_empty(kv.shape[0], P + kv.shape[1], kv.shape[2])
+        torch.index_select(self.table[:, i, :P], 0, self.index, out=out[:, :P])
+        out[:, P:] = kv
+        return out
 
 
 @dataclass

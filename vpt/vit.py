@@ -102,8 +102,8 @@ class VisionTransformer(nn.Module):
         return self.norm(x)
 
     def prompt_kv(self, prompts: Tensor) -> Tensor:
-        """A VPT-deep task's prompts (L, P, D) → the keys and values they give each layer,
-        (L, 2, nh, P, hd): layer i's are `qkv_i(LN1_i(prompts[i]))` without the query rows — all the
+        """A VPT-deep task's prompts (L, P, D) → the keys and values they give each layer, (L, P, 2D):
+        layer i's are `qkv_i(LN1_i(prompts[i]))` without the query part — all the
         image tokens ever see of deep prompts (`PromptKV`). Made once per task, in the model's dtype."""
         if prompts.shape[0] != len(self.blocks):
             raise ValueError(f"deep prompts need {len(self.blocks)} layers, not {prompts.shape[0]}")

@@ -90,7 +90,6 @@ class PromptBank:
         *,
         depth: int,
         embed_dim: int,
-        num_heads: int,
         prompt_kv: Callable[[torch.Tensor], torch.Tensor],
         max_slots: int,
         max_prompt_length: int,
@@ -100,7 +99,7 @@ class PromptBank:
         byte_budget: int | None = None,
         shared: bool = False,
     ) -> None:
-        """`prompt_kv`: a deep task's prompts (L, P, D) → their keys/values (L, 2, nh, P, D/nh), on the
+        """`prompt_kv`: a deep task's prompts (L, P, D) → their keys/values (L, P, 2D), on the
         bank's device (`VisionTransformer.prompt_kv`). `shared`: the tables live in shared memory (CPU),
         for an engine process to read."""
         elem = torch.empty((), dtype=dtype).element_size()
@@ -112,10 +111,10 @@ class PromptBank:
         self.max_prompt_length, self.max_classes = max_prompt_length, max_classes
         self.device, self.dtype, self.elem_size = device, dtype, elem
         self.slot_bytes = slot_bytes
-        S, L, P, C, D, H = capacity, depth, max_prompt_length, max_classes, embed_dim, num_heads
+        S, L, P, C, D = capacity, depth, max_prompt_length, max_classes, embed_dim
         self.prompt_kv_of = prompt_kv
         self.prompts = _zeros((S, 1, P, D), dtype, device, shared)  # (S, 1, Pmax, D): shallow tasks'
-        self.prompt_kv = _zeros((S, L, 2, H, P, D // H), dtype, device, shared)  # deep tasks' keys/values
+        self.prompt_kv = _zeros((S, L, P, 2 * D), dtype, device, shared)  # deep tasks' keys/values
         self.head_weight = _zeros((S, C, D), dtype, device, shared)  # (S, Cmax, D)
         self.head_bias = _zeros((S, C), dtype, device, shared)  # (S, Cmax)
         self._lock = threading.Lock()
@@ -315,7 +314,7 @@ class PromptBank:
         if old_s > P_s:
             self.prompts[slot, :, P_s:old_s].zero_()
         if old_d > P_d:
-            self.prompt_kv[slot, :, :, :, P_d:old_d].zero_()
+            self.prompt_kv[slot, :, P_d:old_d].zero_()
         if old_C > C:
             self.head_weight[slot, C:old_C].zero_()
             self.head_bias[slot, C:old_C].zero_()
@@ -328,7 +327,7 @@ class PromptBank:
             written = P * self.embed_dim
         elif P_d:
             prompts = a.prompts.to(self.device, non_blocking=cuda)
-            self.prompt_kv[slot, :, :, :, :P].copy_(self.prompt_kv_of(prompts))
+            self.prompt_kv[slot, :, :P].copy_(self.prompt_kv_of(prompts))
             written = 2 * self.depth * P * self.embed_dim
         self.head_weight[slot, :C].copy_(a.head_weight, non_blocking=cuda)
         self.head_bias[slot, :C].copy_(a.head_bias, non_blocking=cuda)

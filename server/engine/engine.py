@@ -74,7 +74,7 @@ class BankTables(Protocol):
     the engine process)."""
 
     prompts: torch.Tensor  # (S, 1, Pmax, D) shallow tasks' prompt tokens
-    prompt_kv: torch.Tensor  # (S, L, 2, nh, Pmax, hd) deep tasks' prompt keys/values
+    prompt_kv: torch.Tensor  # (S, L, Pmax, 2D) deep tasks' prompt keys/values
     head_weight: torch.Tensor  # (S, Cmax, D)
     head_bias: torch.Tensor  # (S, Cmax)
 
@@ -93,7 +93,7 @@ def warm_features(
     S = model.cfg.img_size
     x = model.normalize(torch.zeros(batch_size, 3, S, S, dtype=torch.uint8, device=model.pos_embed.device))
     model.pool(features(x, None))
-    if bank.prompt_kv.shape[4]:
+    if bank.prompt_kv.shape[2]:
         index = torch.zeros(batch_size, dtype=torch.long)
         model.pool(features(x, None, kv=PromptKV.build(bank.prompt_kv, index, [1] * batch_size)))
 
@@ -277,7 +277,6 @@ class Engine:
         self.bank = PromptBank(
             depth=self.cfg.depth,
             embed_dim=self.cfg.embed_dim,
-            num_heads=self.cfg.num_heads,
             prompt_kv=self.model.prompt_kv,
             max_slots=bank_slots,
             max_prompt_length=max_prompt_length,

@@ -127,6 +127,10 @@ def test_engine_benchmark_quick(tmp_path: Path) -> None:
     tokens = [row for row in d["sweep"] if row["mode"] == "tokens"]
     assert tokens and all(row["max_abs_score_diff_vs_deep"] < 1e-5 for row in tokens)
     assert "faster; max |score diff|" in r.stdout
+    ratios = {(r["mode"], r["P"]): r for r in d["deep_ratios"]}  # interleaved, at one batch size
+    assert (
+        set(ratios) == {("none", 0), ("deep", 4), ("tokens", 4)} and ratios[("none", 0)]["vs_no_prompt"] == 1
+    )
     (m,) = d["modes"]  # shallow + deep in one batch (of 8; batch 1 has no mix): three ways, same features
     assert m["batch"] == 8 and m["split_img_s"] > 0 and m["one_forward_img_s"] > 0 and m["tokens_img_s"] > 0
     assert m["max_rel_diff"] < 1e-5 and m["engine"] in ("split", "one_forward")

@@ -225,7 +225,7 @@ def test_slot_reuse_leaves_exactly_the_new_task_and_zeros(backbone):
             tokens[:, :P] = art.prompts
         elif P:
             with torch.no_grad():
-                kv[..., :P, :] = backbone.model.prompt_kv(art.prompts)
+                kv[:, :P] = backbone.model.prompt_kv(art.prompts)
         assert torch.equal(bank.prompts[0], tokens) and torch.equal(bank.prompt_kv[0], kv), i
         w, b = torch.zeros_like(bank.head_weight[0]), torch.zeros_like(bank.head_bias[0])
         w[:C], b[:C] = art.head_weight, art.head_bias

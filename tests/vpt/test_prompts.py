@@ -211,13 +211,13 @@ def test_between_blocks_hook_runs_at_every_block_boundary_and_changes_nothing(ti
 
 
 def kv_table(model: VisionTransformer, tasks: list[torch.Tensor]) -> torch.Tensor:
-    """Deep tasks' prompts (L, P_s, D) → a keys/values table (S, L, 2, nh, Pmax, hd), zero-padded."""
+    """Deep tasks' prompts (L, P_s, D) → a keys/values table (S, L, Pmax, 2D), zero-padded."""
     cfg = model.cfg
     P = max(p.shape[1] for p in tasks)
-    table = torch.zeros(len(tasks), cfg.depth, 2, cfg.num_heads, P, cfg.head_dim, dtype=model.pos_embed.dtype)
+    table = torch.zeros(len(tasks), cfg.depth, P, 2 * cfg.embed_dim, dtype=model.pos_embed.dtype)
     with torch.no_grad():
         for s, p in enumerate(tasks):
-            table[s, ..., : p.shape[1], :] = model.prompt_kv(p)
+            table[s, :, : p.shape[1]] = model.prompt_kv(p)
     return table
 
 
@@ -232,15 +232,16 @@ def vit(request) -> VisionTransformer:
 
 def test_prompt_kv_are_each_layers_keys_and_values(vit):
     """Layer i's entry is what its qkv projection gives LN1_i(prompts[i]) at the key and value rows, in
-    SDPA's (heads, tokens, head_dim) layout."""
+    layout of qkv's output (per token: keys, then values)."""
     cfg = vit.cfg
     prompts = torch.randn(cfg.depth, 5, cfg.embed_dim, generator=torch.Generator().manual_seed(0))
     kv = vit.prompt_kv(prompts)
-    assert kv.shape == (cfg.depth, 2, cfg.num_heads, 5, cfg.head_dim)
+    assert kv.shape == (cfg.depth, 5, 2 * cfg.embed_dim)
+    D = cfg.embed_dim
     for i, blk in enumerate(vit.blocks):
-        qkv = blk.attn.qkv(blk.norm1(prompts[i])).reshape(5, 3, cfg.num_heads, cfg.head_dim)
-        assert rel_err(kv[i, 0], qkv[:, 1].transpose(0, 1)) <= TOL  # keys
-        assert rel_err(kv[i, 1], qkv[:, 2].transpose(0, 1)) <= TOL  # values
+        qkv = blk.attn.qkv(blk.norm1(prompts[i]))  # (5, 3D): q, k, v per token
+        assert rel_err(kv[i, :, :D], qkv[:, D : 2 * D]) <= TOL  # keys
+        assert rel_err(kv[i, :, D:], qkv[:, 2 * D :]) <= TOL  # values
     with pytest.raises(ValueError, match="layers"):
         vit.prompt_kv(prompts[:1])
 
@@ -253,9 +254,7 @@ def test_kv_path_equals_the_token_path_at_every_kept_position(vit, lengths):
     cfg = vit.cfg
     g = torch.Generator().manual_seed(len(set(lengths)))
     tasks = [torch.rand(cfg.depth, n, cfg.embed_dim, generator=g) * 0.2 - 0.1 for n in lengths]
-    table = (
-        kv_table(vit, tasks) if max(lengths) else torch.zeros(4, cfg.depth, 2, cfg.num_heads, 1, cfg.head_dim)
-    )
+    table = kv_table(vit, tasks) if max(lengths) else torch.zeros(4, cfg.depth, 1, 2 * cfg.embed_dim)
     images = torch.randn(4, 3, 32, 32, generator=g)
     kv = PromptKV.build(table, torch.arange(4), lengths)
     assert kv.uniform == (len(set(lengths)) == 1)
@@ -346,6 +345,6 @@ def test_between_blocks_hook_on_the_kv_path(tiny_vit, images, P):
 
 
 def test_kv_prompt_length_over_table_is_refused(tiny_vit):
-    table = torch.zeros(1, tiny_vit.cfg.depth, 2, tiny_vit.cfg.num_heads, 3, tiny_vit.cfg.head_dim)
+    table = torch.zeros(1, tiny_vit.cfg.depth, 3, 2 * tiny_vit.cfg.embed_dim)
     with pytest.raises(ValueError, match="exceeds"):
         PromptKV.build(table, torch.tensor([0]), [4])
