@@ -53,16 +53,8 @@ from benchmarks.common import (
 )
 from prompt_store.artifact import TaskArtifact
 from server.engine.bank import TaskKey
-from server.engine.engine import (
-    Engine,
-    EngineBatch,
-    EngineResult,
-    batch_features,
-    forward,
-    pick_device,
-    pick_dtype,
-    split_modes,
-)
+from server.engine.batch import EngineBatch, EngineResult, batch_features, forward, split_modes
+from server.engine.engine import Engine, pick_device, pick_dtype
 from vpt.hub import Backbone, load_backbone
 from vpt.prompts import PromptBatch, PromptKV
 

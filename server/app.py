@@ -47,11 +47,9 @@ def create_app(settings: Settings, *, store: PromptStore | None = None) -> FastA
                 app.state.startup_error = e  # `vpt-serve` explains the ones it knows without a traceback
                 raise
             app.state.services = services
-            if services.engine.process is not None:
-                # `vpt-serve` sets this hook: a server whose engine process died exits (status 1) for
-                # its supervisor to restart it. Embedded apps (tests) keep serving 503s and failing
-                # /healthz.
-                services.engine.process.on_death = getattr(app.state, "on_engine_death", None)
+            # `vpt-serve` sets this hook: a server whose engine process died exits (status 1) for its
+            # supervisor to restart it. Embedded apps (tests) keep serving 503s and failing /healthz.
+            services.engine.on_death(getattr(app.state, "on_engine_death", None))
             if services.tenants is not None:
                 _reload_on_sighup(services.tenants)
             try:

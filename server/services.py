@@ -119,15 +119,16 @@ class Services:
                 cpus=engine_cpus,
                 lanes=settings.effective_pipeline_depth(device.type) + 1,  # + an overtaker
             )
-            engine = make_engine(process=None if in_process else process)
+            # In this process, the engine thread keeps to `engine_cpus`; an engine process pins itself.
+            engine = make_engine(engine_cpus=engine_cpus) if in_process else make_engine(process=process)
         except EngineStartError as e:  # too little shared memory: serve anyway, slower under load
             log.warning("%s. Computing in the server process instead.", e)
             torch.set_num_threads(threads)
-            engine = make_engine()
+            engine = make_engine(engine_cpus=engine_cpus)
         with contextlib.ExitStack() as undo:  # undone if start-up fails from here on
             undo.callback(engine.close)
             affinity_before = None
-            if engine.process is not None and engine_cpus:
+            if engine.in_child_process and engine_cpus:
                 # The engine process has its cores; this one (HTTP, decoding) keeps off them.
                 affinity_before = frozenset(os.sched_getaffinity(0))
                 pin_process(affinity_before - engine_cpus)
@@ -154,7 +155,6 @@ class Services:
                     pipeline_depth=settings.effective_pipeline_depth(device.type),
                     version_ttl_s=settings.version_ttl_s,
                     preempt=settings.effective_preempt(device.type),
-                    engine_cpus=engine_cpus if engine.process is None else frozenset(),
                 ),
                 hooks=metrics,
             )

@@ -15,7 +15,7 @@ from server.api.bodies import read_images
 from server.api.common import ERRORS, unless_disconnected
 from server.api.deps import Principal, PrincipalDep, ServicesDep, TaskId
 from server.api.schemas import ClassifyJSON, ClassifyResponse, EmbedResponse, Prediction, Timings
-from server.engine.engine import Output
+from server.engine.batch import Output
 from server.errors import InvalidRequest
 from server.scheduler.scheduler import DEFAULT_TOP_K
 from server.scheduler.types import Result

@@ -55,7 +55,7 @@ def task_out(services: Services, info: TaskInfo, *, usage: bool = True) -> TaskO
             VersionOut(version=v.version, sha256=v.sha256, size=v.size, created=v.created)
             for v in info.versions
         ],
-        resident_versions=services.engine.bank.resident_versions(info.tenant, info.task_id),
+        resident_versions=services.scheduler.resident_versions(info.tenant, info.task_id),
         usage=TaskUsage(**vars(services.task_stats.get(info.tenant, info.task_id))) if usage else None,
     )
 
@@ -83,7 +83,7 @@ async def upload(
     # uploads, other processes and replicas cannot take the tenant past its limit.
     max_tasks = quotas.max_tasks if quotas is not None else None
     existed, info = await services.uploads.put(tenant, task_id, data, max_tasks=max_tasks)
-    services.scheduler.residency.set_current(tenant, task_id, info.current.version)
+    services.scheduler.task_changed(tenant, task_id, info.current.version)
     response.status_code = 200 if existed else 201
     return task_out(services, info)
 
@@ -117,7 +117,7 @@ async def get_task(task_id: TaskId, services: ServicesDep, principal: PrincipalD
 @router.delete("/{task_id}", status_code=204, responses=ERRORS, summary="Delete a task and all its versions")
 async def delete_task(task_id: TaskId, services: ServicesDep, principal: PrincipalDep) -> Response:
     await asyncio.to_thread(services.store.delete, principal.tenant, task_id)
-    services.scheduler.residency.forget(principal.tenant, task_id)
+    services.scheduler.task_deleted(principal.tenant, task_id)
     services.task_stats.forget(principal.tenant, task_id)
     return Response(status_code=204)
 
@@ -151,5 +151,5 @@ async def rollback(
         return store.info(tenant, task_id)
 
     info = await asyncio.to_thread(do)
-    services.scheduler.residency.set_current(tenant, task_id, info.current.version)
+    services.scheduler.task_changed(tenant, task_id, info.current.version)
     return task_out(services, info)

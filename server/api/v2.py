@@ -37,7 +37,7 @@ from server.api.v2_tensors import (
     parse_request,
     show,
 )
-from server.engine.engine import Output
+from server.engine.batch import Output
 from server.errors import InvalidImage, InvalidRequest, TaskNotFound, Unavailable
 from server.scheduler.scheduler import DEFAULT_TOP_K
 from server.scheduler.types import Result

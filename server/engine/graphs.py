@@ -32,7 +32,7 @@ from vpt.prompts import PromptBatch, PromptKV
 from vpt.vit import VisionTransformer
 
 if TYPE_CHECKING:
-    from server.engine.engine import BankTables
+    from server.engine.batch import BankTables
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ class FeatureGraphs:
 
         The result is the bucket's output buffer: enqueue every read of it on this stream before the
         next `run` of *any* bucket (they share one memory pool, so another bucket's replay may reuse
-        its memory), as `Engine.launch` does."""
+        its memory), as `CudaExecutor` does."""
         n = x.shape[0]
         key = self.fits(n, max(lengths, default=0))
         if key is None:

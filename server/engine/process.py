@@ -18,7 +18,7 @@ What crosses, and how (no pickle after start-up):
   engine, writes the outputs into the lane and answers with a `struct` message. A reader thread in
   the server resolves each batch's Future.
 - Preemption: between two blocks of a preemptible batch the child runs any batch already waiting in
-  its pipe (`Engine.overtake` sends one), as the in-process engine runs its inbox.
+  its pipe (`Engine.preempt` sends one), as the in-process executor runs its inbox.
 
 Installs stay safe without a lock: a slot is only written while no batch refers to it (refs 0) and
 becomes visible to the scheduler only afterwards (`PromptBank`).
@@ -52,7 +52,7 @@ from server.engine.faults import Faults
 
 if TYPE_CHECKING:
     from server.engine.bank import PromptBank
-    from server.engine.engine import EngineBatch
+    from server.engine.batch import EngineBatch
     from vpt.config import ViTConfig
     from vpt.vit import VisionTransformer
 
@@ -393,7 +393,7 @@ def _child_main(
     faults: Faults,
 ) -> None:
     """The engine process: compute batches from `conn` until told to stop or the server is gone."""
-    from server.engine.engine import EngineBatch, feature_forward, forward, warm_features  # the child imports
+    from server.engine.batch import EngineBatch, feature_forward, forward, warm_features  # the child imports
 
     # Ctrl-C in a terminal and a SIGTERM to the process group reach this process too: the server
     # drains its requests first and then stops it (`close`), or it exits when the server's end closes.

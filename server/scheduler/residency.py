@@ -2,7 +2,7 @@
 
 A request is dispatched only once its task's current version sits in a bank slot. Resolving the
 version and loading a cold task (store → host → validate → device) run off the event loop — store I/O in
-a loader pool, the device copy in the engine thread between batches — so a cold task never stalls
+a loader pool, the copy into the bank on the engine's own thread between batches — so a cold task never stalls
 batches of other tasks: its requests simply wait in the queue while others are dispatched.
 
 Replicas sharing one store notice new versions by re-reading the task's current version at most every
@@ -83,14 +83,13 @@ class Residency:
         store: PromptStore,
         *,
         loader: Executor,
-        engine_executor: Executor,
         on_change: Callable[[], None],
         on_failed: Callable[[Task, ServingError], None],
         version_ttl_s: float = 2.0,
         observe_load: Callable[[float], None] | None = None,
     ) -> None:
         self.engine, self.store = engine, store
-        self._loader, self._engine_ex = loader, engine_executor
+        self._loader = loader
         self._on_change = on_change
         self._on_failed = on_failed  # fails the requests queued for a task
         self._ttl = version_ttl_s
@@ -196,7 +195,7 @@ class Residency:
             give_up = time.monotonic() + BANK_FULL_WAIT_S
             while True:
                 try:
-                    await loop.run_in_executor(self._engine_ex, self.engine.install, key, artifact)
+                    await asyncio.wrap_future(self.engine.submit_install(key, artifact))
                     break
                 except BankFull as e:
                     # Every slot is busy with in-flight work: try again once some of it completes.

@@ -10,8 +10,11 @@
   prompts and head). `per_task` mode restricts a batch to one task — the baseline the benchmarks compare.
 - Before a request joins a batch its task's current version is resident (`Residency`); the request is
   bound to that slot, so it runs wholly on one version and the slot cannot be evicted under it.
-- Up to `pipeline_depth` batches are in flight: on CUDA the engine thread launches batch k+1 while a
-  collector thread waits for batch k, overlapping host preparation with device compute.
+- Up to `pipeline_depth` batches are in flight: on CUDA the engine launches batch k+1 while batch k
+  computes, overlapping host preparation with device compute.
+- The engine is one interface (`Engine.submit` / `Engine.preempt`, each a Future of the batch's
+  result); which executor runs the batches — an engine thread, an engine process, a CUDA device — is
+  the engine's business, chosen when it starts.
 - Preemption on CPU: a forward pass occupies the only engine thread, so a light tenant's request that
   arrives just after a heavy tenant's full batch started would wait for all of it. With `preempt`, a
   request that fair queuing ranks at or before the running batch (it arrived later, from a less-served
@@ -34,12 +37,12 @@ from typing import Any, Literal
 import torch
 
 from prompt_store.base import PromptStore
-from server.engine.engine import Engine, EngineBatch, EngineResult, Output
+from server.engine.batch import EngineBatch, EngineResult, Output
+from server.engine.engine import Engine
 from server.errors import DeadlineExceeded, InvalidRequest, Overloaded, ServingError, Unavailable
 from server.scheduler.fair import FairQueues
 from server.scheduler.residency import Ready, Residency
 from server.scheduler.types import Prediction, Request, Result
-from server.threads import pin_thread
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +59,6 @@ class SchedulerConfig:
     loader_threads: int = 4  # store reads + artifact validation
     version_ttl_s: float = 2.0  # how stale a task's current-version view may get (replicas)
     preempt: bool = False  # CPU: later requests of less-served tenants may run between blocks
-    engine_cpus: frozenset[int] = frozenset()  # pin the engine thread to these CPUs (empty: no pinning)
 
 
 @dataclass
@@ -64,8 +66,8 @@ class _Planned:
     requests: list[tuple[Request, int]]  # (request, slot)
     batch: EngineBatch
     tag: float  # fair-queuing start tag of its last request: later arrivals ranked <= it may overtake
-    # Set when handed to the engine thread to run between two blocks of the running batch (it
-    # resolves with that run's result); None: the batch runs on its own.
+    # Set when handed to the engine to run between two blocks of the running batch (`Engine.preempt`;
+    # it resolves with that run's result); None: the batch runs on its own.
     handed_over: Future[EngineResult] | None = None
 
 
@@ -78,24 +80,6 @@ class SchedulerHooks:
     def rejected(self, reason: str) -> None: ...
 
 
-def batch_images(parts: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """Requests' uint8 image tensors → one batch: in pinned host memory for a CUDA engine (its launch
-    copies it without blocking), or on the device when GPU decoding already put some parts there."""
-    if len({t.device for t in parts}) > 1:
-        # With VPT_GPU_DECODE some requests' images arrive on the device, others (not JPEG) on the
-        # host: torch.cat needs one device. Pinned, non-blocking: a pageable copy would block this
-        # event loop until the engine's queued batches finish.
-        pin = device.type == "cuda"
-        parts = [
-            (t.pin_memory() if pin and t.device.type == "cpu" else t).to(device, non_blocking=True)
-            for t in parts
-        ]
-    images = torch.cat(parts) if len(parts) > 1 else parts[0]
-    if device.type == "cuda" and images.device.type == "cpu":
-        images = images.pin_memory()
-    return images
-
-
 class Scheduler:
     def __init__(
         self,
@@ -106,16 +90,11 @@ class Scheduler:
     ) -> None:
         self.engine, self.config = engine, config
         self.hooks = hooks or SchedulerHooks()
-        self._engine_ex = ThreadPoolExecutor(
-            1, thread_name_prefix="vpt-engine", initializer=pin_thread, initargs=(config.engine_cpus,)
-        )
-        self._collect_ex = ThreadPoolExecutor(1, thread_name_prefix="vpt-collect")
         self._loader_ex = ThreadPoolExecutor(config.loader_threads, thread_name_prefix="vpt-loader")
         self.residency = Residency(
             engine,
             store,
             loader=self._loader_ex,
-            engine_executor=self._engine_ex,
             on_change=self._wake,
             on_failed=self._fail_task,
             version_ttl_s=config.version_ttl_s,
@@ -129,7 +108,7 @@ class Scheduler:
         self._loop_task: asyncio.Task[None] | None = None
         self._batches: set[asyncio.Task[None]] = set()
         self._running_tag: float | None = None  # start tag of the preemptible CPU batch computing now
-        self._overtaking = False  # a batch handed over to overtake it has not finished yet
+        self._preempting = False  # a batch handed to `Engine.preempt` has not finished yet
         self._accepting = False
         self._closing = False
         self.batches_run = 0
@@ -184,6 +163,21 @@ class Scheduler:
                 fut.cancel()  # frees its place; _take skips cancelled requests
             self._wake()
 
+    # --- task changes (routes): what the scheduler's residency and the engine's bank must know -----
+
+    def task_changed(self, tenant: str, task_id: str, version: int) -> None:
+        """A task's current version changed through this server (upload, replace, rollback): requests
+        from now on run on `version`."""
+        self.residency.set_current(tenant, task_id, version)
+
+    def task_deleted(self, tenant: str, task_id: str) -> None:
+        """A task was deleted: its resident versions free once drained; new requests find it gone."""
+        self.residency.forget(tenant, task_id)
+
+    def resident_versions(self, tenant: str, task_id: str) -> list[int]:
+        """The task's versions in the engine's bank now."""
+        return self.engine.bank.resident_versions(tenant, task_id)
+
     @contextlib.contextmanager
     def admit(self, tenant: str, n: int, tenant_max_queued: int | None) -> Iterator[None]:
         """Hold room for `n` images while the caller decodes them, so a request the queue bounds
@@ -231,8 +225,7 @@ class Scheduler:
             self._fq.remove(r)
             if not r.done:
                 r.future.set_exception(Unavailable("server is shutting down"))
-        for ex in (self._engine_ex, self._collect_ex, self._loader_ex):
-            ex.shutdown(wait=True, cancel_futures=True)
+        self._loader_ex.shutdown(wait=True, cancel_futures=True)
 
     # --- queues -------------------------------------------------------------------------------------
 
@@ -258,7 +251,7 @@ class Scheduler:
             try:
                 if self._in_flight < self.config.pipeline_depth and await self._step():
                     continue
-                self._hand_over_overtakers()
+                self._preempt_running_batch()
             except Exception:
                 # A bug here must not stop serving: log it and keep scheduling.
                 log.exception("scheduler step failed")
@@ -330,7 +323,7 @@ class Scheduler:
             infos += [info] * req.n
             slots += [slot] * req.n
             imgs.append(req.images)
-        images = batch_images(imgs, self.engine.device)
+        images = self.engine.stage(imgs)
         top_k = max(r.top_k for r, _ in taken)
         return EngineBatch(images, slots, infos, taken[0][0].output, top_k)
 
@@ -413,7 +406,7 @@ class Scheduler:
             self._finish(planned, None)
         finally:
             if planned.handed_over is not None:
-                self._overtaking = False
+                self._preempting = False
 
     def _finish(self, planned: _Planned, error: Exception | None) -> None:
         """A started batch is over: fail what it did not answer (on error), release its slots."""
@@ -437,26 +430,20 @@ class Scheduler:
         tag: float,
         handed_over: Future[EngineResult] | None = None,
     ) -> None:
-        loop = asyncio.get_running_loop()
         try:
-            if handed_over is not None:  # the engine thread runs it between two blocks
+            if handed_over is not None:  # the engine runs it between two blocks of the running batch
                 result = await asyncio.wrap_future(handed_over)
-            elif self.engine.device.type == "cuda":
-                pending = await loop.run_in_executor(self._engine_ex, self.engine.launch, batch)
-                result = await loop.run_in_executor(self._collect_ex, self.engine.collect, pending)
             elif self.config.preempt:
                 result = await self._run_preemptible(batch, tag)
-            elif self.engine.process is not None:  # sent from here: no engine-thread hop either way
+            else:
                 result = await asyncio.wrap_future(self.engine.submit(batch))
-            else:  # CPU computes inside run: one thread hop instead of two
-                result = await loop.run_in_executor(self._engine_ex, self.engine.run, batch)
         except torch.OutOfMemoryError:
             if len(part) == 1:
                 raise
-            # Out of device memory: retry the two halves one after the other.
+            # Out of device memory (the engine gave its cached blocks back): retry the two halves one
+            # after the other.
             log.warning("out of memory on a batch of %d images; splitting it", batch.images.shape[0])
             self.hooks.rejected("oom_split")
-            await loop.run_in_executor(self._engine_ex, self.engine.release_cached_memory)
             half = len(part) // 2
             for sub in (part[:half], part[half:]):
                 await self._compute(sub, self._engine_batch(sub), tag)
@@ -465,35 +452,30 @@ class Scheduler:
 
     async def _run_preemptible(self, batch: EngineBatch, tag: float) -> EngineResult:
         """CPU: run a batch that the requests ranked at or before `tag` may overtake (see module doc)."""
-        loop = asyncio.get_running_loop()
         self._running_tag = tag
         self._wake()  # requests already waiting may overtake it
         try:
-            if self.engine.process is not None:
-                return await asyncio.wrap_future(self.engine.submit(batch, preemptible=True))
-            return await loop.run_in_executor(self._engine_ex, self.engine.run, batch, True)
+            return await asyncio.wrap_future(self.engine.submit(batch, preemptible=True))
         finally:
             self._running_tag = None
-            if self._overtaking:  # may have been handed over after the batch's last boundary
-                self._engine_ex.submit(self.engine.serve_overtakers)
 
-    def _hand_over_overtakers(self) -> None:
+    def _preempt_running_batch(self) -> None:
         """While a preemptible batch runs: plan the requests that may overtake it and hand them to
-        the engine (`Engine.overtake`), which runs them at the batch's next block boundary; they are
-        delivered and finished like any batch (`_execute`). One overtaking batch at a time."""
+        the engine (`Engine.preempt`), which runs them at the batch's next block boundary; they are
+        delivered and finished like any batch (`_execute`). One preempting batch at a time."""
         tag = self._running_tag
-        if tag is None or self._overtaking:
+        if tag is None or self._preempting:
             return
         planned = self._plan(before=tag)
         if planned is None:
             return
         self._start(planned)
         try:
-            planned.handed_over = self.engine.overtake(planned.batch)
+            planned.handed_over = self.engine.preempt(planned.batch)
         except Exception as e:  # e.g. the engine process died: these requests fail like a failed batch
             self._finish(planned, e)
             return
-        self._overtaking = True
+        self._preempting = True
         self._spawn(self._execute(planned))
 
     def _deliver(self, part: list[tuple[Request, int]], batch: EngineBatch, result: EngineResult) -> None:

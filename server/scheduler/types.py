@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from server.engine.engine import Output
+from server.engine.batch import Output
 
 
 @dataclass

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from server.engine.bank import BankFull, TaskKey, TaskTooLarge
-from server.engine.engine import Engine, EngineBatch, pick_device, pick_dtype, split_modes
+from server.engine.batch import EngineBatch, split_modes
+from server.engine.engine import Engine, pick_device, pick_dtype
 from server.engine.process import ProcessConfig
 from tests.server.helpers import BACKBONE_SPEC, make_artifact
 from vpt.hub import load_backbone

@@ -22,7 +22,7 @@ from fastapi.testclient import TestClient
 
 from server.app import create_app
 from server.engine.bank import TaskKey
-from server.engine.engine import EngineBatch
+from server.engine.batch import EngineBatch
 from server.engine.process import EngineProcessDied, EngineStartError, ProcessConfig, check_shared_memory
 from tests.server.helpers import BACKBONE_SPEC, artifact_bytes, make_artifact, png_bytes
 from tests.server.server_proc import ServerProcess, children, engine_pid
@@ -115,18 +115,18 @@ def test_preemptible_batch_runs_a_handed_over_batch_between_its_blocks(pair):
     local, remote = pair
     s0, s1 = (remote.bank.lookup(TaskKey("t", f"task{i}", 1)) for i in (0, 1))
     big, one = images(16, seed=5), images(1, seed=6)
-    assert remote.process is not None and local.cfg.depth >= 2  # a block boundary to run it at
-    pid = remote.process._proc.pid
+    assert remote.in_child_process and local.cfg.depth >= 2  # a block boundary to run it at
+    pid = remote.executor.process._proc.pid  # type: ignore[attr-defined]
     os.kill(pid, signal.SIGSTOP)  # both are queued before the heavy batch starts: no race
     try:
-        heavy = remote.launch(EngineBatch(big, [s0] * 16, [remote.bank.info(s0)] * 16, "classify", 3), True)
-        light = remote.overtake(EngineBatch(one, [s1], [remote.bank.info(s1)], "classify", 5))
+        heavy = remote.submit(EngineBatch(big, [s0] * 16, [remote.bank.info(s0)] * 16, "classify", 3), True)
+        light = remote.preempt(EngineBatch(one, [s1], [remote.bank.info(s1)], "classify", 5))
         done: list[str] = []
         light.add_done_callback(lambda _: done.append("light"))
-        heavy.out.add_done_callback(lambda _: done.append("heavy"))  # type: ignore[union-attr]
+        heavy.add_done_callback(lambda _: done.append("heavy"))
     finally:
         os.kill(pid, signal.SIGCONT)
-    remote.collect(heavy)
+    heavy.result(timeout=30)
     light_result = light.result(timeout=30)
     assert done == ["light", "heavy"]
     alone = run(local, one, [s1], top_k=5)
@@ -139,14 +139,14 @@ def test_death_fails_what_is_in_flight_and_turns_alive_off(backbone):
     engine.warmup((1,))
     slot = engine.install(TaskKey("t", "x", 1), make_artifact(backbone, P=4, mode="deep", C=3, seed=0))
     batch = EngineBatch(images(4), [slot] * 4, [engine.bank.info(slot)] * 4, "classify", 3)
-    assert engine.process is not None
-    pid = engine.process._proc.pid
+    assert engine.in_child_process
+    pid = engine.executor.process._proc.pid  # type: ignore[attr-defined]
     os.kill(pid, signal.SIGSTOP)  # stopped: the batches below are certainly still in flight
-    pending = [engine.launch(batch) for _ in range(2)]  # both lanes
+    pending = [engine.submit(batch) for _ in range(2)]  # both lanes
     os.kill(pid, signal.SIGKILL)
     for p in pending:
         with pytest.raises(EngineProcessDied):
-            engine.collect(p)
+            p.result()
     deadline = time.monotonic() + 10
     while engine.alive and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -244,8 +244,9 @@ def test_embedded_app_whose_engine_process_dies_fails_liveness_and_answers_503(t
         assert client.put("/v1/tasks/t", content=artifact_bytes(backbone, P=2, mode="deep", C=3, seed=0),
                           headers=OCTET).status_code == 201  # fmt: skip
         assert classify(client, "t").status_code == 200
-        process = app.state.services.engine.process
-        assert process is not None and client.get("/healthz").json() == {"status": "ok"}
+        engine = app.state.services.engine
+        assert engine.in_child_process and client.get("/healthz").json() == {"status": "ok"}
+        process = engine.executor.process
         os.kill(process._proc.pid, signal.SIGKILL)
         deadline = time.monotonic() + 10
         while client.get("/healthz").status_code == 200 and time.monotonic() < deadline:

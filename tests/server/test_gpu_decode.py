@@ -20,10 +20,10 @@ import pytest
 import torch
 from PIL import Image
 
+from server.engine.batch import stage_images
 from server.errors import InvalidImage
 from server.gpu_decode import GpuDecoder, gpu_ineligible
 from server.preprocess import Preprocessor
-from server.scheduler.scheduler import batch_images
 from tests.server import corpus
 from vpt.config import get_preset
 from vpt.transforms import ImageDecodeError, ImageLimits, decode_image, eval_transform, eval_transform_tensor
@@ -263,9 +263,9 @@ def test_batch_images_gathers_requests_from_host_and_device():
     ('meta' stands in for CUDA here); all on the host, it is their concatenation in order."""
     host = torch.arange(2 * 3 * 4 * 4, dtype=torch.int64).to(torch.uint8).view(2, 3, 4, 4)
     dev = torch.zeros(1, 3, 4, 4, dtype=torch.uint8, device="meta")
-    mixed = batch_images([host, dev], torch.device("meta"))
+    mixed = stage_images([host, dev], torch.device("meta"))
     assert mixed.device.type == "meta" and mixed.shape == (3, 3, 4, 4)
-    cpu = batch_images([host[1:], host[:1]], torch.device("cpu"))
+    cpu = stage_images([host[1:], host[:1]], torch.device("cpu"))
     assert torch.equal(cpu, torch.cat([host[1:], host[:1]]))
 
 

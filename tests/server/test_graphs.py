@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from server.engine.bank import TaskKey
-from server.engine.engine import Engine, EngineBatch
+from server.engine.batch import EngineBatch
+from server.engine.engine import Engine
 from server.engine.graphs import FeatureGraphs, buckets
 from tests.server.helpers import BACKBONE_SPEC, make_artifact
 from vpt.hub import load_backbone
@@ -146,14 +147,15 @@ def test_cuda_graphs_equal_eager_and_survive_pipelining(dtype):
         EngineBatch(im, [slots[i] for i in o], [graphed.bank.info(slots[i]) for i in o], "classify", 10)
         for im, o in zip(images, orders, strict=True)
     ]
-    # Launch all before collecting any: a bucket's buffers are reused while earlier results are in flight.
-    # ...and nothing in `launch` may wait for the device (a blocking copy would serialise the pipeline).
+    # Submit all before collecting any: a bucket's buffers are reused while earlier results are in
+    # flight. ...and nothing in a launch may wait for the device (a blocking copy would serialise the
+    # pipeline); the collect thread's event wait is not such a sync (`set_sync_debug_mode` ignores it).
     torch.cuda.set_sync_debug_mode("error")
     try:
-        pending = [graphed.launch(b) for b in batches]
+        pending = [graphed.submit(b) for b in batches]
+        results = [p.result(timeout=60) for p in pending]
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    results = [graphed.collect(p) for p in pending]
     for b, r in zip(batches, results, strict=True):
         ref = eager.run(b)
         tol = 1e-4 if dtype == torch.float32 else 2e-2  # bf16: masked vs unmasked kernels round differently

@@ -163,7 +163,7 @@ def overtake(bb: Backbone, tmp_path, preempt: bool, engine_kw: dict | None = Non
                     done.append(tenant)
 
             heavy = asyncio.create_task(run("heavy", big))
-            proc = sched.engine.process
+            proc = getattr(sched.engine.executor, "process", None)
             # The heavy batch has been dispatched (and, to an engine process, sent: else the light one
             # could reach its pipe first and simply go first).
             while not sched.in_flight or (proc is not None and not proc.in_flight):
