@@ -347,16 +347,23 @@ def batch_stats(before: Samples, after: Samples, wall_s: float) -> dict[str, Any
 def proc_cpu_seconds(pid: int | None) -> float | None:
     """user + system CPU seconds of a process, its threads and its live child processes, recursively
     (Linux /proc): a CPU vpt-serve computes in an engine process of its own."""
+    split = proc_cpu_split(pid)
+    return None if split is None else sum(split)
+
+
+def proc_cpu_split(pid: int | None) -> tuple[float, float] | None:
+    """(the process's own CPU seconds, its live child processes' recursively): the front end and the
+    engine process of a CPU vpt-serve, apart."""
     if pid is None:
         return None
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
-        total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
         children = [c for t in os.listdir(f"/proc/{pid}/task") for c in _children(pid, t)]
     except (OSError, ValueError, IndexError):
         return None
-    return total + sum(proc_cpu_seconds(int(c)) or 0.0 for c in children)
+    return own, sum(proc_cpu_seconds(int(c)) or 0.0 for c in children)
 
 
 def _children(pid: int, tid: str) -> list[str]:
