@@ -64,6 +64,7 @@ def feature_forward(model: VisionTransformer, compile: bool) -> Callable[..., to
     return torch.compile(model.forward_features, dynamic=True) if compile else model.forward_features
 
 
+@torch.inference_mode()  # on whichever thread runs it (an executor's own)
 def warm_features(
     model: VisionTransformer, features: Callable[..., torch.Tensor], bank: BankTables, batch_size: int
 ) -> None:

@@ -183,10 +183,7 @@ class Engine:
         """Run both feature forwards once per batch size where batches compute (kernel selection,
         compile, allocator); on CUDA then capture the CUDA graphs."""
         t0 = time.perf_counter()
-        with torch.inference_mode():
-            self.executor.warmup(
-                lambda b: warm_features(self.model, self._features, self.bank, b), batch_sizes
-            )
+        self.executor.warmup(lambda b: warm_features(self.model, self._features, self.bank, b), batch_sizes)
         if isinstance(self.executor, CudaExecutor) and self.cuda_graph_max_batch > 0:
             if self.compiled:
                 # Not worth a warning: graphs are on by default, and a compiled backbone runs without them.
