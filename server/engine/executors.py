@@ -105,33 +105,35 @@ class InProcessExecutor(_Local):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        # Batches handed to `preempt` while a preemptible batch runs: served between its blocks.
+        # Batches handed to `preempt` while a preemptible batch is submitted and not finished: served
+        # between its blocks. Counted from `submit`, not from when the engine thread starts it, so a
+        # request the scheduler hands over at once is not queued behind the whole batch.
         self._lock = threading.Lock()
         self._inbox: list[tuple[EngineBatch, Future[EngineResult]]] = []
-        self._preemptible_running = False
+        self._preemptible = 0
 
     def submit(self, batch: EngineBatch, preemptible: bool = False) -> Future[EngineResult]:
+        if preemptible:
+            with self._lock:
+                self._preemptible += 1
         return self._thread.submit(self._run, batch, preemptible)
 
     def preempt(self, batch: EngineBatch) -> Future[EngineResult]:
         with self._lock:
-            if self._preemptible_running:
+            if self._preemptible:
                 fut: Future[EngineResult] = Future()
                 self._inbox.append((batch, fut))
                 return fut
         return self.submit(batch)  # nothing to preempt (any more): next on the engine thread
 
     def _run(self, batch: EngineBatch, preemptible: bool) -> EngineResult:
-        if preemptible:
-            with self._lock:
-                self._preemptible_running = True
         try:
             return self._forward(batch, self._serve_inbox if preemptible else None)
         finally:
             if preemptible:
                 with self._lock:
-                    self._preemptible_running = False
-                    leftover = bool(self._inbox)
+                    self._preemptible -= 1
+                    leftover = bool(self._inbox) and not self._preemptible
                 if leftover:  # handed over after its last block boundary: next, after this result
                     self._thread.submit(self._serve_inbox)
 

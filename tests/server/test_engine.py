@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -271,3 +273,28 @@ def test_compiled_engine_equals_eager(backbone):
     ref, got = run(eager, images, s, "embed"), run(compiled, images, s, "embed")
     err = (got.features - ref.features).abs().max() / ref.features.abs().max()
     assert err < 1e-4, err.item()
+
+
+def test_a_batch_preempting_one_not_started_yet_still_runs_between_its_blocks(backbone):
+    """In-process executor: `preempt` right after `submit(preemptible=True)`, while the engine thread is
+    still busy with something else, runs at the preemptible batch's first block boundary — it is not
+    queued behind the whole batch."""
+    engine = make_engine(backbone)
+    slot = engine.install(TaskKey("t", "p", 1), make_artifact(backbone, P=3, mode="deep", C=4, seed=1))
+    info = engine.bank.info(slot)
+    gate = threading.Event()
+    busy = engine.executor.call(gate.wait)  # the engine thread is taken until the gate opens
+    heavy = engine.submit(EngineBatch(torch.zeros(16, 3, 32, 32, dtype=torch.uint8), [slot] * 16, [info] * 16,
+                                      "classify", 3), preemptible=True)  # fmt: skip
+    light = engine.preempt(
+        EngineBatch(torch.zeros(1, 3, 32, 32, dtype=torch.uint8), [slot], [info], "classify", 3)
+    )
+    done: list[str] = []
+    heavy.add_done_callback(lambda _: done.append("heavy"))
+    light.add_done_callback(lambda _: done.append("light"))
+    gate.set()
+    busy.result(timeout=10)
+    heavy.result(timeout=30)
+    light.result(timeout=30)
+    assert done == ["light", "heavy"]
+    engine.close()
