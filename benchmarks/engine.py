@@ -1,9 +1,9 @@
 """Engine benchmark: img/s of `server.engine.Engine` by batch size, prompt length and VPT mode, and
 mixed-task batches vs batching per task under Zipf popularity (the Punica/S-LoRA idea applied to VPT).
 
-What is timed is `Engine.run(EngineBatch)` — the call the scheduler makes: uint8 images on the host →
-normalise → per-sample prompt gather and insertion → ViT → per-sample head → softmax → top-k on the
-host. No HTTP, no decoding, no queueing (benchmarks/load.py measures those).
+What is timed is `Engine.run(EngineBatch)` — `Engine.submit` (the scheduler's call) and its result:
+uint8 images on the host → normalise → per-sample prompt gather and insertion → ViT → per-sample head →
+softmax → top-k on the host. No HTTP, no decoding, no queueing (benchmarks/load.py measures those).
 
 Deep prompts (issue J): mode `deep` is the engine's path, prompts as per-layer keys/values; mode
 `tokens` runs the same deep tasks with their prompts as full tokens through every block — the engine's
