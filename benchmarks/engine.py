@@ -149,22 +149,23 @@ class TokenPath:
         prompts: PromptBatch | None,
         between_blocks: Callable[[], None] | None = None,
         kv: PromptKV | None = None,
+        cls_only: bool = False,
     ) -> torch.Tensor:
         """`forward_features` with the deep samples' keys/values swapped for their prompt tokens."""
         if kv is None:
-            return self.features(x, prompts, between_blocks)
+            return self.features(x, prompts, between_blocks, cls_only=cls_only)
         lengths = kv.lengths if prompts is None else kv.lengths + prompts.lengths  # one is 0 per sample
         P = kv.max_len if prompts is None else max(kv.max_len, prompts.max_len)
         uniform = kv.uniform and prompts is None
         tokens = PromptBatch(self.table, kv.index, lengths, kv.lengths > 0, P, uniform, True, False)
-        return self.features(x, tokens, between_blocks)
+        return self.features(x, tokens, between_blocks, cls_only=cls_only)
 
     def batch_tokens(self, x: torch.Tensor, batch: EngineBatch) -> torch.Tensor:
         """(B, D) CLS features of normalised images, the whole batch in one token forward."""
         index = torch.tensor(batch.slots, dtype=torch.long)
         lengths = [i.prompt_length for i in batch.infos]
         prompts = PromptBatch.build(self.table, index, lengths, [i.deep for i in batch.infos])
-        return self.engine.model.pool(self.features(x, prompts))
+        return self.engine.model.pool(self.features(x, prompts, cls_only=True))
 
     @torch.inference_mode()
     def run(self, batch: EngineBatch) -> EngineResult:

@@ -47,22 +47,26 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.embed_dim, cfg.embed_dim * 3, bias=cfg.qkv_bias)
         self.proj = nn.Linear(cfg.embed_dim, cfg.embed_dim)
 
-    def forward(self, x: Tensor, key_mask: Tensor | None = None, prefix: Prefix | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        key_mask: Tensor | None = None,
+        prefix: Prefix | None = None,
+        queries: int | None = None,
+    ) -> Tensor:
         """`prefix(kv)`: the keys and values to attend over (B, P + T, 2D), given the tokens' own
         (B, T, 2D) — P more before them (the mask then covers P + T keys): how a VPT-deep task's
-        prompts enter at inference (`vpt.prompts.PromptKV.extend`)."""
+        prompts enter at inference (`vpt.prompts.PromptKV.extend`). `queries`: outputs for the first
+        `queries` tokens only (B, queries, D), still attending over every key."""
         B, T, D = x.shape
         qkv = self.qkv(x)  # (B, T, 3D): per token q, k, v
-        if prefix is None:
-            q, k, v = qkv.reshape(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        else:
-            kv = prefix(qkv[..., D:])  # (B, P + T, 2D): per token k, v
-            q = qkv[..., :D].unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
-            k, v = kv.unflatten(-1, (2, self.num_heads, self.head_dim)).permute(2, 0, 3, 1, 4).unbind(0)
-        # q, k, v: (B, nh, T or P + T, hd)
-        attn_mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, T)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, nh, T, hd)
-        return self.proj(x.transpose(1, 2).reshape(B, T, D))
+        kv = qkv[..., D:] if prefix is None else prefix(qkv[..., D:])  # (B, [P +] T, 2D): per token k, v
+        Q = T if queries is None else queries
+        q = qkv[:, :Q, :D].unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)  # (B, nh, Q, hd)
+        k, v = kv.unflatten(-1, (2, self.num_heads, self.head_dim)).permute(2, 0, 3, 1, 4).unbind(0)
+        attn_mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, keys)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, nh, Q, hd)
+        return self.proj(x.transpose(1, 2).reshape(B, Q, D))
 
     def kv(self, x: Tensor) -> Tensor:
         """Keys and values only of tokens x (..., T, D) → (..., T, 2D), the layout of `qkv`'s output
@@ -94,8 +98,17 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.embed_dim, eps=cfg.layer_norm_eps)
         self.mlp = Mlp(cfg)
 
-    def forward(self, x: Tensor, key_mask: Tensor | None = None, prefix: Prefix | None = None) -> Tensor:
-        x = x + self.attn(self.norm1(x), key_mask, prefix)
+    def forward(
+        self,
+        x: Tensor,
+        key_mask: Tensor | None = None,
+        prefix: Prefix | None = None,
+        queries: int | None = None,
+    ) -> Tensor:
+        """`queries`: the block's outputs for the first `queries` tokens only (B, queries, D) — every
+        op but attention is per token, and attention still reads every token's key and value."""
+        h = self.attn(self.norm1(x), key_mask, prefix, queries)
+        x = (x if queries is None else x[:, :queries]) + h
         return x + self.mlp(self.norm2(x))
 
 

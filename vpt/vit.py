@@ -63,6 +63,7 @@ class VisionTransformer(nn.Module):
         prompts: PromptBatch | None = None,
         between_blocks: Callable[[], None] | None = None,
         kv: PromptKV | None = None,
+        cls_only: bool = False,
     ) -> Tensor:
         """images (B, 3, H, W) → (B, 1 + P + N, D) after the final norm; P = prompts.max_len (or 0).
 
@@ -72,7 +73,9 @@ class VisionTransformer(nn.Module):
         position is computed — CLS and the patches get exactly what the token path gives them. A
         sample uses one or the other (its length 0 in the one it does not use); a batch may hold both.
         `between_blocks()` is called after every block but the last: a serving scheduler's point to
-        run other work before this batch continues (it must not touch this batch's tensors)."""
+        run other work before this batch continues (it must not touch this batch's tensors).
+        `cls_only`: the last block computes its output at CLS only, the one position a classifier reads
+        (B, 1, D) — the same numbers there, without the patch tokens' last attention and MLP rows."""
         x = self.embed(x)
         B, T = x.shape[0], x.shape[1]  # T = 1 + N
         P = 0 if prompts is None else prompts.max_len
@@ -96,7 +99,8 @@ class VisionTransformer(nn.Module):
                     # Shallow samples keep the previous layer's outputs at their prompt positions.
                     new = torch.where(prompts.deep[:, None, None], new, x[:, 1 : 1 + P])
                 x = torch.cat([x[:, :1], new, x[:, 1 + P :]], dim=1)
-            x = blk(x, key_mask, partial(kv.extend, i) if K and kv is not None else None)
+            prefix = partial(kv.extend, i) if K and kv is not None else None
+            x = blk(x, key_mask, prefix, 1 if cls_only and i == last else None)
             if between_blocks is not None and i < last:
                 between_blocks()
         return self.norm(x)

@@ -72,10 +72,12 @@ def warm_features(
     task, only read) once at this batch size: kernel selection, compile, allocator."""
     S = model.cfg.img_size
     x = model.normalize(torch.zeros(batch_size, 3, S, S, dtype=torch.uint8, device=model.pos_embed.device))
-    model.pool(features(x, None))
+    model.pool(features(x, None, cls_only=True))
     if bank.prompt_kv.shape[2]:
         index = torch.zeros(batch_size, dtype=torch.long)
-        model.pool(features(x, None, kv=PromptKV.build(bank.prompt_kv, index, [1] * batch_size)))
+        model.pool(
+            features(x, None, kv=PromptKV.build(bank.prompt_kv, index, [1] * batch_size), cls_only=True)
+        )
 
 
 def forward(
@@ -193,7 +195,8 @@ def _features(
     kv = [n if d else 0 for n, d in zip(lengths, deep, strict=True)]
     prompts = PromptBatch.build(bank.prompts, index, tokens, [False] * len(tokens)) if any(tokens) else None
     keys = PromptKV.build(bank.prompt_kv, index, kv) if any(kv) else None
-    return model.pool(features(x, prompts, between_blocks, kv=keys))
+    # cls_only: the head reads CLS alone, so the last block computes nothing else.
+    return model.pool(features(x, prompts, between_blocks, kv=keys, cls_only=True))
 
 
 def stage_images(parts: list[torch.Tensor], device: torch.device) -> torch.Tensor:

@@ -91,7 +91,7 @@ class FeatureGraphs:
                 any_deep=False,
                 all_deep=False,
             )
-        tokens = self.model.forward_features(st.x, prompts, kv=kv)
+        tokens = self.model.forward_features(st.x, prompts, kv=kv, cls_only=True)
         # contiguous: the (B, D) copy is all a graph keeps of its tokens; the rest goes back to the pool.
         return self.model.pool(tokens).contiguous()
 

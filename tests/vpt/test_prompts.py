@@ -348,3 +348,29 @@ def test_kv_prompt_length_over_table_is_refused(tiny_vit):
     table = torch.zeros(1, tiny_vit.cfg.depth, 3, 2 * tiny_vit.cfg.embed_dim)
     with pytest.raises(ValueError, match="exceeds"):
         PromptKV.build(table, torch.tensor([0]), [4])
+
+
+@pytest.mark.parametrize("how", ["plain", "tokens", "keys_values", "mixed_ragged"])
+def test_cls_only_last_block_gives_the_full_forwards_cls(vit, how):
+    """`cls_only`: the last block computes CLS alone — the one position the head reads — and gets the
+    full forward's numbers there, with prompts as tokens, as keys/values, or both (masked, ragged)."""
+    cfg = vit.cfg
+    g = torch.Generator().manual_seed(11)
+    D, L = cfg.embed_dim, cfg.depth
+    images = torch.randn(4, 3, 32, 32, generator=g)
+    slots = torch.tensor([0, 1, 1, 0])
+    prompts = kv = None
+    if how in ("tokens", "mixed_ragged"):
+        table = torch.rand(2, L, 5, D, generator=g) * 0.2 - 0.1
+        lengths = [5, 2, 2, 5] if how == "tokens" else [5, 0, 0, 5]
+        prompts = PromptBatch.build(table, slots, lengths, [how == "tokens"] * 4)
+    if how in ("keys_values", "mixed_ragged"):
+        deep = [torch.rand(L, n, D, generator=g) * 0.2 - 0.1 for n in (4, 3)]
+        kv = PromptKV.build(
+            kv_table(vit, deep), slots, [4, 3, 3, 4] if how == "keys_values" else [0, 3, 3, 0]
+        )
+    with torch.inference_mode():
+        full = vit.forward_features(images, prompts, kv=kv)
+        cls = vit.forward_features(images, prompts, kv=kv, cls_only=True)
+    assert cls.shape == (4, 1, D)
+    assert rel_err(cls, full[:, :1]) <= TOL
