@@ -27,6 +27,7 @@ mixed results are checked against the per-task ones (the batch-invariance DESIGN
 from __future__ import annotations
 
 import argparse
+import functools
 import random
 import sys
 import time
@@ -310,15 +311,13 @@ def deep_ratios(
     slice until every one has `min_time`, so drift on a shared machine hits all alike (the sweep runs
     one configuration after another, and a single slow point skews its ratios)."""
     rng = random.Random(3)
-    common = {"n": tasks, "num_classes": classes}
-    plain = install_tasks(engine, backbone, prompt_length=0, mode="shallow", tag="ratio0", **common)  # type: ignore[arg-type]
+    install = functools.partial(install_tasks, engine, backbone, n=tasks, num_classes=classes)
+    plain = install(prompt_length=0, mode="shallow", tag="ratio0")
     runs: dict[tuple[str, int], tuple[Callable[[EngineBatch], EngineResult], EngineBatch]] = {
         ("none", 0): (engine.run, mixed_batch(engine, plain, batch_size, images, rng))
     }
     for P in prompt_lengths:
-        slots = install_tasks(
-            engine, backbone, prompt_length=P, mode="deep", tag=f"ratio{P}", tokens=tokens, **common
-        )  # type: ignore[arg-type]
+        slots = install(prompt_length=P, mode="deep", tag=f"ratio{P}", tokens=tokens)
         batch = mixed_batch(engine, slots, batch_size, images, rng)
         runs[("deep", P)] = (engine.run, batch)
         runs[("tokens", P)] = (tokens.run, batch)
@@ -354,9 +353,17 @@ def modes_compare(
     as keys/values, each masked where a sample has none), and one forward with every prompt as tokens
     (the engine before issue J). Alternated, so drift hits all three; `engine` is what the engine
     chooses (`split_modes`)."""
-    common = {"n": tasks, "prompt_length": prompt_length, "num_classes": classes, "tokens": tokens}
-    shallow = install_tasks(engine, backbone, mode="shallow", tag="mix-s", **common)  # type: ignore[arg-type]
-    deep = install_tasks(engine, backbone, mode="deep", tag="mix-d", **common)  # type: ignore[arg-type]
+    install = functools.partial(
+        install_tasks,
+        engine,
+        backbone,
+        n=tasks,
+        prompt_length=prompt_length,
+        num_classes=classes,
+        tokens=tokens,
+    )
+    shallow = install(mode="shallow", tag="mix-s")
+    deep = install(mode="deep", tag="mix-d")
     rng = random.Random(2)
     rows = []
     for B in batch_sizes:

@@ -15,8 +15,8 @@ from torch import Tensor, nn
 
 from vpt.config import ViTConfig
 
-# Keys and values (B, T, 2D) of a block's tokens → the keys and values its attention uses.
-Prefix = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+# Keys and values (B, T, 2D) of a block's tokens → the keys and values its attention uses (B, P + T, 2D).
+Prefix = Callable[[Tensor], Tensor]
 
 
 class PatchEmbed(nn.Module):

@@ -65,7 +65,8 @@ class VisionTransformer(nn.Module):
         kv: PromptKV | None = None,
         cls_only: bool = False,
     ) -> Tensor:
-        """images (B, 3, H, W) → (B, 1 + P + N, D) after the final norm; P = prompts.max_len (or 0).
+        """images (B, 3, H, W) → (B, 1 + P + N, D) after the final norm; P = prompts.max_len (0 without
+        token prompts; (B, 1, D) with `cls_only`).
 
         `prompts`: prompt tokens inserted after CLS (VPT-shallow; VPT-deep replaced before every layer:
         the reference algorithm, and training's path). `kv`: VPT-deep prompts as each layer's keys and
@@ -78,28 +79,28 @@ class VisionTransformer(nn.Module):
         (B, 1, D) — the same numbers there, without the patch tokens' last attention and MLP rows."""
         x = self.embed(x)
         B, T = x.shape[0], x.shape[1]  # T = 1 + N
+        if prompts is not None and not prompts.max_len:
+            prompts = None
+        if kv is not None and not kv.max_len:
+            kv = None
         P = 0 if prompts is None else prompts.max_len
-        K = 0 if kv is None else kv.max_len
-        key_mask = None  # over [kv (K), CLS, prompts (P), patches]
-        if P:
-            assert prompts is not None
+        key_mask = None  # over [kv, CLS, prompts, patches]
+        if prompts is not None:
             if not prompts.uniform:
                 key_mask = prompt_key_mask(prompts.lengths, P, T - 1)
             x = torch.cat([x[:, :1], prompts.layer(0).to(x.dtype), x[:, 1:]], dim=1)  # (B, 1 + P + N, D)
-        if K:
-            assert kv is not None
-            if not kv.uniform or key_mask is not None:
-                own = key_mask if key_mask is not None else x.new_ones(B, x.shape[1], dtype=torch.bool)
-                key_mask = torch.cat([length_mask(kv.lengths, K), own], dim=1)
+        if kv is not None and (not kv.uniform or key_mask is not None):
+            own = key_mask if key_mask is not None else x.new_ones(B, x.shape[1], dtype=torch.bool)
+            key_mask = torch.cat([length_mask(kv.lengths, kv.max_len), own], dim=1)
         last = len(self.blocks) - 1
         for i, blk in enumerate(self.blocks):
-            if P and i > 0 and prompts is not None and prompts.any_deep:
+            if prompts is not None and i > 0 and prompts.any_deep:
                 new = prompts.layer(i).to(x.dtype)  # (B, P, D)
                 if not prompts.all_deep:
                     # Shallow samples keep the previous layer's outputs at their prompt positions.
                     new = torch.where(prompts.deep[:, None, None], new, x[:, 1 : 1 + P])
                 x = torch.cat([x[:, :1], new, x[:, 1 + P :]], dim=1)
-            prefix = partial(kv.extend, i) if K and kv is not None else None
+            prefix = None if kv is None else partial(kv.extend, i)
             x = blk(x, key_mask, prefix, 1 if cls_only and i == last else None)
             if between_blocks is not None and i < last:
                 between_blocks()

@@ -2,8 +2,8 @@
 
 A request is dispatched only once its task's current version sits in a bank slot. Resolving the
 version and loading a cold task (store → host → validate → device) run off the event loop — store I/O in
-a loader pool, the copy into the bank on the engine's own thread between batches — so a cold task never stalls
-batches of other tasks: its requests simply wait in the queue while others are dispatched.
+a loader pool, the copy into the bank on the engine's own thread between batches — so a cold task never
+stalls batches of other tasks: its requests simply wait in the queue while others are dispatched.
 
 Replicas sharing one store notice new versions by re-reading the task's current version at most every
 `version_ttl_s` seconds (a cheap `current_version` call); uploads and rollbacks through this server
