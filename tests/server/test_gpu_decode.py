@@ -258,7 +258,7 @@ def test_errors_are_the_pillow_paths_400s():
 # --------------------------------------------------------------------------------- scheduler
 
 
-def test_batch_images_gathers_requests_from_host_and_device():
+def test_stage_images_gathers_requests_from_host_and_device():
     """GPU-decoded requests arrive on the device, others on the host: the batch is one device tensor
     ('meta' stands in for CUDA here); all on the host, it is their concatenation in order."""
     host = torch.arange(2 * 3 * 4 * 4, dtype=torch.int64).to(torch.uint8).view(2, 3, 4, 4)
