@@ -28,7 +28,7 @@ from typing import Any
 from benchmarks.common import format_table, int_list, machine_info, write_json
 from benchmarks.load import encode_images, start_server, task_artifacts, upload_and_warm
 from benchmarks.load import parse_args as load_args
-from benchmarks.loadgen import multipart, proc_cpu_split
+from benchmarks.loadgen import multipart, proc_cpu_by_role
 from vpt.hub import load_backbone
 
 
@@ -78,15 +78,18 @@ def parse_hey(out: str) -> dict[str, Any]:
 def measure(
     server_pid: int, url: str, body: Path, ctype: str, connections: int, duration: float
 ) -> dict[str, Any]:
-    before = proc_cpu_split(server_pid)
+    before = proc_cpu_by_role(server_pid)
     t0 = time.perf_counter()
     r = run_hey(url, body, ctype, connections, duration)
     wall = time.perf_counter() - t0
-    after = proc_cpu_split(server_pid)
+    after = proc_cpu_by_role(server_pid)
     if before is None or after is None:
         raise RuntimeError("cannot read the server's CPU from /proc (Linux only)")
     ok = r["codes"].get(200, 0)
-    front, engine = after[0] - before[0], after[1] - before[1]
+    used = {k: v - before.get(k, 0.0) for k, v in after.items()}
+    engine = used.pop("engine", 0.0)
+    front = sum(used.values())
+    per_img = {f"{k}_cpu_ms_per_img": v / ok * 1000 if ok else None for k, v in used.items()}
     return {
         "connections": connections,
         "img_s": ok / wall,
@@ -98,6 +101,7 @@ def measure(
         "engine_cpu_ms_per_img": engine / ok * 1000 if ok else None,
         "front_cores": front / wall,
         "engine_cores": engine / wall,
+        **per_img,
     }
 
 

@@ -352,18 +352,44 @@ def proc_cpu_seconds(pid: int | None) -> float | None:
 
 
 def proc_cpu_split(pid: int | None) -> tuple[float, float] | None:
-    """(the process's own CPU seconds, its live child processes' recursively): the front end and the
-    engine process of a CPU vpt-serve, apart."""
+    """(CPU seconds outside the engine, in the engine process): the front end and the engine of a CPU
+    vpt-serve, apart, whatever its processes (`proc_cpu_by_role`)."""
+    roles = proc_cpu_by_role(pid)
+    if roles is None:
+        return None
+    return sum(v for k, v in roles.items() if k != "engine"), roles.get("engine", 0.0)
+
+
+def proc_cpu_by_role(pid: int | None) -> dict[str, float] | None:
+    """CPU seconds of a vpt-serve and its live descendants by role, from their names (/proc/<pid>/comm,
+    `server.threads.name_process`): "engine" (the engine process), "core" (the engine core), "api" (the
+    API servers, together), "server" (the process started: the supervisor, or the whole front end with
+    VPT_API_SERVERS=0), "other"."""
     if pid is None:
         return None
+    roles: dict[str, float] = {}
+    todo = [pid]
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        children = [c for t in os.listdir(f"/proc/{pid}/task") for c in _children(pid, t)]
+        while todo:
+            p = todo.pop()
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{p}/comm") as f:
+                comm = f.read().strip()
+            role = (
+                "server" if p == pid
+                else "engine" if comm == "vpt-engine"
+                else "core" if comm == "vpt-core"
+                else "api" if comm.startswith("vpt-api")
+                else "other"
+            )  # fmt: skip
+            cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            roles[role] = roles.get(role, 0.0) + cpu
+            todo += [int(c) for t in os.listdir(f"/proc/{p}/task") for c in _children(p, t)]
     except (OSError, ValueError, IndexError):
-        return None
-    return own, sum(proc_cpu_seconds(int(c)) or 0.0 for c in children)
+        if not roles:
+            return None
+    return roles
 
 
 def _children(pid: int, tid: str) -> list[str]:

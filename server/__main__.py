@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import logging
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Iterator
@@ -22,7 +23,19 @@ try:
     from fastapi import FastAPI
 
     from server.app import create_app
+    from server.core.supervisor import Supervisor
+    from server.engine.engine import pick_device
+    from server.exits import (
+        EXIT_BACKBONE_UNAVAILABLE,
+        EXIT_ENGINE_DIED,
+        EXIT_HELP,
+        EXIT_OK,
+        EXIT_STARTUP_FAILED,
+        report_unavailable,
+    )
+    from server.services import open_tenants
     from server.settings import Settings
+    from server.threads import available_cpus
     from vpt.hub import BackboneUnavailable
 except ModuleNotFoundError as e:
     # A client-only install (`pip install vpt-serve`, no extras) has the `vpt-serve` command but not
@@ -36,20 +49,6 @@ except ModuleNotFoundError as e:
         file=sys.stderr,
     )
     raise SystemExit(3) from None
-
-EXIT_OK = 0  # stopped by SIGTERM/SIGINT after a clean drain
-EXIT_ENGINE_DIED = 1  # the engine process died while serving: a supervisor restarts the server
-EXIT_USAGE = 2  # bad flags (argparse's own status)
-EXIT_STARTUP_FAILED = 3  # start-up failed otherwise (uvicorn's STARTUP_FAILURE): the log says why
-EXIT_BACKBONE_UNAVAILABLE = 4  # no Hub within reach and no cached copy, unknown repo, no such path
-
-EXIT_HELP = """exit status:
-  0  stopped by SIGTERM/SIGINT after draining
-  1  the engine process died while serving (restart the server)
-  2  usage
-  3  start-up failed (e.g. the port is taken, or no server packages; the log says why)
-  4  the backbone is unavailable: no Hub within reach and no cached copy, or no such path;
-     set VPT_BACKBONE to a local checkpoint or random:<preset> (docs/troubleshooting.md)"""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    api_servers = settings.effective_api_servers(pick_device(settings.device).type, available_cpus())
+    if api_servers:
+        return _supervise(overrides, settings, api_servers)
     app = create_app(settings)
     config = uvicorn.Config(
         app,
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if settings.log_level.lower() != "debug":
         logging.getLogger("uvicorn.error").addFilter(_ExplainedStartupFailure(app))
-    server = _Server(config)
+    server = GracefulServer(config)
     app.state.on_engine_death = server.fail
     try:
         server.run()
@@ -94,28 +96,34 @@ def main(argv: list[str] | None = None) -> int:
         error = _explained(app)
         if error is None:
             raise
-        _report_unavailable(error)
+        report_unavailable(error.spec, error.reason, error.ways_out)
         return EXIT_BACKBONE_UNAVAILABLE
     return EXIT_ENGINE_DIED if server.failed else EXIT_OK
+
+
+def _supervise(overrides: dict[str, object], settings: Settings, api_servers: int) -> int:
+    """The engine core and `api_servers` API-server processes on one listening socket (`Supervisor`)."""
+    open_tenants(settings)  # once, here: a first start creates the tenants file and shows its key
+    if settings.gpu_decode:
+        logging.getLogger("server").warning(
+            "VPT_GPU_DECODE applies with VPT_API_SERVERS=0 only: the %d API servers decode with Pillow "
+            "(decoding scales with their number)",
+            api_servers,
+        )
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    try:
+        sock = socket.create_server((settings.host, settings.port), family=family, backlog=2048)
+    except OSError as e:
+        logging.getLogger("server").error("cannot listen on %s:%d: %s", settings.host, settings.port, e)
+        return EXIT_STARTUP_FAILED
+    with sock:
+        return Supervisor(overrides, settings, api_servers, sock).run()
 
 
 def _explained(app: FastAPI) -> BackboneUnavailable | None:
     """The start-up failure `main` explains itself, if that is why the start failed."""
     error = getattr(app.state, "startup_error", None)  # set by the lifespan
     return error if isinstance(error, BackboneUnavailable) else None
-
-
-def _report_unavailable(e: BackboneUnavailable) -> None:
-    print(
-        f"vpt-serve: error: cannot load the backbone {e.spec}: {e.reason}.\n"
-        "Set VPT_BACKBONE (or --backbone) to either\n"
-        f"  - {e.ways_out[0]}, e.g. VPT_BACKBONE=/models/imagenet21k_ViT-B_16.npz\n"
-        f"  - {e.ways_out[1]}, e.g. VPT_BACKBONE=random:vit_test_tiny\n"
-        f"See docs/troubleshooting.md. Exit status {EXIT_BACKBONE_UNAVAILABLE}; "
-        "VPT_LOG_LEVEL=debug shows the traceback.",
-        file=sys.stderr,
-        flush=True,
-    )
 
 
 class _ExplainedStartupFailure(logging.Filter):
@@ -131,7 +139,7 @@ class _ExplainedStartupFailure(logging.Filter):
         return record.levelno < logging.ERROR or _explained(self.app) is None
 
 
-class _Server(uvicorn.Server):
+class GracefulServer(uvicorn.Server):
     """SIGTERM/SIGINT: stop accepting, finish in-flight requests, run the lifespan shutdown (which
     drains the scheduler), then exit 0. Stock uvicorn re-raises the signal afterwards, which turns a
     clean shutdown into exit status -15 for supervisors. `fail` (any thread): the same shutdown, exit 1."""
@@ -140,6 +148,9 @@ class _Server(uvicorn.Server):
 
     def fail(self) -> None:
         self.failed = True
+        self.stop()
+
+    def stop(self) -> None:
         self.should_exit = True  # uvicorn's main loop checks it every 0.1 s
 
     @contextlib.contextmanager

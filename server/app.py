@@ -20,6 +20,7 @@ from server.api.bodies import largest_body
 from server.api.docs import install_docs
 from server.api.errors import install_error_handlers
 from server.api.middleware import BodyLimit, RateGate, RequestContext
+from server.core.client import CoreAddress
 from server.metrics import Metrics
 from server.metrics_listener import MetricsListener
 from server.services import Services
@@ -29,27 +30,31 @@ from server.tenants import TenantRegistry
 STATIC_DIR = Path(__file__).parent / "static"  # the browser playground (clients, issue F): no build step
 
 
-def create_app(settings: Settings, *, store: PromptStore | None = None) -> FastAPI:
-    """The app; its lifespan loads the backbone, opens the store and starts the scheduler."""
+def create_app(
+    settings: Settings, *, store: PromptStore | None = None, core: CoreAddress | None = None
+) -> FastAPI:
+    """The app; its lifespan loads the backbone, opens the store and starts the scheduler, or, with
+    `core` (an API-server process), connects to the engine-core process there."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # The metrics port first, so a port already taken fails before the slow start, and last to
         # go, so Prometheus sees the warm-up and the drain.
         listener = None
-        if settings.metrics_port is not None:
+        if settings.metrics_port is not None and core is None:  # else the engine core serves the port
             host = settings.metrics_host or settings.host
             listener = MetricsListener(metrics.registry, host, settings.metrics_port, settings.metrics_token)
         try:
             try:
-                services = await Services.start(settings, store=store, metrics=metrics)
+                services = await Services.start(settings, store=store, metrics=metrics, core=core)
             except Exception as e:
                 app.state.startup_error = e  # `vpt-serve` explains the ones it knows without a traceback
                 raise
             app.state.services = services
-            # `vpt-serve` sets this hook: a server whose engine process died exits (status 1) for its
-            # supervisor to restart it. Embedded apps (tests) keep serving 503s and failing /healthz.
-            services.engine.on_death(getattr(app.state, "on_engine_death", None))
+            # `vpt-serve` in one process sets this hook: a server whose engine process died exits
+            # (status 1) for its supervisor to restart it. Embedded apps (tests) keep serving 503s and
+            # failing /healthz, and so do API servers, until their supervisor stops them.
+            services.core.on_death(getattr(app.state, "on_engine_death", None))
             if services.tenants is not None:
                 _reload_on_sighup(services.tenants)
             try:

@@ -7,13 +7,15 @@ but name the tenants: `VPT_METRICS_TENANT_LABELS=false` leaves them out.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from server.engine.bank import BankStats
@@ -23,16 +25,34 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
-class _BankCollector(Collector):
-    """Reads the bank's counters at scrape time, so they can never drift from the bank itself."""
+@dataclass(frozen=True)
+class LiveStats:
+    """The core's gauges at one moment (for /metrics)."""
 
-    def __init__(self, stats: Callable[[], BankStats | None]) -> None:
-        self._stats = stats
+    bank: BankStats
+    queued_images: int
+    in_flight: int
+
+
+class _LiveCollector(Collector):
+    """The core's gauges and the bank's counters, read at scrape time, so they can never drift from the
+    bank and the queues themselves. With several API servers, the scrape asks the core for them."""
+
+    def __init__(self, live: Callable[[], LiveStats | None]) -> None:
+        self._live = live
+
+    def describe(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        """The families `collect` yields (the registry learns their names without calling `live`)."""
+        return self._families(LiveStats(BankStats(0, 0, 0, 0, 0, 0, 0, 0), 0, 0))
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
-        s = self._stats()
-        if s is None:
-            return
+        live = self._live()
+        if live is not None:
+            yield from self._families(live)
+
+    @staticmethod
+    def _families(live: LiveStats) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        s = live.bank
         for name, value, doc in (
             ("hits", s.hits, "Lookups that found the task's current version resident"),
             ("misses", s.misses, "Lookups that did not"),
@@ -48,10 +68,38 @@ class _BankCollector(Collector):
         g.add_metric(["allocated"], s.allocated_bytes)
         g.add_metric(["used"], s.used_bytes)
         yield g
+        yield GaugeMetricFamily(
+            "vpt_queue_depth_images", "Images waiting in the queues", value=live.queued_images
+        )
+        yield GaugeMetricFamily(
+            "vpt_batches_in_flight", "Batches launched and not yet finished", value=live.in_flight
+        )
+
+
+class _EveryProcess(Collector):
+    """Every process's metrics from prometheus_client's multiprocess files, summed; and a family with
+    no samples yet (`vpt_rejections_total` before any rejection, in any process) declared as one
+    process alone would declare it, so a dashboard's or alert's series exist from the start."""
+
+    def __init__(self, path: str, declared: list[Collector]) -> None:
+        self._files = MultiProcessCollector(None, path=path)
+        self._declared = declared
+
+    def collect(self) -> Iterator[Metric]:
+        seen = set()
+        for family in self._files.collect():
+            seen.add(family.name)
+            yield family
+        for collector in self._declared:
+            for family in collector.collect():
+                if family.name not in seen:
+                    yield Metric(family.name, family.documentation, family.type, family.unit)
 
 
 class Metrics(SchedulerHooks):
     def __init__(self, *, tenant_labels: bool = True) -> None:
+        # prometheus_client reads it at import: set, every metric's value lives in a file there.
+        self.multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
         self.registry = CollectorRegistry()
         r = self.registry
         self.request_latency = Histogram(
@@ -87,21 +135,28 @@ class Metrics(SchedulerHooks):
             if tenant_labels
             else None
         )
-        self.in_progress = Gauge("vpt_requests_in_progress", "HTTP requests being handled", registry=r)
-        self.queue_depth = Gauge("vpt_queue_depth_images", "Images waiting in the queues", registry=r)
-        self.in_flight = Gauge("vpt_batches_in_flight", "Batches launched and not yet finished", registry=r)
-        self._bank_stats: Callable[[], BankStats | None] = lambda: None
-        r.register(_BankCollector(lambda: self._bank_stats()))
+        # Summed over the live API servers when there are several (prometheus_client's multiprocess mode).
+        self.in_progress = Gauge(
+            "vpt_requests_in_progress", "HTTP requests being handled", registry=r, multiprocess_mode="livesum"
+        )
+        self._declared = list(r._collector_to_names)  # this class's metrics (not the live gauges)
+        self._live: Callable[[], LiveStats | None] = lambda: None
+        r.register(_LiveCollector(lambda: self._live()))
 
-    def bind(
-        self,
-        bank_stats: Callable[[], BankStats],
-        queue_depth: Callable[[], int],
-        in_flight: Callable[[], int],
-    ):
-        self._bank_stats = bank_stats
-        self.queue_depth.set_function(queue_depth)
-        self.in_flight.set_function(in_flight)
+    def bind(self, live: Callable[[], LiveStats]) -> None:
+        """Where the core's gauges come from (the core in this process)."""
+        self._live = live
+
+    def exposition(self, live: Callable[[], LiveStats | None] | None = None) -> CollectorRegistry:
+        """The registry a scrape reads. One process: this one's. With several processes (the engine core
+        and its API servers, `PROMETHEUS_MULTIPROC_DIR` set), every process's counts, summed by
+        prometheus_client's multiprocess collector, and the core's gauges from `live`."""
+        if self.multiprocess_dir is None:
+            return self.registry
+        registry = CollectorRegistry()
+        registry.register(_EveryProcess(self.multiprocess_dir, self._declared))
+        registry.register(_LiveCollector(live or (lambda: self._live())))
+        return registry
 
     def tenant_request(self, tenant: str, route: str, status: int) -> None:
         if self.tenant_requests is not None:

@@ -2,30 +2,26 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import functools
 import gc
 import ipaddress
 import logging
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from prompt_store.artifact import ArtifactLimits, read_metadata, validate_for_backbone
+from prompt_store.artifact import read_metadata, validate_for_backbone
 from prompt_store.base import PromptStore
 from prompt_store.errors import ArtifactError
-from prompt_store.url import open_store
-from server.engine.bank import TaskTooLarge
-from server.engine.engine import Engine, pick_device, pick_dtype
-from server.engine.process import EngineStartError, ProcessConfig
-from server.metrics import Metrics, TaskStats
+from server.core.client import CoreAddress, CoreClient
+from server.core.handle import Core
+from server.core.local import LocalCore, artifact_limits, open_settings_store
+from server.engine.bank import TaskTooLarge, check_fits_shape
+from server.metrics import Metrics
 from server.preprocess import Preprocessor
-from server.ratelimit import RateLimiter
-from server.scheduler.scheduler import Scheduler, SchedulerConfig
+from server.ratelimit import RateLimiter, SharedRateLimiter
 from server.settings import Settings
 from server.tenants import (
     TenantRegistry,
@@ -34,9 +30,8 @@ from server.tenants import (
     keygen_line,
     write_atomic,
 )
-from server.threads import available_cpus, engine_cpu_set, pin_process
+from server.threads import available_cpus
 from server.uploads import TaskUploads
-from vpt.hub import Backbone, load_backbone
 from vpt.transforms import ImageLimits
 
 log = logging.getLogger(__name__)
@@ -44,18 +39,17 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Services:
+    """What the routes use. `core` is the engine core: in this process (`LocalCore`), or the engine-core
+    process reached over its socket (`CoreClient`, one of several API-server processes)."""
+
     settings: Settings
-    engine: Engine
+    core: Core
     store: PromptStore
-    scheduler: Scheduler
     preprocess: Preprocessor
     metrics: Metrics
-    task_stats: TaskStats  # usage per task, for the tasks the residency knows to exist
     tenants: TenantRegistry | None = None  # None = open mode
-    rate_limiter: RateLimiter = field(default_factory=RateLimiter)
+    rate_limiter: RateLimiter | SharedRateLimiter = field(default_factory=RateLimiter)
     draining: bool = False
-    switch_interval_before: float | None = None  # restored by stop (setswitchinterval is process-wide)
-    affinity_before: frozenset[int] | None = None  # this process's CPUs before it left the engine's
     uploads: TaskUploads = field(init=False)  # stores uploads; creates queue per tenant, not in threads
 
     def __post_init__(self) -> None:
@@ -63,112 +57,40 @@ class Services:
 
     @classmethod
     async def start(
-        cls, settings: Settings, *, store: PromptStore | None = None, metrics: Metrics | None = None
+        cls,
+        settings: Settings,
+        *,
+        store: PromptStore | None = None,
+        metrics: Metrics | None = None,
+        core: CoreAddress | None = None,
     ) -> Services:
-        """Load the backbone (in a thread: downloads and weight conversion are slow), open the store,
-        warm up, start the scheduler."""
-        tenants = open_tenants(settings)  # first: a misconfiguration fails before any slow work
-        device = pick_device(settings.device)
-        dtype = pick_dtype(settings.dtype, device)
+        """Open the tenants and the store, then start the engine core in this process, or connect to the
+        engine-core process at `core` (an API server); then the decoders."""
+        tenants = open_tenants(settings, announce=core is None)  # first: a misconfiguration fails fast
+        metrics = metrics or Metrics()
         cpus = available_cpus()
-        threads = settings.torch_threads or (max(1, cpus - 1) if device.type == "cpu" else 0)
-        in_process = not settings.effective_engine_process(device.type)
-        if threads:
-            # On CPU the engine shares cores with HTTP and decoding; one core left for them keeps
-            # torch's threads from spinning against the event loop (measured 8x on 2 cores). With an
-            # engine process, this one's torch only transforms images: one thread.
-            torch.set_num_threads(threads if in_process else 1)
-        # On CPU the engine thread keeps to its own cores: moved around and sharing cores with the
-        # event loop and the decoders, it used ~1.6x the CPU per image it uses alone (load benchmark,
-        # 2 cores: +25-40% img/s at saturation pinned). The other threads may use every core.
-        pin = settings.pin_threads and device.type == "cpu"
-        engine_cpus = engine_cpu_set(threads) if pin else frozenset()
-        # The engine thread needs the GIL back between torch ops; while the event loop holds it, each
-        # re-take waits up to the switch interval (5 ms by default), which made a 1-image forward ~4x
-        # slower under HTTP load. A shorter interval bounds that wait (fair-share test, B's p50 under
-        # a flood: 56 ms at 5 ms, ~25 ms at 0.5 ms, ~17 ms at 0.1 ms; solo ~10 ms).
-        switch_interval_before = sys.getswitchinterval()
-        sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
-        backbone: Backbone = await asyncio.to_thread(
-            load_backbone,
-            settings.backbone,
-            device=device,
-            dtype=dtype,
-            img_size=settings.img_size,
-            cache_dir=settings.hf_cache_dir,
-        )
-        log.info(
-            "backbone %s (fingerprint %s) on %s/%s", backbone.backbone_id, backbone.fingerprint, device, dtype
-        )
-        make_engine = functools.partial(
-            Engine,
-            backbone,
-            bank_slots=settings.bank_slots,
-            max_prompt_length=settings.max_prompt_length,
-            max_classes=settings.max_classes,
-            bank_bytes=settings.bank_bytes,
-            compile=settings.compile,
-            cuda_graph_max_batch=min(settings.cuda_graph_max_batch, settings.max_batch_size),
-            fault_oom_over=settings.fault_oom_over,
-            fault_fail_every=settings.fault_fail_every,
-        )
-        try:
-            process = ProcessConfig(
-                settings.max_batch_size,
-                threads=threads,
-                cpus=engine_cpus,
-                lanes=settings.effective_pipeline_depth(device.type) + 1,  # + an overtaker
-            )
-            # In this process, the engine thread keeps to `engine_cpus`; an engine process pins itself.
-            engine = make_engine(engine_cpus=engine_cpus) if in_process else make_engine(process=process)
-        except EngineStartError as e:  # too little shared memory: serve anyway, slower under load
-            log.warning("%s. Computing in the server process instead.", e)
-            torch.set_num_threads(threads)
-            engine = make_engine(engine_cpus=engine_cpus)
         with contextlib.ExitStack() as undo:  # undone if start-up fails from here on
-            undo.callback(engine.close)
-            affinity_before = None
-            if engine.in_child_process and engine_cpus:
-                # The engine process has its cores; this one (HTTP, decoding) keeps off them.
-                affinity_before = frozenset(os.sched_getaffinity(0))
-                pin_process(affinity_before - engine_cpus)
-                undo.callback(pin_process, affinity_before)
-            for item in settings.pinned_tasks:
-                engine.bank.pin(*item.split("/", 1))
             if store is None:
-                s3 = {"endpoint_url": settings.s3_endpoint_url, "region": settings.s3_region}
-                store = open_store(
-                    settings.store,
-                    keep_versions=settings.keep_versions,
-                    limits=artifact_limits(settings),
-                    **(s3 if settings.store.startswith("s3://") else {}),
-                )
-            metrics = metrics or Metrics()
-            scheduler = Scheduler(
-                engine,
-                store,
-                SchedulerConfig(
-                    max_batch_size=settings.max_batch_size,
-                    max_batch_delay_s=settings.max_batch_delay_ms / 1000,
-                    max_queue_images=settings.max_queue_images,
-                    batching=settings.batching,
-                    pipeline_depth=settings.effective_pipeline_depth(device.type),
-                    version_ttl_s=settings.version_ttl_s,
-                    preempt=settings.effective_preempt(device.type),
-                ),
-                hooks=metrics,
-            )
-            metrics.bind(engine.bank.stats, lambda: scheduler.queued_images, lambda: scheduler.in_flight)
-            await asyncio.to_thread(engine.warmup, tuple(sorted({1, min(8, settings.max_batch_size)})))
-            await scheduler.start()
+                store = open_settings_store(settings)
+                undo.callback(store.close)
+            engine_core: Core
+            if core is None:
+                engine_core = await LocalCore.start(settings, store, metrics)
+                rate_limiter: RateLimiter | SharedRateLimiter = RateLimiter()
+            else:
+                # An API server: torch only transforms images here (the decode pool is the parallelism),
+                # and never touches the device (a CUDA context per API server would cost each ~0.5 GB).
+                torch.set_num_threads(1)
+                engine_core = await CoreClient.connect(core)
+                rate_limiter = SharedRateLimiter(core.rate_table)
             preprocess = Preprocessor(
-                backbone.cfg,
+                engine_core.info.cfg,
                 ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels),
                 # As many as the CPUs, counted before this process left the engine's: a request's
                 # decode must not queue behind another's in a pool of one thread.
                 settings.decode_threads or cpus,
-                device=device,
-                gpu_decode=settings.gpu_decode,
+                device=torch.device(engine_core.info.device),
+                gpu_decode=settings.gpu_decode and core is None,
             )
             # Everything alive now (torch, FastAPI, the backbone's Python objects: ~250k tracked objects)
             # lives as long as the server. A full collection scans them all and holds the GIL for ~150 ms,
@@ -176,23 +98,14 @@ class Services:
             # are left out of every collection (CPython's gc.freeze, meant for exactly this).
             gc.collect()
             gc.freeze()
-            undo.pop_all()  # started: `stop` undoes it from now on
-            return cls(
-                settings,
-                engine,
-                store,
-                scheduler,
-                preprocess,
-                metrics,
-                TaskStats(scheduler.residency.knows),
-                tenants=tenants,
-                switch_interval_before=switch_interval_before,
-                affinity_before=affinity_before,
-            )
+            undo.pop_all()
+        return cls(
+            settings, engine_core, store, preprocess, metrics, tenants=tenants, rate_limiter=rate_limiter
+        )
 
     @property
     def ready(self) -> bool:
-        return self.engine.ready and not self.draining
+        return self.core.ready and not self.draining
 
     @property
     def not_ready_reason(self) -> str:
@@ -201,32 +114,24 @@ class Services:
     def validate_upload(self, data: bytes) -> None:
         """Store-side validator: the artifact must fit this backbone and this bank."""
         meta = read_metadata(data, artifact_limits(self.settings))
-        validate_for_backbone(meta, self.engine.signature)
+        validate_for_backbone(meta, self.core.info.signature)
         _, P, _ = meta.prompt_shape
         try:
-            self.engine.bank.check_fits_shape(P, meta.num_classes)
+            check_fits_shape(P, meta.num_classes, self.settings.max_prompt_length, self.settings.max_classes)
         except TaskTooLarge as e:
             raise ArtifactError(e.field, str(e)) from None
 
     async def stop(self) -> None:
         self.draining = True
         try:
-            await self.scheduler.drain(timeout_s=self.settings.request_timeout_s)
-            await self.scheduler.close()
-        finally:  # whatever happened, the engine process is stopped (it waits up to ~10 s: a thread)
-            await asyncio.to_thread(self.engine.close)
+            await self.core.stop(timeout_s=self.settings.request_timeout_s)
+        finally:
             self.preprocess.close()
             self.store.close()
-        # start's process-wide settings, undone: an in-process app (tests, embedding) leaves the
-        # interpreter as it found it, and its engine can be collected.
-        gc.unfreeze()
-        if self.switch_interval_before is not None:
-            sys.setswitchinterval(self.switch_interval_before)
-        if self.affinity_before is not None:
-            pin_process(self.affinity_before)
+            gc.unfreeze()
 
 
-def open_tenants(settings: Settings) -> TenantRegistry | None:
+def open_tenants(settings: Settings, *, announce: bool = True) -> TenantRegistry | None:
     """The tenant registry, or None in open mode (refused on a non-loopback bind unless forced).
 
     With neither a tenants file nor open mode, a tenants file with one admin tenant is created, so the
@@ -241,13 +146,14 @@ def open_tenants(settings: Settings) -> TenantRegistry | None:
                 f"refusing open mode (no API keys) on non-loopback host {settings.host!r}: "
                 "use a tenants file, or set VPT_OPEN_MODE_FORCE=true if you really mean it"
             )
-        log.warning(
-            "\n%s\nOPEN MODE: no API keys are checked; every caller is the admin of tenant %r. "
-            "For local development only.\n%s",
-            "!" * 78,
-            settings.default_tenant,
-            "!" * 78,
-        )
+        if announce:
+            log.warning(
+                "\n%s\nOPEN MODE: no API keys are checked; every caller is the admin of tenant %r. "
+                "For local development only.\n%s",
+                "!" * 78,
+                settings.default_tenant,
+                "!" * 78,
+            )
         return None
     path = Path(settings.tenants_file)
     created = not path.exists()
@@ -263,7 +169,8 @@ def open_tenants(settings: Settings) -> TenantRegistry | None:
         registry = TenantRegistry.from_file(path)
     except TenantsFileError as e:
         raise SystemExit(str(e)) from None
-    _show_admin_key(registry, created)
+    if announce:
+        _show_admin_key(registry, created)
     return registry
 
 
@@ -313,11 +220,3 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def artifact_limits(settings: Settings) -> ArtifactLimits:
-    return ArtifactLimits(
-        max_bytes=settings.max_artifact_bytes,
-        max_prompt_length=settings.max_prompt_length,
-        max_classes=settings.max_classes,
-    )

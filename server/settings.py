@@ -85,6 +85,20 @@ class Settings(BaseSettings):
     s3_region: str | None = Field(None, description="S3 region (else AWS_REGION / AWS_DEFAULT_REGION)")
 
     # --- HTTP ------------------------------------------------------------------------------------
+    api_servers: int | None = Field(
+        None,
+        ge=0,
+        le=64,
+        description="API-server processes (HTTP, auth, parsing, decoding) in front of one engine-core "
+        "process (engine, bank, scheduler), sharing the port; 0 = one process does everything. Unset: "
+        "chosen from the device and the CPUs (docs/architecture.md)",
+    )
+    api_arena_bytes: int = Field(
+        0,
+        ge=0,
+        description="Shared memory per API server for decoded images on their way to the engine core; "
+        "0 = two of the largest requests, at least 32 MiB",
+    )
     host: str = Field("127.0.0.1", description="Bind address (0.0.0.0 to serve other hosts)")
     port: int = Field(8000, ge=0, le=65535, description="Bind port")
     log_level: str = Field("info", description="debug, info, warning, error")
@@ -132,7 +146,8 @@ class Settings(BaseSettings):
         False,
         description="CUDA only: decode JPEGs at least twice the resize side with nvJPEG "
         "(torchvision.io.decode_jpeg) and resize them on the GPU when torchvision is installed; Pillow "
-        "otherwise. Opt-in: it differs from Pillow's (the trainer's) transform by ~0.05-0.4 uint8 levels",
+        "otherwise. Opt-in: it differs from Pillow's (the trainer's) transform by ~0.05-0.4 uint8 levels. "
+        "With VPT_API_SERVERS=0 only (API servers decode with Pillow)",
     )
 
     # --- prompt bank -----------------------------------------------------------------------------
@@ -190,6 +205,11 @@ class Settings(BaseSettings):
             raise ValueError("VPT_METRICS_PORT must differ from VPT_PORT")
         return self
 
+    def effective_api_servers(self, device_type: str, cpus: int) -> int:
+        if self.api_servers is not None:
+            return self.api_servers
+        return default_api_servers(device_type, cpus)
+
     def effective_pipeline_depth(self, device_type: str) -> int:
         if self.pipeline_depth:
             return self.pipeline_depth
@@ -207,6 +227,17 @@ class Settings(BaseSettings):
             and self.effective_pipeline_depth(device_type) == 1
             and not self.compile
         )
+
+
+def default_api_servers(device_type: str, cpus: int) -> int:
+    """API servers when VPT_API_SERVERS is unset (measurements: docs/architecture.md, "How many API
+    servers"). CUDA: half the CPUs, up to 8 — each API server handles ~600 one-JPEG requests/s on a core,
+    and the device does thousands. CPU: none — the engine, not the front end, bounds a CPU server
+    (ViT-B/16: ~185 ms of CPU per image against the front end's ~1.5 ms), and the split's
+    inter-process hop cost 6-16 % of the one-JPEG throughput on 2 cores."""
+    if device_type == "cuda":
+        return max(1, min(8, cpus // 2))
+    return 0
 
 
 def settings_markdown() -> str:

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -93,43 +92,35 @@ async def run_images(
     route: str,
     started: float,
 ) -> tuple[list[Result], Timings]:
-    """Admit, decode and submit one request's images, once per output kind (the scheduler batches
-    one kind at a time), and record the task's stats: /v1 and /v2 (`server.api.v2`) alike.
+    """Admit, decode and run one request's images on the engine core, once per output kind (the
+    scheduler batches one kind at a time): /v1 and /v2 (`server.api.v2`) alike.
 
-    Each submission queues the n images again, and the scheduler bounds a tenant's queued images as
-    it queues them, so admission holds room for all of them: a request the bound must refuse is
-    refused before decoding, not after its first submission ran. The first submission to fail
-    cancels the others (their queued images are freed, no engine work is left running for them).
+    Each output queues the n images again, and the scheduler bounds a tenant's queued images as it
+    queues them, so admission holds room for all of them: a request the bound must refuse is refused
+    before decoding, not after its first output ran. The first output to fail cancels the others
+    (`Core.run`); the core counts the request in the task's usage.
 
     `route` labels `vpt_images_total`; `started` is when the request began (for `total_ms`)."""
     tenant, quotas = principal.tenant, principal.quotas
-    s = services.settings
+    core = services.core
     max_queued = quotas.max_queued_images if quotas else None
-    with services.scheduler.admit(tenant, images.n * len(outputs), max_queued):  # refuse before decoding
+    admission = await core.admit(tenant, images.n * len(outputs), max_queued)  # refuse before decoding
+    try:
         pixels = await images.decode()
-    services.metrics.images_decoded.inc(images.n)
-    t1 = time.perf_counter()
-    jobs = [
-        services.scheduler.submit(
-            tenant,
+        services.metrics.images_decoded.inc(images.n)
+        t1 = time.perf_counter()
+        work = core.run(
+            admission,
             task_id,
             pixels,
-            output=output,
+            outputs,
             top_k=top_k,
-            timeout_s=s.request_timeout_s,
+            timeout_s=services.settings.request_timeout_s,
             weight=quotas.weight if quotas else 1.0,
-            tenant_max_queued=max_queued,
         )
-        for output in outputs
-    ]
-    try:
-        # One output (every /v1 request) awaits its submission alone: no task per request.
-        work = _all(jobs) if len(jobs) > 1 else _listed(jobs[0])
         results = await unless_disconnected(request, work)
-    except Exception:
-        services.task_stats.record(tenant, task_id, images.n, ok=False)
-        raise
-    services.task_stats.record(tenant, task_id, images.n, ok=True)
+    finally:
+        admission.release()  # if decoding failed, or the work never started: its room goes back
     services.metrics.images.labels(route).inc(images.n)
     timings = Timings(
         decode_ms=(t1 - started) * 1000,  # reading the body included, as ever
@@ -139,23 +130,6 @@ async def run_images(
         batch_size=results[0].batch_size,
     )
     return results, timings
-
-
-async def _listed(job: Awaitable[Result]) -> list[Result]:
-    return [await job]
-
-
-async def _all(jobs: list[Coroutine[Any, Any, Result]]) -> list[Result]:
-    """Every job's result, in order; the first to fail cancels the others, which are awaited before
-    its error goes on (so their queued images are gone by then). Python 3.10 has no TaskGroup."""
-    tasks = [asyncio.ensure_future(job) for job in jobs]
-    try:
-        return list(await asyncio.gather(*tasks))
-    except BaseException:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
 
 
 TopK = Annotated[

@@ -24,8 +24,8 @@ router = APIRouter(tags=["system"])
 )
 async def info(services: ServicesDep, _: PrincipalDep) -> InfoResponse:
     """Needs any valid API key (it reveals the backbone and the limits, nothing per tenant)."""
-    bb, cfg, s = services.engine.backbone, services.engine.cfg, services.settings
-    stats = services.engine.bank.stats()
+    bb, cfg, s = services.core.info, services.core.info.cfg, services.settings
+    stats = (await services.core.live()).bank
     return InfoResponse(
         backbone=BackboneInfo(
             backbone_id=bb.backbone_id,
@@ -39,8 +39,8 @@ async def info(services: ServicesDep, _: PrincipalDep) -> InfoResponse:
             resize_size=cfg.resize_size,
             mean=list(cfg.mean),
             std=list(cfg.std),
-            device=str(services.engine.device),
-            dtype=str(services.engine.dtype).removeprefix("torch."),
+            device=bb.device,
+            dtype=bb.dtype,
         ),
         limits=Limits(
             max_batch_size=s.max_batch_size,
@@ -72,7 +72,7 @@ async def info(services: ServicesDep, _: PrincipalDep) -> InfoResponse:
 )
 async def healthz(request: Request, response: Response) -> dict[str, str]:
     services: Services | None = getattr(request.app.state, "services", None)
-    if services is not None and not services.engine.alive:
+    if services is not None and not services.core.alive:
         response.status_code = 503
         return {"status": "engine process exited"}
     return {"status": "ok"}
@@ -126,4 +126,6 @@ async def metrics_reader(
 )
 async def metrics(services: ServicesDep) -> Response:
     """Needs the metrics token (`VPT_METRICS_TOKEN`) when one is set, else an admin API key."""
-    return Response(generate_latest(services.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    live = await services.core.live() if services.core.alive else None
+    registry = services.metrics.exposition(lambda: live)
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -13,6 +13,7 @@ from server.api.bodies import SMALL_JSON_BYTES, read_artifact, read_model
 from server.api.common import ERRORS, id_rule_schema
 from server.api.deps import PrincipalDep, ServicesDep, TaskId
 from server.api.schemas import RollbackRequest, TaskList, TaskOut, TaskUsage, VersionOut
+from server.core.handle import TaskState
 from server.services import Services
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
@@ -35,7 +36,13 @@ ARTIFACT_BODY: dict[str, Any] = {
 }
 
 
-def task_out(services: Services, info: TaskInfo, *, usage: bool = True) -> TaskOut:
+async def task_out(services: Services, info: TaskInfo) -> TaskOut:
+    """One task as the API shows it, with its residency and usage from the engine core."""
+    (state,) = await services.core.task_state(info.tenant, [info.task_id])
+    return _task_out(info, state, usage=True)
+
+
+def _task_out(info: TaskInfo, state: TaskState, *, usage: bool) -> TaskOut:
     m = info.metadata
     return TaskOut(
         task_id=info.task_id,
@@ -55,8 +62,8 @@ def task_out(services: Services, info: TaskInfo, *, usage: bool = True) -> TaskO
             VersionOut(version=v.version, sha256=v.sha256, size=v.size, created=v.created)
             for v in info.versions
         ],
-        resident_versions=services.scheduler.resident_versions(info.tenant, info.task_id),
-        usage=TaskUsage(**vars(services.task_stats.get(info.tenant, info.task_id))) if usage else None,
+        resident_versions=state.resident_versions,
+        usage=TaskUsage(**vars(state.usage)) if usage else None,
     )
 
 
@@ -83,9 +90,9 @@ async def upload(
     # uploads, other processes and replicas cannot take the tenant past its limit.
     max_tasks = quotas.max_tasks if quotas is not None else None
     existed, info = await services.uploads.put(tenant, task_id, data, max_tasks=max_tasks)
-    services.scheduler.task_changed(tenant, task_id, info.current.version)
+    await services.core.task_changed(tenant, task_id, info.current.version)
     response.status_code = 200 if existed else 201
-    return task_out(services, info)
+    return await task_out(services, info)
 
 
 @router.get("", response_model=TaskList, responses=ERRORS, summary="List the tenant's tasks")
@@ -103,22 +110,23 @@ async def list_tasks(
     ] = None,
 ) -> TaskList:
     page = await asyncio.to_thread(services.store.list_tasks, principal.tenant, limit, cursor)
+    states = await services.core.task_state(principal.tenant, [t.task_id for t in page.items])
     return TaskList(
-        tasks=[task_out(services, t, usage=False) for t in page.items], next_cursor=page.next_cursor
+        tasks=[_task_out(t, state, usage=False) for t, state in zip(page.items, states, strict=True)],
+        next_cursor=page.next_cursor,
     )
 
 
 @router.get("/{task_id}", response_model=TaskOut, responses=ERRORS, summary="Show a task")
 async def get_task(task_id: TaskId, services: ServicesDep, principal: PrincipalDep) -> TaskOut:
     info = await asyncio.to_thread(services.store.info, principal.tenant, task_id)
-    return task_out(services, info)
+    return await task_out(services, info)
 
 
 @router.delete("/{task_id}", status_code=204, responses=ERRORS, summary="Delete a task and all its versions")
 async def delete_task(task_id: TaskId, services: ServicesDep, principal: PrincipalDep) -> Response:
     await asyncio.to_thread(services.store.delete, principal.tenant, task_id)
-    services.scheduler.task_deleted(principal.tenant, task_id)
-    services.task_stats.forget(principal.tenant, task_id)
+    await services.core.task_deleted(principal.tenant, task_id)
     return Response(status_code=204)
 
 
@@ -151,5 +159,5 @@ async def rollback(
         return store.info(tenant, task_id)
 
     info = await asyncio.to_thread(do)
-    services.scheduler.task_changed(tenant, task_id, info.current.version)
-    return task_out(services, info)
+    await services.core.task_changed(tenant, task_id, info.current.version)
+    return await task_out(services, info)

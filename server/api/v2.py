@@ -115,7 +115,7 @@ async def server_metadata(_: PrincipalDep) -> dict[str, Any]:
 )
 async def live(request: Request) -> Response:
     services: Services | None = getattr(request.app.state, "services", None)
-    if services is not None and not services.engine.alive:
+    if services is not None and not services.core.alive:
         raise Unavailable("the engine process exited: restart the server")
     return Response(status_code=200)
 
@@ -149,7 +149,7 @@ async def _model(services: Services, principal: Principal, task_id: str, version
 
 
 def _metadata(services: Services, info: TaskInfo) -> dict[str, Any]:
-    C, D = info.metadata.num_classes, services.engine.cfg.embed_dim
+    C, D = info.metadata.num_classes, services.core.info.cfg.embed_dim
     shapes = {"scores": [-1, C], "top_indices": [-1, -1], "top_labels": [-1, -1], "top_scores": [-1, -1]}
     return {
         "name": info.task_id,
@@ -170,7 +170,7 @@ def _config(services: Services, info: TaskInfo) -> dict[str, Any]:
     """Triton's model configuration, as far as clients read it (perf_analyzer: max_batch_size, the
     inputs and outputs). With max_batch_size > 0, dims leave out the batch dimension."""
     s = services.settings
-    C, D = info.metadata.num_classes, services.engine.cfg.embed_dim
+    C, D = info.metadata.num_classes, services.core.info.cfg.embed_dim
     dims = {"scores": [C], "embedding": [D]}
     return {
         "name": info.task_id,

@@ -76,6 +76,16 @@ class BankStats:
     loads: int
 
 
+def check_fits_shape(prompt_length: int, num_classes: int, max_prompt_length: int, max_classes: int) -> None:
+    """TaskTooLarge unless a task of this shape fits a bank's slots."""
+    if prompt_length > max_prompt_length:
+        raise TaskTooLarge(
+            "prompts", f"prompt length {prompt_length} exceeds this server's limit {max_prompt_length}"
+        )
+    if num_classes > max_classes:
+        raise TaskTooLarge("head.weight", f"{num_classes} classes exceed this server's limit {max_classes}")
+
+
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, shared: bool) -> torch.Tensor:
     if not shared:
         return torch.zeros(shape, dtype=dtype, device=device)
@@ -196,15 +206,7 @@ class PromptBank:
         self.check_fits_shape(artifact.prompt_length, artifact.num_classes)
 
     def check_fits_shape(self, prompt_length: int, num_classes: int) -> None:
-        if prompt_length > self.max_prompt_length:
-            raise TaskTooLarge(
-                "prompts",
-                f"prompt length {prompt_length} exceeds this server's limit {self.max_prompt_length}",
-            )
-        if num_classes > self.max_classes:
-            raise TaskTooLarge(
-                "head.weight", f"{num_classes} classes exceed this server's limit {self.max_classes}"
-            )
+        check_fits_shape(prompt_length, num_classes, self.max_prompt_length, self.max_classes)
 
     def install(self, key: TaskKey, artifact: TaskArtifact) -> int:
         """Write a task into a free (or the least recently used evictable) slot; returns the slot.

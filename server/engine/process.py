@@ -49,6 +49,7 @@ import torch
 import torch.multiprocessing as tmp
 
 from server.engine.faults import Faults
+from server.threads import name_process
 
 if TYPE_CHECKING:
     from server.engine.bank import PromptBank
@@ -400,6 +401,7 @@ def _child_main(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the server's tenants-file reload signal
+    name_process("vpt-engine")
     torch.set_num_threads(threads)
     model = weights.model()
     if cpus and hasattr(os, "sched_setaffinity"):

@@ -75,10 +75,30 @@ def children(pid: int) -> list[int]:
     return [int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()]
 
 
+def descendants(pid: int) -> list[int]:
+    """Every live process `pid` started, and theirs, recursively."""
+    found, todo = [], [pid]
+    while todo:
+        try:
+            kids = children(todo.pop())
+        except OSError:  # exited meanwhile
+            continue
+        found += kids
+        todo += kids
+    return found
+
+
+def comm(pid: int) -> str:
+    """The process's name (`server.threads.name_process`); "" once it has exited."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
 def engine_pid(server_pid: int) -> int:
-    """The server's engine process: the one child of its multiprocessing fork server."""
-    servers = [c for c in children(server_pid) if b"forkserver" in Path(f"/proc/{c}/cmdline").read_bytes()]
-    assert len(servers) == 1, servers
-    found = children(servers[0])
+    """The server's engine process (`vpt-engine`): a child of the server's multiprocessing fork server,
+    in the server process or, with API servers, in the engine core."""
+    found = [c for c in descendants(server_pid) if comm(c) == "vpt-engine"]
     assert len(found) == 1, found
     return found[0]

@@ -244,7 +244,7 @@ def test_embedded_app_whose_engine_process_dies_fails_liveness_and_answers_503(t
         assert client.put("/v1/tasks/t", content=artifact_bytes(backbone, P=2, mode="deep", C=3, seed=0),
                           headers=OCTET).status_code == 201  # fmt: skip
         assert classify(client, "t").status_code == 200
-        engine = app.state.services.engine
+        engine = app.state.services.core.engine
         assert engine.in_child_process and client.get("/healthz").json() == {"status": "ok"}
         process = engine.executor.process
         os.kill(process._proc.pid, signal.SIGKILL)

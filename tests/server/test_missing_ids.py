@@ -115,7 +115,7 @@ def test_missing_ids_leave_no_state_and_a_new_task_starts_clean(tmp_path, backbo
     async def scenario() -> None:
         async with app.router.lifespan_context(app):
             services = app.state.services
-            residency, stats = services.scheduler.residency, services.task_stats
+            residency, stats = services.core.scheduler.residency, services.core.task_stats
             # A real task, used once: it has state and counters, which must survive the flood.
             assert (await call(app, "PUT", "/v1/tasks/real", task, OCTET))[0] == 201
             assert (await classify(app, "real"))[0] == 200
@@ -169,7 +169,7 @@ def test_a_task_deleted_elsewhere_loses_its_usage(tmp_path, backbone) -> None:
     async def scenario() -> None:
         async with app.router.lifespan_context(app):
             services = app.state.services
-            residency = services.scheduler.residency
+            residency = services.core.scheduler.residency
             assert (await call(app, "PUT", "/v1/tasks/t", task, OCTET))[0] == 201
             assert (await classify(app, "t"))[0] == 200
             services.store.delete("default", "t")  # as another replica would
@@ -181,7 +181,7 @@ def test_a_task_deleted_elsewhere_loses_its_usage(tmp_path, backbone) -> None:
             while residency.knows("default", "t") and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)
             assert (await classify(app, "t"))[0] == 404
-            assert (len(residency), len(services.task_stats)) == (0, 0)
+            assert (len(residency), len(services.core.task_stats)) == (0, 0)
             assert (await call(app, "PUT", "/v1/tasks/t", task, OCTET))[0] == 201
             usage = (await call(app, "GET", "/v1/tasks/t"))[1]["usage"]
             assert usage == {"requests": 0, "images": 0, "errors": 0, "last_used": None}

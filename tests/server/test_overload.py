@@ -44,7 +44,7 @@ from PIL import Image
 from server.tenants import generate_key
 from tests.server.helpers import METRICS_AUTH, METRICS_TOKEN, artifact_bytes, write_tenants
 from tests.server.rawhttp import Flood, RawClient, flood
-from tests.server.server_proc import ServerProcess, engine_pid
+from tests.server.server_proc import ServerProcess, descendants, engine_pid
 from vpt.hub import load_backbone
 
 pytestmark = pytest.mark.integration
@@ -68,10 +68,14 @@ def json_images(n: int, seed: int = 0) -> bytes:
 
 
 def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
+    """The server's resident memory: its process and every one it started (engine core, API servers,
+    engine process)."""
+    total = 0.0
+    for p in [pid, *descendants(pid)]:
+        for line in Path(f"/proc/{p}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1]) / 1024
+    return total
 
 
 @dataclass
@@ -167,12 +171,19 @@ def auth(tenant: str) -> dict[str, str]:
     return {"authorization": f"Bearer {KEYS[tenant]}", "content-type": "application/json"}
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+# The same server in one process and with two API-server processes in front of the engine core: fair
+# share, queue bounds and deadlines are the core's, whichever process a request came through.
+API_SERVERS = pytest.mark.parametrize("api_servers", [0, 2], ids=["one-process", "2-api-servers"])
+
+
+@pytest.fixture(scope="module", params=[0, 2], ids=["one-process", "2-api-servers"])
+def server(tmp_path_factory, request):
     # torch_threads is left at auto (all cores but one on CPU): with torch on both cores its OpenMP
     # workers spin against the event loop, the decoders and this load generator (measured: B's p99
     # ratio 41x instead of ~5x).
-    proc = start(tmp_path_factory.mktemp("overload"), KEYS, QUOTAS, max_queue_images=100000)
+    proc = start(
+        tmp_path_factory.mktemp("overload"), KEYS, QUOTAS, max_queue_images=100000, api_servers=request.param
+    )
     yield proc
     assert proc.stop() == 0, proc.log()[-3000:]
 
@@ -322,7 +333,8 @@ def test_memory_stays_bounded_under_sustained_flood(server):
 # ----------------------------------------------------------------------------- queues and deadlines
 
 
-def test_bounded_queue_429_and_deadline_504(tmp_path):
+@API_SERVERS
+def test_bounded_queue_429_and_deadline_504(tmp_path, api_servers):
     """One burst past every bound: 429 + Retry-After (queue full), 504 (deadline), then normal service.
 
     The engine process is stopped (SIGSTOP) for the burst, as an engine that has fallen behind: what
@@ -337,6 +349,7 @@ def test_bounded_queue_429_and_deadline_504(tmp_path):
         tmp_path,
         keys,
         {"big": {"rate_per_s": 100000.0, "max_queued_images": 100000}},
+        api_servers=api_servers,
         max_queue_images=queue_images,  # 25 requests of BATCH images
         request_timeout_s=deadline_s,
     )
@@ -401,7 +414,8 @@ def test_bounded_queue_429_and_deadline_504(tmp_path):
         assert proc.stop() == 0, proc.log()[-3000:]
 
 
-def test_queue_bound_is_checked_before_decoding(tmp_path):
+@API_SERVERS
+def test_queue_bound_is_checked_before_decoding(tmp_path, api_servers):
     keys = {"a": generate_key()}
     # A 5 s batching delay holds a first request of BATCH - 1 images in the queue (a full batch
     # would be dispatched at once), so any further 8-image request is over the tenant's bound. The
@@ -411,6 +425,7 @@ def test_queue_bound_is_checked_before_decoding(tmp_path):
         tmp_path,
         keys,
         {"a": {"rate_per_s": 100000.0, "max_queued_images": BATCH}},
+        api_servers=api_servers,
         max_batch_delay_ms=int(delay_s * 1000),
     )
     headers = {"authorization": f"Bearer {keys['a']}", "content-type": "application/json"}

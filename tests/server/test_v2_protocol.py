@@ -17,9 +17,10 @@ from types import SimpleNamespace
 import httpx
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from server.api.inference import Images, run_images
+from server.core.local import LocalCore
 from server.errors import Overloaded
 from server.tenants import generate_key
 from tests.server.helpers import (
@@ -389,13 +390,15 @@ def test_a_tenants_queue_bound_counts_every_output_at_admission(server):
 
 def test_a_failed_output_cancels_the_other():
     """When one output's submission fails, the other's is cancelled (its queued images freed, no
-    engine work left running) before the error goes on, and admission held room for both."""
+    engine work left running) before the error goes on, admission held room for both, and the task's
+    usage counts the request once, as failed (`LocalCore.run`, which /v1 and /v2 requests go through)."""
 
     class Scheduler:
         def __init__(self) -> None:
             self.admitted: list[int] = []
             self.queued = 0  # classify's images waiting
             self.cancelled = False
+            self.residency = SimpleNamespace(knows=lambda tenant, task_id: True)
 
         @contextlib.contextmanager
         def admit(self, tenant, n, max_queued):
@@ -415,39 +418,29 @@ def test_a_failed_output_cancels_the_other():
             finally:
                 self.queued -= len(pixels)
 
-    class Client:  # never disconnects
-        async def receive(self):
-            await asyncio.Event().wait()
-
-    counter = SimpleNamespace(inc=lambda n: None, labels=lambda route: SimpleNamespace(inc=lambda n: None))
+    backbone = load_backbone(BACKBONE_SPEC)
+    engine = SimpleNamespace(backbone=backbone, cfg=backbone.cfg, device="cpu", dtype="torch.float32")
     scheduler = Scheduler()
-    services = SimpleNamespace(
-        settings=SimpleNamespace(request_timeout_s=5.0),
-        scheduler=scheduler,
-        metrics=SimpleNamespace(images_decoded=counter, images=counter),
-        task_stats=SimpleNamespace(record=lambda *a, **k: None),
-    )
-
-    async def decode():
-        return [0, 0]  # 2 images
+    core = LocalCore(engine, scheduler)  # type: ignore[arg-type]
 
     async def main() -> None:
+        admission = await core.admit("t", 4, None)  # 2 images, 2 outputs
         with pytest.raises(Overloaded):
-            await run_images(
-                Client(),
-                services,
-                SimpleNamespace(tenant="t", quotas=None),
+            await core.run(
+                admission,
                 "birds",
-                Images(2, decode),
+                torch.zeros(2, 3, 8, 8),
                 ("classify", "embed"),
                 top_k=5,
-                route="v2_infer",
-                started=0.0,
+                timeout_s=5,
+                weight=1,
             )
         assert scheduler.cancelled and scheduler.queued == 0
 
     asyncio.run(main())
-    assert scheduler.admitted == [4]  # 2 images, 2 outputs
+    assert scheduler.admitted == [4]
+    usage = core.task_stats.get("t", "birds")
+    assert (usage.requests, usage.errors, usage.images) == (1, 1, 0)
 
 
 def test_unknown_and_other_tenants_models_are_the_same_404(client):

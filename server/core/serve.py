@@ -1,0 +1,190 @@
+"""The engine-core side of the API servers' sockets: each connection's requests go to the one
+`LocalCore` (engine, bank, residency, fair scheduler) this process owns, so fairness, queue bounds,
+deadlines and task versions hold across every API server.
+
+A request's images are read in place from its API server's arena (`server.core.arena`): the scheduler
+copies them into the batch when the batch is built. Every RUN is answered exactly once (RESULT or
+ERROR, a cancelled one too), which is what lets the API server reuse the block.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from typing import Any
+
+from server.core import protocol as p
+from server.core.arena import Arena
+from server.core.handle import Admission
+from server.core.local import LocalCore
+from server.errors import InvalidRequest, ServingError, Unavailable
+
+log = logging.getLogger(__name__)
+
+
+class CoreServer:
+    """Serves `core` on a Unix socket at `path` (mode 0600: only this user's processes connect)."""
+
+    def __init__(self, core: LocalCore, path: str) -> None:
+        self.core, self.path = core, path
+        self._server: asyncio.AbstractServer | None = None
+        self.connections: set[_Connection] = set()
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        old = os.umask(0o177)
+        try:
+            self._server = await loop.create_unix_server(lambda: _Connection(self), self.path)
+        finally:
+            os.umask(old)
+
+    async def close(self) -> None:
+        """Stop accepting API servers; the connected ones keep their requests until they hang up."""
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    def drop_all(self, reason: str) -> None:
+        """Fail every connection (the engine died): each API server answers its requests with 503."""
+        for conn in list(self.connections):
+            conn.abort(reason)
+
+
+class _Connection(p.Framed):
+    def __init__(self, server: CoreServer) -> None:
+        super().__init__(self._on_message, self._on_lost)
+        self.server, self.core = server, server.core
+        self.arena: Arena | None = None
+        self.peer = "?"
+        self._tasks: dict[int, asyncio.Task[None]] = {}  # running RUNs and CALLs, by request id
+        self._held: dict[int, Admission] = {}  # RESERVEd room not yet RUN or RELEASEd
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        self.server.connections.add(self)
+
+    def abort(self, reason: str) -> None:
+        log.info("dropping API server %s: %s", self.peer, reason)
+        if self.transport is not None:
+            self.transport.abort()
+
+    # --- messages --------------------------------------------------------------------------------
+
+    def _on_message(self, kind: int, rid: int, payload: memoryview) -> None:
+        try:
+            if kind == p.RUN:
+                self._start(rid, self._run(rid, p.Run.decode(payload)))
+            elif kind == p.RESERVE:
+                self._reserve(rid, *p.decode_reserve(payload))
+            elif kind == p.RELEASE:
+                held = self._held.pop(rid, None)
+                if held is not None:
+                    held.release()
+            elif kind == p.CANCEL:
+                task = self._tasks.get(rid)
+                if task is not None:
+                    task.cancel()
+            elif kind == p.CALL:
+                self._start(rid, self._call(rid, p.decode_json(payload)))
+            elif kind == p.HELLO:
+                self._hello(rid, p.decode_json(payload))
+            else:
+                raise ValueError(f"unknown message kind {kind}")
+        except ServingError as e:
+            self.send(p.ERROR, rid, p.encode_error(e))
+        except Exception as e:  # a malformed message: the peer is broken, not the core
+            log.exception("bad message from API server %s", self.peer)
+            self.send(p.ERROR, rid, p.encode_error(InvalidRequest(f"bad message: {e}")))
+
+    def _hello(self, rid: int, hello: dict[str, Any]) -> None:
+        self.peer = str(hello["pid"])
+        self.arena = Arena(hello["arena"], int(hello["arena_bytes"]), create=False)
+        self.send(p.WELCOME, rid, p.encode_json({"info": self.core.info.to_json()}))
+
+    def _reserve(self, rid: int, tenant: str, n: int, bound: int | None) -> None:
+        if not self.core.ready:
+            raise Unavailable("the engine is not ready")
+        # LocalCore.admit does not wait: it holds the room or raises Overloaded.
+        coro = self.core.admit(tenant, n, bound)
+        try:
+            coro.send(None)
+        except StopIteration as done:
+            self._held[rid] = done.value
+            self.send(p.OK, rid)
+        else:  # pragma: no cover - admit never suspends
+            coro.close()
+            raise RuntimeError("admit suspended")
+
+    def _start(self, rid: int, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks[rid] = task
+        task.add_done_callback(lambda _t: self._tasks.pop(rid, None))
+
+    async def _run(self, rid: int, run: p.Run) -> None:
+        admission = self._held.pop(rid, None)
+        try:
+            if admission is None:
+                raise InvalidRequest("a RUN without its RESERVE")
+            if self.arena is None:
+                raise InvalidRequest("a RUN before HELLO")
+            images = self.arena.view(run.offset, (run.n, 3, run.height, run.width))
+            results = await self.core.run(
+                admission,
+                run.task_id,
+                images,
+                run.outputs,
+                top_k=run.top_k,
+                timeout_s=run.timeout_s,
+                weight=run.weight,
+            )
+        except asyncio.CancelledError:
+            self.send(p.ERROR, rid, p.encode_error(Unavailable("cancelled")))
+            raise
+        except Exception as e:
+            if not isinstance(e, ServingError):
+                log.exception("request %d of API server %s failed", rid, self.peer)
+            self.send(p.ERROR, rid, p.encode_error(e))
+        else:
+            self.send(p.RESULT, rid, p.encode_results(results))
+        finally:
+            if admission is not None:
+                admission.release()
+
+    async def _call(self, rid: int, call: dict[str, Any]) -> None:
+        op = call.pop("op")
+        try:
+            if op == "task_changed":
+                answer: Any = await self.core.task_changed(
+                    call["tenant"], call["task_id"], int(call["version"])
+                )
+            elif op == "task_deleted":
+                answer = await self.core.task_deleted(call["tenant"], call["task_id"])
+            elif op == "task_state":
+                states = await self.core.task_state(call["tenant"], list(call["task_ids"]))
+                answer = [{"resident_versions": s.resident_versions, "usage": vars(s.usage)} for s in states]
+            elif op == "live":
+                live = await self.core.live()
+                answer = {
+                    "bank": vars(live.bank),
+                    "queued_images": live.queued_images,
+                    "in_flight": live.in_flight,
+                }
+            else:
+                raise InvalidRequest(f"unknown call {op!r}")
+        except Exception as e:
+            self.send(p.ERROR, rid, p.encode_error(e))
+        else:
+            self.send(p.ANSWER, rid, p.encode_json(answer))
+
+    def _on_lost(self, exc: Exception | None) -> None:
+        """The API server is gone (exited, killed, or dropped): its requests leave the queues."""
+        self.server.connections.discard(self)
+        for task in list(self._tasks.values()):
+            task.cancel()
+        for held in self._held.values():
+            held.release()
+        self._held.clear()
+        with contextlib.suppress(Exception):
+            log.debug("API server %s disconnected (%s)", self.peer, exc or "closed")

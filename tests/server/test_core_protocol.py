@@ -1,0 +1,105 @@
+"""The pieces between the API servers and the engine core, without processes: the frames and their
+encodings, the image arena's allocator, the shared rate-limit table."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from server.core import protocol as p
+from server.core.arena import ALIGN, Arena
+from server.errors import InvalidArtifact, Overloaded, TaskNotFound
+from server.ratelimit import RateLimiter, SharedRateLimiter
+from server.scheduler.types import Prediction, Result
+
+
+@pytest.mark.parametrize("outputs", [("classify",), ("embed",), ("classify", "embed"), ("embed", "classify")])
+def test_run_round_trips(outputs):
+    run = p.Run(4096, 3, 224, 200, 5, 30.0, 0.5, outputs, "birds-v2")
+    assert p.Run.decode(memoryview(run.encode())) == run
+
+
+def test_results_round_trip():
+    classify = Result(7, [[Prediction("a", 1, 0.75), Prediction("bé", 0, 0.25)]] * 2, None, 0.001, 0.002, 9)
+    embed = Result(7, None, [[0.5, -1.0, 2.0]] * 2, 0.003, 0.004, 9)
+    out = p.decode_results(memoryview(p.encode_results([classify, embed])))
+    assert out[0].predictions == classify.predictions and out[0].version == 7 and out[0].batch_size == 9
+    assert out[1].features == embed.features
+    assert out[0].queue_s == pytest.approx(0.001) and out[1].compute_s == pytest.approx(0.004)
+
+
+def test_errors_come_back_as_the_same_type_message_and_headers():
+    for e in (
+        Overloaded("full", retry_after=3),
+        TaskNotFound("no such task"),
+        InvalidArtifact("bad", field="x"),
+    ):
+        back = p.decode_error(memoryview(p.encode_error(e)))
+        assert (type(back), back.message, back.headers) == (type(e), e.message, e.headers)
+        assert getattr(back, "field", None) == getattr(e, "field", None)
+    back = p.decode_error(memoryview(p.encode_error(ValueError("secret detail"))))
+    assert back.status == 500 and "secret" not in back.message  # only the type name crosses
+
+
+def test_frames_split_anywhere_arrive_whole_and_in_order():
+    got: list[tuple[int, int, bytes]] = []
+    framed = p.Framed(lambda k, r, b: got.append((k, r, bytes(b))), lambda e: None)
+    stream = b"".join(p.frame(p.RUN, i, bytes([i]) * i) for i in range(1, 6))
+    for i in range(0, len(stream), 3):  # 3 bytes at a time
+        framed.data_received(stream[i : i + 3])
+    assert got == [(p.RUN, i, bytes([i]) * i) for i in range(1, 6)]
+
+
+def test_a_bad_frame_length_drops_the_connection():
+    class Transport:
+        aborted = False
+
+        def abort(self) -> None:
+            self.aborted = True
+
+    framed = p.Framed(lambda k, r, b: None, lambda e: None)
+    framed.transport = Transport()  # type: ignore[assignment]
+    framed.data_received((2**31).to_bytes(4, "little") + b"\0" * 9)
+    assert framed.transport.aborted  # type: ignore[union-attr]
+
+
+def test_arena_blocks_are_aligned_coalesce_and_wait_for_room(tmp_path):
+    async def main() -> None:
+        arena = Arena(str(tmp_path / "arena"), 4 * ALIGN, create=True)
+        other = Arena(str(tmp_path / "arena"), 4 * ALIGN, create=False)  # the core's view
+        a, b = await arena.take(ALIGN), await arena.take(2 * ALIGN + 1)
+        assert (a, b) == (0, ALIGN) and arena.alloc(2 * ALIGN) is None
+        arena.view(a, (1, 8, 8)).fill_(7)
+        assert torch.equal(other.view(a, (1, 8, 8)), torch.full((1, 8, 8), 7, dtype=torch.uint8))
+        waiting = asyncio.ensure_future(arena.take(2 * ALIGN))
+        await asyncio.sleep(0)
+        assert not waiting.done()
+        arena.free(a, ALIGN)
+        await asyncio.sleep(0)
+        assert not waiting.done()  # one block of ALIGN free, not two
+        arena.free(b, 2 * ALIGN + 1)
+        assert await waiting == 0  # the three freed blocks coalesced
+        with pytest.raises(ValueError):
+            arena.view(3 * ALIGN, (2, ALIGN))
+
+    asyncio.run(main())
+
+
+def test_shared_rate_limit_is_one_bucket_for_every_process(tmp_path):
+    # Two tables on one file, as two API servers map it: they draw from the same bucket.
+    first, second = SharedRateLimiter(str(tmp_path / "rates")), SharedRateLimiter(str(tmp_path / "rates"))
+    takes = [(first if i % 2 else second).acquire("acme", 0.001, 4) for i in range(8)]
+    assert [t == 0 for t in takes] == [True] * 4 + [False] * 4
+    assert first.acquire("other", 0.001, 1) == 0  # another tenant, another bucket
+    local = RateLimiter()
+    assert [local.acquire("acme", 0.001, 4) == 0 for _ in range(5)] == [True] * 4 + [False]
+
+
+def test_shared_rate_limit_table_resolves_collisions(tmp_path, monkeypatch):
+    monkeypatch.setattr(SharedRateLimiter, "SLOTS", 2)
+    table = SharedRateLimiter(str(tmp_path / "rates"))
+    assert [table.acquire(t, 0.001, 1) for t in ("a", "b")] == [0, 0]
+    assert table.acquire("a", 0.001, 1) > 0 and table.acquire("b", 0.001, 1) > 0
+    assert table.acquire("c", 0.001, 1) == 0  # a full table: a bucket in this process instead
