@@ -16,6 +16,11 @@
 #                                            endpoint, 1 JPEG per request; then mixed with 8 per request
 #                                            (multipart) so the Python load generator is not the limit;
 #                                            1024 px JPEGs decoded by Pillow vs nvJPEG (VPT_GPU_DECODE=1)
+#   4b. load, API servers (issue I)         the 1-JPEG sweep again with VPT_API_SERVERS=1 and =0 (one
+#                                            process, the layout before issue I) next to step 4's default
+#                                            (half the CPUs, up to 8); each sweep starts at 50 req/s, the
+#                                            light-load p50. Their 90 s come on top of the 540: give them a
+#                                            call of their own (STEPS="load_jpeg load_jpeg_n1 load_jpeg_n0")
 #   5. perf_analyzer                         Triton's perf_analyzer on the /v2 routes (Open Inference
 #                                            Protocol) of a vpt-serve that benchmarks/triton_load.py
 #                                            starts: 256 px JPEGs, 1 and 8 per request, concurrency 1/4/16.
@@ -44,7 +49,7 @@ T0=$(date +%s)
 
 # STEPS="name ..." (space-separated) runs only the steps named, e.g. to rerun what failed within a
 # device lease; a name that is no step is refused before anything runs.
-ALL_STEPS="pytest_gpu engine_eager engine_graphs engine_compile load_jpeg load_multi load_decode_pillow load_decode_nvjpeg perf_analyzer"
+ALL_STEPS="pytest_gpu engine_eager engine_graphs engine_compile load_jpeg load_jpeg_n1 load_jpeg_n0 load_multi load_decode_pillow load_decode_nvjpeg perf_analyzer"
 for s in ${STEPS:-}; do
     [[ " $ALL_STEPS " == *" $s "* ]] || { echo "STEPS: no step named '$s' (steps: $ALL_STEPS)" >&2; exit 2; }
 done
@@ -78,6 +83,7 @@ if [ "$SMOKE" = 1 ]; then
     ENGINE_SIZES=(--quick)
     COMPILE_SIZES=()
     LOAD=(--quick --configs mixed,naive --image-format jpeg)
+    LOAD_N=(--quick --configs mixed --image-format jpeg --cold-preset none)
     LOAD_MULTI=(--quick --configs mixed --image-format jpeg --images-per-request 4 --rates 10 --cold-preset none)
     TRITON=(--device cpu --duration 1 --concurrency 1,4 --images-per-request 1,8 --images 4 --v1 off)
 else
@@ -95,7 +101,8 @@ else
     LOAD_COMMON=(--device cuda --preset vit_base_patch16_224 --image-format jpeg --image-px 256
                  --mode deep --prompt-length 50 --classes 100 --max-batch 256
                  --duration 4 --timeout 5 --max-outstanding 1024 --stop-after-saturated 1)
-    LOAD=("${LOAD_COMMON[@]}" --tasks 200 --configs mixed,naive --rates 1000,3000,6000)
+    LOAD=("${LOAD_COMMON[@]}" --tasks 200 --configs mixed,naive --rates 50,1000,3000,6000)
+    LOAD_N=("${LOAD_COMMON[@]}" --tasks 200 --configs mixed --rates 50,1000,3000,6000 --cold-preset none)
     LOAD_MULTI=("${LOAD_COMMON[@]}" --tasks 100 --configs mixed --images-per-request 8 --rates 600,1200
                 --cold-preset none)
     # Pillow vs nvJPEG (VPT_GPU_DECODE) on 1024 px JPEGs, large enough for the GPU path (>= 2x 256).
@@ -138,6 +145,11 @@ fi
 # 4. HTTP load with JPEG uploads.
 step load_jpeg 90 "$PY" -m benchmarks.load "${LOAD[@]}" --json "$OUT/load_jpeg.json" --plot "$OUT/load_jpeg.png"
 step load_multi 50 "$PY" -m benchmarks.load "${LOAD_MULTI[@]}" --json "$OUT/load_multi.json" --plot none
+# 4b. The same with one API server, and with none (one process: the layout before issue I).
+step load_jpeg_n1 45 "$PY" -m benchmarks.load "${LOAD_N[@]}" --server-env VPT_API_SERVERS=1 \
+    --json "$OUT/load_jpeg_n1.json" --plot none
+step load_jpeg_n0 45 "$PY" -m benchmarks.load "${LOAD_N[@]}" --server-env VPT_API_SERVERS=0 \
+    --json "$OUT/load_jpeg_n0.json" --plot none
 if [ "$SMOKE" = 1 ]; then
     printf 'load_decode_pillow\tskipped (smoke)\t0\nload_decode_nvjpeg\tskipped (smoke)\t0\n' >> "$OUT/steps.tsv"
 else
@@ -211,15 +223,24 @@ for tag, d in (("eager", eager), ("CUDA graphs", graphs), ("compile", comp)):
     for r in d.get("latency", []):
         add(f"engine {tag} latency batch {r['batch']} (p50 / p99)", f"{r['p50_ms']:.2f} / {r['p99_ms']:.2f} ms",
             ("<= 1.1 ms" if tag == "CUDA graphs" else "<= 1.5 ms") if r["batch"] == 1 else "")
-for d, how in ((load_j, ""), (load_m, ""), (dec_p, ", Pillow"), (dec_n, ", nvJPEG")):
+load_n1, load_n0 = load("load_jpeg_n1"), load("load_jpeg_n0")
+for d, how in (
+    (load_j, ", default API servers"), (load_n1, ", 1 API server"), (load_n0, ", one process"),
+    (load_m, ""), (dec_p, ", Pillow"), (dec_n, ", nvJPEG"),
+):  # fmt: skip
     if not d:
         continue
     c = d["config"]
     px = f"{c['image_px']}px " if c.get("image_px") else ""
     tag = f"{c['images_per_request']} {px}{c['image_format'].upper()}/request, {c['tasks']} tasks{how}"
     s = d["summary"]
+    one_jpeg = c["images_per_request"] == 1 and c.get("image_px") == 256
     for cfg, v in s.get("peak_img_s", {}).items():
-        add(f"HTTP {cfg}, {tag}: peak", f"{v:,.0f} img/s")
+        add(f"HTTP {cfg}, {tag}: peak", f"{v:,.0f} img/s", ">= 5,000" if one_jpeg and cfg == "mixed" else "")
+    light = s.get("light_load_p50_ms", {}).get("mixed")
+    if light and light["offered_rps"] <= 100:
+        add(f"HTTP mixed, {tag}: p50 at {light['offered_rps']:g} req/s", f"{light['p50_ms']:.2f} ms",
+            "<= 3 ms" if one_jpeg else "")
     if "http_vs_raw_engine" in s:
         add(f"HTTP mixed / raw engine at batch {s['raw_engine_img_s_at_batch']['batch']} ({tag})",
             f"{s['http_vs_raw_engine']:.2f}", ">= 0.85")

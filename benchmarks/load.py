@@ -293,6 +293,13 @@ def summarize(
     """Ratios the targets are stated in (throughputs are each configuration's best point)."""
     peak = {c: best(ps).throughput_img_s for c, ps in results.items() if ps}
     s: dict[str, Any] = {"peak_img_s": peak}
+    # Latency under light load: the p50 of each configuration's lowest offered rate.
+    s["light_load_p50_ms"] = {
+        c: {"offered_rps": lo.offered_rps, "p50_ms": lo.p50_ms}
+        for c, ps in results.items()
+        if ps
+        for lo in [min(ps, key=lambda p: p.offered_rps)]
+    }
     if "mixed" in peak:
         for other in ("per_task", "no_batching", "naive"):
             if other in peak:

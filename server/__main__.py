@@ -1,10 +1,14 @@
 """`vpt-serve` / `python -m server`: run the server with settings from the environment (VPT_*).
 
-Exit status (`EXIT_*`, also in `vpt-serve --help` and docs/troubleshooting.md): 0 stopped by SIGTERM or
-SIGINT after a clean drain, 1 the engine process died while serving (or an unexpected error, with its
-traceback), 2 usage, 3 start-up failed otherwise (uvicorn's status, e.g. the port is taken: the log
-says why), 4 the backbone is unavailable (one message naming the spec and the ways out; the traceback
-only with VPT_LOG_LEVEL=debug).
+Exit status (`server/exits.py`, also in `vpt-serve --help` and docs/troubleshooting.md): 0 stopped by
+SIGTERM or SIGINT after a clean drain, 1 the engine (process or engine-core process) died while
+serving, or API servers kept dying (or an unexpected error, with its traceback), 2 usage, 3 start-up
+failed otherwise (uvicorn's status, e.g. the port is taken: the log says why), 4 the backbone is
+unavailable (one message naming the spec and the ways out; the traceback only with
+VPT_LOG_LEVEL=debug).
+
+With API servers (`VPT_API_SERVERS`, the default on CUDA) this process is their supervisor
+(`server/core/supervisor.py`); with none it serves HTTP and computes itself.
 """
 
 from __future__ import annotations

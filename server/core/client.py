@@ -13,6 +13,7 @@ import contextlib
 import itertools
 import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -45,13 +46,24 @@ class CoreAddress:
     rate_table: str  # the shared rate-limit buckets (`server.ratelimit.SharedRateLimiter`)
 
 
+# Admission without asking the core: while the queues, as the core last reported them (at most FRESH_S
+# ago) plus this API server's own requests since, stay under MARGIN of every bound. The other API
+# servers' newest requests are what the margin is for; the core checks the bounds again in any case.
+FRESH_S = 1.0
+MARGIN = 0.5
+
+
 class _Reservation(Admission):
-    def __init__(self, client: CoreClient, rid: int, tenant: str, n: int, bound: int | None) -> None:
+    def __init__(
+        self, client: CoreClient, rid: int, tenant: str, n: int, bound: int | None, reserved: bool
+    ) -> None:
         super().__init__(tenant, n, bound)
-        self.client, self.rid = client, rid
+        self.client, self.rid, self.reserved = client, rid, reserved
 
     def _release(self) -> None:
-        self.client._send(p.RELEASE, self.rid)
+        if self.reserved:
+            self.client._send(p.RELEASE, self.rid)
+        self.client._settled(self.rid)
 
 
 class CoreClient(Core):
@@ -62,6 +74,13 @@ class CoreClient(Core):
         self._blocks: dict[int, tuple[int, int]] = {}  # request id -> its arena block, until answered
         self._conn: p.Framed | None = None
         self._alive = False
+        self.max_queue_images = 0  # the core's bound on all queued images (WELCOME)
+        # Admission without a round trip (`admit`): the queue state each answer carried, per tenant, and
+        # the images this process admitted and has not had answered yet.
+        self._seen: dict[str, tuple[int, int, float]] = {}  # tenant -> (its queued, all queued, when)
+        self._admitted: dict[int, tuple[str, int]] = {}  # request id -> (tenant, images), until answered
+        self._outstanding: dict[str, int] = {}
+        self._outstanding_total = 0
         self.on_lost: Callable[[], None] | None = None  # called once if the core goes away
 
     @classmethod
@@ -80,6 +99,7 @@ class CoreClient(Core):
             client._close()
             raise
         client.info = EngineInfo.from_json(welcome["info"])
+        client.max_queue_images = int(welcome["max_queue_images"])
         return client
 
     # --- Core ------------------------------------------------------------------------------------
@@ -93,9 +113,41 @@ class CoreClient(Core):
         return self._alive  # the core accepts API servers only once it has warmed up
 
     async def admit(self, tenant: str, n: int, tenant_max_queued: int | None) -> Admission:
+        """Far from the bounds (as last seen), admitted here; else the core holds the room (RESERVE),
+        or refuses now, before any decoding."""
         rid = next(self._ids)
-        await self._ask(p.RESERVE, p.encode_reserve(tenant, n, tenant_max_queued), rid)
-        return _Reservation(self, rid, tenant, n, tenant_max_queued)
+        reserved = not self._room_known(tenant, n, tenant_max_queued)
+        self._admitted[rid] = (tenant, n)
+        self._outstanding[tenant] = self._outstanding.get(tenant, 0) + n
+        self._outstanding_total += n
+        if reserved:
+            try:
+                await self._ask(p.RESERVE, p.encode_reserve(tenant, n, tenant_max_queued), rid)
+            except BaseException:
+                self._settled(rid)
+                raise
+        return _Reservation(self, rid, tenant, n, tenant_max_queued, reserved)
+
+    def _room_known(self, tenant: str, n: int, bound: int | None) -> bool:
+        seen = self._seen.get(tenant)
+        if seen is None or time.monotonic() - seen[2] > FRESH_S:
+            return False
+        queued, total, _ = seen
+        if bound is not None and queued + self._outstanding.get(tenant, 0) + n > bound * MARGIN:
+            return False
+        return total + self._outstanding_total + n <= self.max_queue_images * MARGIN
+
+    def _settled(self, rid: int) -> None:
+        """A request is answered or released: its images no longer count as this process's."""
+        admitted = self._admitted.pop(rid, None)
+        if admitted is not None:
+            tenant, n = admitted
+            self._outstanding_total -= n
+            left = self._outstanding[tenant] - n
+            if left:
+                self._outstanding[tenant] = left
+            else:
+                del self._outstanding[tenant]
 
     async def run(
         self,
@@ -114,11 +166,17 @@ class CoreClient(Core):
         offset = await self.arena.take(nbytes)
         self.arena.view(offset, tuple(images.shape)).copy_(images)
         rid = admission.rid
-        admission.held = False  # the core turns the reservation into queued images
-        self._blocks[rid] = (offset, nbytes)
-        run = p.Run(offset, n, h, w, top_k, timeout_s, weight, outputs, task_id)
+        run = p.Run(offset, n, h, w, top_k, timeout_s, weight, outputs, admission.tenant, task_id,
+                    admission.reserved, admission.tenant_max_queued)  # fmt: skip
         try:
-            return await asyncio.wait_for(self._ask(p.RUN, run.encode(), rid), timeout_s + DEADLINE_GRACE_S)
+            answer = self._ask(p.RUN, run.encode(), rid)
+        except BaseException:
+            self.arena.free(offset, nbytes)
+            raise
+        admission.held = False  # the core turns the reservation into queued images
+        self._blocks[rid] = (offset, nbytes)  # until the answer: no answer can come before the await
+        try:
+            return await asyncio.wait_for(answer, timeout_s + DEADLINE_GRACE_S)
         except asyncio.TimeoutError:
             raise DeadlineExceeded(f"request did not finish within {timeout_s:.1f}s") from None
         finally:
@@ -167,6 +225,13 @@ class CoreClient(Core):
         block = self._blocks.pop(rid, None)
         if block is not None:  # answered: the core no longer reads the request's images
             self.arena.free(*block)
+        if kind in (p.OK, p.RESULT, p.ERROR):
+            (queued, total), payload = p.decode_state(payload)
+            admitted = self._admitted.get(rid)
+            if admitted is not None:
+                self._seen[admitted[0]] = (queued, total, time.monotonic())
+                if kind != p.OK:  # the request's last answer (an OK is a RESERVE's: its RUN follows)
+                    self._settled(rid)
         fut = self._waiting.pop(rid, None)
         if fut is None or fut.done():
             return  # cancelled meanwhile
@@ -191,6 +256,8 @@ class CoreClient(Core):
         for offset, nbytes in self._blocks.values():
             self.arena.free(offset, nbytes)
         self._blocks.clear()
+        for rid in list(self._admitted):
+            self._settled(rid)
         if was_alive and self._conn is not None:
             log.error("lost the engine core (%s)", exc or "connection closed")
             if self.on_lost is not None:

@@ -196,6 +196,14 @@ class LocalCore(Core):
         return self.engine.ready
 
     async def admit(self, tenant: str, n: int, tenant_max_queued: int | None) -> Admission:
+        return self.hold(tenant, n, tenant_max_queued)
+
+    def queue_state(self, tenant: str) -> tuple[int, int]:
+        """(the tenant's queued images, every tenant's): what the API servers' admission goes by."""
+        return self.scheduler.queued_images_of(tenant), self.scheduler.queued_images
+
+    def hold(self, tenant: str, n: int, tenant_max_queued: int | None) -> Admission:
+        """`admit`, which never waits here: the room held now, or Overloaded."""
         return _HeldRoom(self.scheduler, tenant, n, tenant_max_queued)
 
     async def run(

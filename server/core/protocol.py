@@ -30,7 +30,8 @@ WELCOME, OK, RESULT, ERROR, ANSWER = range(11, 16)
 _FRAME = struct.Struct("<IBQ")  # length of what follows the length, kind, request id
 _HEAD = _FRAME.size - 4
 _RESERVE = struct.Struct("<Ii")  # images, tenant's queue bound (-1: none); + tenant
-_RUN = struct.Struct("<QHHHHffB")  # arena offset, n, height, width, top_k, timeout, weight, outputs
+_RUN = struct.Struct("<QHHHHffBBi")  # offset, n, h, w, top_k, timeout, weight, outputs, reserved, bound
+_STATE = struct.Struct("<II")  # the tenant's queued images, all queued images: heads OK, RESULT, ERROR
 _RESULT = struct.Struct("<IHffBHH")  # version, batch size, queue s, compute s, output, rows, columns
 _ENTRY = struct.Struct("<ifH")  # class index, score, label length (+ label)
 OUTPUTS: tuple[Output, ...] = ("classify", "embed")
@@ -83,7 +84,10 @@ class Run:
     timeout_s: float
     weight: float
     outputs: tuple[Output, ...]
+    tenant: str
     task_id: str
+    reserved: bool  # a RESERVE of the same id holds its room; else the core checks the bounds now
+    tenant_max_queued: int | None
 
     @property
     def nbytes(self) -> int:
@@ -92,26 +96,33 @@ class Run:
     def encode(self) -> bytes:
         mask = sum(1 << OUTPUTS.index(o) for o in self.outputs)
         order = 1 if self.outputs == ("embed", "classify") else 0  # both kinds: which came first
-        head = _RUN.pack(
-            self.offset,
-            self.n,
-            self.height,
-            self.width,
-            self.top_k,
-            self.timeout_s,
-            self.weight,
-            mask | order << 7,
-        )
-        return head + _text(self.task_id)
+        bound = -1 if self.tenant_max_queued is None else self.tenant_max_queued
+        head = _RUN.pack(self.offset, self.n, self.height, self.width, self.top_k, self.timeout_s, self.weight,
+                         mask | order << 7, self.reserved, bound)  # fmt: skip
+        return head + _text(self.tenant) + _text(self.task_id)
 
     @classmethod
     def decode(cls, buf: memoryview) -> Run:
-        offset, n, h, w, top_k, timeout_s, weight, mask = _RUN.unpack_from(buf)
+        offset, n, h, w, top_k, timeout_s, weight, mask, reserved, bound = _RUN.unpack_from(buf)
         outputs = tuple(o for i, o in enumerate(OUTPUTS) if mask >> i & 1)
         if mask >> 7:
             outputs = outputs[::-1]
-        task_id, _ = _read_text(buf, _RUN.size)
-        return cls(offset, n, h, w, top_k, timeout_s, weight, outputs, task_id)  # type: ignore[arg-type]
+        tenant, at = _read_text(buf, _RUN.size)
+        task_id, _ = _read_text(buf, at)
+        return cls(offset, n, h, w, top_k, timeout_s, weight, outputs, tenant, task_id,  # type: ignore[arg-type]
+                   bool(reserved), None if bound < 0 else bound)  # fmt: skip
+
+
+# --- queue state: how full the core's queues were when it answered --------------------------------
+
+
+def encode_state(tenant_queued: int, total_queued: int) -> bytes:
+    return _STATE.pack(tenant_queued, total_queued)
+
+
+def decode_state(buf: memoryview) -> tuple[tuple[int, int], memoryview]:
+    """(the tenant's queued images, all queued images), and the rest of the answer."""
+    return _STATE.unpack_from(buf), buf[_STATE.size :]
 
 
 # --- results --------------------------------------------------------------------------------------

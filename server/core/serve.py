@@ -93,29 +93,36 @@ class _Connection(p.Framed):
             else:
                 raise ValueError(f"unknown message kind {kind}")
         except ServingError as e:
-            self.send(p.ERROR, rid, p.encode_error(e))
+            self._error(rid, e)
         except Exception as e:  # a malformed message: the peer is broken, not the core
             log.exception("bad message from API server %s", self.peer)
-            self.send(p.ERROR, rid, p.encode_error(InvalidRequest(f"bad message: {e}")))
+            self._error(rid, InvalidRequest(f"bad message: {e}"))
+
+    def _state(self, tenant: str | None) -> bytes:
+        """How full the queues are now, heading every answer to a request: the API server admits its
+        next requests of this tenant without asking while they are far from the bounds."""
+        return p.encode_state(*self.core.queue_state(tenant)) if tenant else p.encode_state(0, 0)
+
+    def _error(self, rid: int, e: BaseException, tenant: str | None = None) -> None:
+        self.send(p.ERROR, rid, self._state(tenant) + p.encode_error(e))
 
     def _hello(self, rid: int, hello: dict[str, Any]) -> None:
         self.peer = str(hello["pid"])
         self.arena = Arena(hello["arena"], int(hello["arena_bytes"]), create=False)
-        self.send(p.WELCOME, rid, p.encode_json({"info": self.core.info.to_json()}))
+        max_queued = self.core.scheduler.config.max_queue_images
+        self.send(
+            p.WELCOME, rid, p.encode_json({"info": self.core.info.to_json(), "max_queue_images": max_queued})
+        )
 
     def _reserve(self, rid: int, tenant: str, n: int, bound: int | None) -> None:
         if not self.core.ready:
             raise Unavailable("the engine is not ready")
-        # LocalCore.admit does not wait: it holds the room or raises Overloaded.
-        coro = self.core.admit(tenant, n, bound)
         try:
-            coro.send(None)
-        except StopIteration as done:
-            self._held[rid] = done.value
-            self.send(p.OK, rid)
-        else:  # pragma: no cover - admit never suspends
-            coro.close()
-            raise RuntimeError("admit suspended")
+            self._held[rid] = self.core.hold(tenant, n, bound)
+        except ServingError as e:  # Overloaded: the queue bounds refuse it
+            self._error(rid, e, tenant)
+        else:
+            self.send(p.OK, rid, self._state(tenant))
 
     def _start(self, rid: int, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -125,10 +132,13 @@ class _Connection(p.Framed):
     async def _run(self, rid: int, run: p.Run) -> None:
         admission = self._held.pop(rid, None)
         try:
-            if admission is None:
-                raise InvalidRequest("a RUN without its RESERVE")
             if self.arena is None:
                 raise InvalidRequest("a RUN before HELLO")
+            if admission is None:
+                if run.reserved:
+                    raise InvalidRequest("a RUN without its RESERVE")
+                # Admitted by the API server from the queue state it saw: the bounds are checked now.
+                admission = self.core.hold(run.tenant, run.n * len(run.outputs), run.tenant_max_queued)
             images = self.arena.view(run.offset, (run.n, 3, run.height, run.width))
             results = await self.core.run(
                 admission,
@@ -140,14 +150,14 @@ class _Connection(p.Framed):
                 weight=run.weight,
             )
         except asyncio.CancelledError:
-            self.send(p.ERROR, rid, p.encode_error(Unavailable("cancelled")))
+            self._error(rid, Unavailable("cancelled"), run.tenant)
             raise
         except Exception as e:
             if not isinstance(e, ServingError):
                 log.exception("request %d of API server %s failed", rid, self.peer)
-            self.send(p.ERROR, rid, p.encode_error(e))
+            self._error(rid, e, run.tenant)
         else:
-            self.send(p.RESULT, rid, p.encode_results(results))
+            self.send(p.RESULT, rid, self._state(run.tenant) + p.encode_results(results))
         finally:
             if admission is not None:
                 admission.release()
@@ -174,7 +184,7 @@ class _Connection(p.Framed):
             else:
                 raise InvalidRequest(f"unknown call {op!r}")
         except Exception as e:
-            self.send(p.ERROR, rid, p.encode_error(e))
+            self._error(rid, e)
         else:
             self.send(p.ANSWER, rid, p.encode_json(answer))
 

@@ -127,6 +127,10 @@ class Scheduler:
     def in_flight(self) -> int:
         return self._in_flight
 
+    def queued_images_of(self, tenant: str) -> int:
+        """The tenant's images waiting in its queue."""
+        return self._fq.queued_images(tenant)
+
     async def submit(
         self,
         tenant: str,

@@ -16,9 +16,15 @@ from server.scheduler.types import Prediction, Result
 
 
 @pytest.mark.parametrize("outputs", [("classify",), ("embed",), ("classify", "embed"), ("embed", "classify")])
-def test_run_round_trips(outputs):
-    run = p.Run(4096, 3, 224, 200, 5, 30.0, 0.5, outputs, "birds-v2")
+@pytest.mark.parametrize(("reserved", "bound"), [(True, None), (False, 64)])
+def test_run_round_trips(outputs, reserved, bound):
+    run = p.Run(4096, 3, 224, 200, 5, 30.0, 0.5, outputs, "acmé", "birds-v2", reserved, bound)
     assert p.Run.decode(memoryview(run.encode())) == run
+
+
+def test_queue_state_heads_an_answer():
+    state, rest = p.decode_state(memoryview(p.encode_state(7, 4096) + b"rest"))
+    assert (state, bytes(rest)) == ((7, 4096), b"rest")
 
 
 def test_results_round_trip():
