@@ -9,9 +9,11 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import json
+import os
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,7 @@ from benchmarks.loadgen import (
     multipart,
     parse_prometheus,
     poisson_arrivals,
+    proc_cpu_by_role,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -161,6 +164,43 @@ def test_load_benchmark_quick(tmp_path: Path) -> None:
     assert d["cold_load"] and d["cold_load"][0]["ms_per_MB"] > 0
     if plot != "none":
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.integration
+def test_core_benchmark_quick(tmp_path: Path) -> None:
+    """The engine core alone, driven through the API servers' protocol: requests answered, and the
+    core's CPU read apart from its engine process's."""
+    out = tmp_path / "core.json"
+    r = run_module("benchmarks.core", "--quick", "--json", str(out), timeout=180)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["img_s"] > 0 and row["failed"] == 0, row
+    assert row["core_cpu_ms_per_img"] > 0 and row["engine_cpu_ms_per_img"] > 0
+    assert "ms CPU per image" in r.stdout
+
+
+def test_cpu_by_role_tells_the_server_processes_apart() -> None:
+    """`proc_cpu_by_role` names processes by /proc/<pid>/comm, as `name_process` sets it."""
+    code = (
+        "import sys, time; from server.threads import name_process; name_process(sys.argv[1]);"
+        "t = time.process_time() + 0.3\nwhile time.process_time() < t: pass\ntime.sleep(30)"
+    )
+    kids = [
+        subprocess.Popen([sys.executable, "-c", code, name], cwd=REPO) for name in ("vpt-engine", "vpt-api-0")
+    ]
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            roles = proc_cpu_by_role(os.getpid()) or {}
+            if roles.get("engine", 0) >= 0.25 and roles.get("api", 0) >= 0.25:
+                break
+            time.sleep(0.1)
+        assert roles.get("engine", 0) >= 0.25 and roles.get("api", 0) >= 0.25, roles
+        assert "server" in roles  # this process, the one asked about
+    finally:
+        for k in kids:
+            k.kill()
+            k.wait()
 
 
 def test_gpu_check_script_parses() -> None:
