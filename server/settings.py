@@ -90,8 +90,8 @@ class Settings(BaseSettings):
         ge=0,
         le=64,
         description="API-server processes (HTTP, auth, parsing, decoding) in front of one engine-core "
-        "process (engine, bank, scheduler), sharing the port; 0 = one process does everything. Unset: "
-        "chosen from the device and the CPUs (docs/architecture.md)",
+        "process (engine, bank, scheduler), sharing the port; 0 = one process does everything. Unset: half "
+        "the CPUs up to 8 on CUDA, 0 on CPU (docs/architecture.md)",
     )
     api_arena_bytes: int = Field(
         0,
@@ -230,11 +230,11 @@ class Settings(BaseSettings):
 
 
 def default_api_servers(device_type: str, cpus: int) -> int:
-    """API servers when VPT_API_SERVERS is unset (measurements: docs/architecture.md, "How many API
-    servers"). CUDA: half the CPUs, up to 8 — each API server handles ~600 one-JPEG requests/s on a core,
-    and the device does thousands. CPU: none — the engine, not the front end, bounds a CPU server
-    (ViT-B/16: ~185 ms of CPU per image against the front end's ~1.5 ms), and the split's
-    inter-process hop cost 6-16 % of the one-JPEG throughput on 2 cores."""
+    """API servers when VPT_API_SERVERS is unset (docs/architecture.md, "How many API servers"; the
+    measurements in docs/benchmarks.md). CUDA: half the CPUs, up to 8 — each API server handles ~620
+    one-JPEG requests/s on a core, the engine core ~10,000, the device thousands. CPU: none — the engine,
+    not the front end, bounds a CPU server (ViT-B/16: ~185 ms of CPU per image against the front end's
+    ~1.5 ms), and the inter-process hop cost 12-18 % of the mixed peak on 2 cores."""
     if device_type == "cuda":
         return max(1, min(8, cpus // 2))
     return 0

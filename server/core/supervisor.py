@@ -9,6 +9,7 @@
 Failure and lifecycle:
 - an API server that dies is replaced; the others' requests go on (the core drops only the dead one's).
   More than `MAX_RESTARTS` deaths within `RESTART_WINDOW_S` is a crash loop: the server stops, status 1;
+  one that cannot start (status 3: its log says why) stops the server with status 3;
 - the engine core dies (or its engine process does): every request in flight fails with 503, /healthz
   answers 503 for `CORE_DEATH_GRACE_S`, then every process stops and `vpt-serve` exits 1;
 - SIGTERM/SIGINT: the API servers stop accepting and finish their requests, then the core drains and
@@ -35,7 +36,7 @@ from prometheus_client import multiprocess
 
 from server.core.client import CoreAddress
 from server.core.process import api_main, core_main
-from server.exits import EXIT_ENGINE_DIED, EXIT_OK
+from server.exits import EXIT_ENGINE_DIED, EXIT_OK, EXIT_STARTUP_FAILED
 
 log = logging.getLogger("server.supervisor")
 
@@ -197,6 +198,9 @@ class Supervisor:
                 dead = self.apis[slot]
                 dead.join()
                 multiprocess.mark_process_dead(dead.pid, os.environ["PROMETHEUS_MULTIPROC_DIR"])
+                if dead.exitcode == EXIT_STARTUP_FAILED:  # its log says why; another would fail alike
+                    log.error("API server %d could not start: stopping the server", slot)
+                    return EXIT_STARTUP_FAILED
                 now = time.monotonic()
                 self.deaths = [t for t in self.deaths if now - t < RESTART_WINDOW_S] + [now]
                 if len(self.deaths) > MAX_RESTARTS:

@@ -294,3 +294,12 @@ def test_sigterm_drains_every_process_and_exits_0(tmp_path, backbone):
     assert not [p for p, name in everyone.items() if name.startswith("vpt-") and Path(f"/proc/{p}").exists()]
     assert all(gone(p) for p in everyone)
     assert not list(Path("/dev/shm").glob(f"vpt-serve-{proc.proc.pid}-*"))  # its run directory
+
+
+def test_api_servers_that_cannot_start_stop_the_server_with_status_3(tmp_path):
+    # An arena no file system here can hold: each API server fails at start-up, and replacing it
+    # would fail alike.
+    proc = ServerProcess(tmp_path, backbone=BACKBONE_SPEC, api_servers=2, api_arena_bytes=1 << 50)
+    assert proc.proc.wait(timeout=120) == 3, proc.log()[-3000:]
+    proc.stop()
+    assert "could not start" in proc.log()
