@@ -33,6 +33,10 @@ class ServerProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("VPT_")}
         env.update({"VPT_HOST": "127.0.0.1", "VPT_PORT": str(self.port), "VPT_STORE": str(tmp / "store")})
         settings.setdefault("open_mode", "true")  # tests that need keys pass tenants_file and open_mode=false
+        # TEST_API_SERVERS=N runs every test server with N API-server processes (VPT_API_SERVERS),
+        # whatever the device's default; a test that sets api_servers itself keeps its own.
+        if os.environ.get("TEST_API_SERVERS"):
+            settings.setdefault("api_servers", os.environ["TEST_API_SERVERS"])
         env.update({f"VPT_{k.upper()}": str(v) for k, v in settings.items()})
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(

@@ -53,6 +53,7 @@ def server(tmp_path_factory):
     proc = ServerProcess(
         tmp_path_factory.mktemp("n3"), backbone=BACKBONE_SPEC, api_servers=N, metrics_token=METRICS_TOKEN
     ).wait_ready()
+    all_serving(proc)
     yield proc
     assert proc.stop() == 0, proc.log()[-3000:]
 
@@ -65,6 +66,21 @@ def api_servers(proc: ServerProcess, wait_for: int = 0) -> dict[int, str]:
         if len(found) >= wait_for or time.monotonic() > deadline:
             return found
         time.sleep(0.05)
+
+
+def all_serving(proc: ServerProcess, n: int = N) -> ServerProcess:
+    """Wait until each of the `n` API servers has answered a request (a process that exists may still
+    be starting; until it serves, the kernel hands the connections to the others)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        ids = [uuid.uuid4().hex for _ in range(4 * n)]
+        for rid in ids:
+            httpx.get(f"{proc.url}/healthz", headers={"x-request-id": rid})  # a fresh connection each
+        seen = set(served_by(proc, ids).values())
+        if len(seen) >= n:
+            return proc
+        time.sleep(0.2)
+    raise AssertionError(f"not all {n} API servers serve:\n{proc.log()[-3000:]}")
 
 
 def served_by(proc: ServerProcess, request_ids: list[str]) -> dict[str, str]:
@@ -158,6 +174,7 @@ def test_rate_limits_and_task_quotas_hold_for_the_whole_server(tmp_path, backbon
         open_mode="false",
         tenants_file=write_tenants(tmp_path, keys, {"a": {"rate_per_s": rate, "max_tasks": 3}}),
     ).wait_ready()
+    all_serving(proc)
     headers = {"authorization": f"Bearer {keys['a']}"}
     try:
 
