@@ -47,6 +47,7 @@ def _drive(
         client = await CoreClient.connect(address)
         images = torch.randint(0, 256, (1, 3, img_size, img_size), dtype=torch.uint8)
         done = failed = 0
+        out.send("started")  # measured from here: imports and the connection are behind
         stop = time.monotonic() + seconds
 
         async def loop(i: int) -> None:
@@ -83,7 +84,9 @@ def run_point(core_pid: int, sock: str, arena_bytes: int, work: Path, tasks: lis
         p.start()
         procs.append(p)
         conns.append(parent)
-    time.sleep(min(2.0, seconds / 4))  # the drivers import torch and connect; measure the steady part
+    for c in conns:  # each driver has imported torch and connected, and is sending
+        assert c.recv() == "started"
+    time.sleep(seconds / 4)  # measure the steady middle half
     before, t0 = proc_cpu_by_role(core_pid), time.perf_counter()
     driver_before = [proc_cpu_seconds(p.pid) or 0.0 for p in procs]
     time.sleep(seconds / 2)
@@ -123,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.drivers, args.duration, args.tasks = "1", 2.0, 2
-    from server.core.process import core_main
+    from server.core.process import CORE_STOP, core_main
 
     spec = f"random:{args.preset}@0"
     backbone = load_backbone(spec)
@@ -159,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {d} driver(s): {row['img_s']:8.1f} img/s, core {row['core_cpu_ms_per_img']:.3f} ms CPU/img, "
                   f"engine {row['engine_cpu_ms_per_img']:.3f}, drivers {row['driver_cpu_ms_per_img']:.3f}", flush=True)  # fmt: skip
     finally:
-        core.terminate()
+        if core.pid is not None and core.is_alive():
+            os.kill(core.pid, CORE_STOP)  # the core's stop signal (it leaves SIGTERM to API servers)
         core.join(30)
         shutil.rmtree(work, ignore_errors=True)
     print(

@@ -149,6 +149,7 @@ class GracefulServer(uvicorn.Server):
     clean shutdown into exit status -15 for supervisors. `fail` (any thread): the same shutdown, exit 1."""
 
     failed = False
+    signals: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM)  # what starts the graceful stop
 
     def fail(self) -> None:
         self.failed = True
@@ -162,7 +163,7 @@ class GracefulServer(uvicorn.Server):
         if threading.current_thread() is not threading.main_thread():
             yield
             return
-        previous = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
+        previous = {s: signal.signal(s, self.handle_exit) for s in self.signals}
         try:
             yield
         finally:

@@ -28,6 +28,9 @@ class RateLimiter:
             self._buckets[tenant] = (tokens, now)
             return (1.0 - tokens) / rate_per_s
 
+    def close(self) -> None:
+        """Nothing to free (the shared table's counterpart has a file)."""
+
 
 class SharedRateLimiter:
     """The same token buckets, shared by every API-server process of one server: a rate limit holds for

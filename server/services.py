@@ -128,6 +128,7 @@ class Services:
         finally:
             self.preprocess.close()
             self.store.close()
+            self.rate_limiter.close()
             gc.unfreeze()
 
 

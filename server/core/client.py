@@ -124,6 +124,8 @@ class CoreClient(Core):
             try:
                 await self._ask(p.RESERVE, p.encode_reserve(tenant, n, tenant_max_queued), rid)
             except BaseException:
+                # Refused, or cancelled (client gone) with the OK on its way: the room is given back.
+                self._send(p.RELEASE, rid)
                 self._settled(rid)
                 raise
         return _Reservation(self, rid, tenant, n, tenant_max_queued, reserved)
@@ -163,7 +165,10 @@ class CoreClient(Core):
         assert isinstance(admission, _Reservation) and admission.held
         n, _, h, w = images.shape
         nbytes = images.numel()
-        offset = await self.arena.take(nbytes)
+        try:  # the arena full of other requests' images: wait within the request's deadline
+            offset = await asyncio.wait_for(self.arena.take(nbytes), timeout_s)
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded(f"request did not finish within {timeout_s:.1f}s") from None
         self.arena.view(offset, tuple(images.shape)).copy_(images)
         rid = admission.rid
         run = p.Run(offset, n, h, w, top_k, timeout_s, weight, outputs, admission.tenant, task_id,
@@ -225,17 +230,18 @@ class CoreClient(Core):
         block = self._blocks.pop(rid, None)
         if block is not None:  # answered: the core no longer reads the request's images
             self.arena.free(*block)
-        if kind in (p.OK, p.RESULT, p.ERROR):
-            (queued, total), payload = p.decode_state(payload)
-            admitted = self._admitted.get(rid)
-            if admitted is not None:
-                self._seen[admitted[0]] = (queued, total, time.monotonic())
-                if kind != p.OK:  # the request's last answer (an OK is a RESERVE's: its RUN follows)
-                    self._settled(rid)
         fut = self._waiting.pop(rid, None)
-        if fut is None or fut.done():
-            return  # cancelled meanwhile
         try:
+            if kind in (p.OK, p.RESULT, p.ERROR):
+                (queued, total), payload = p.decode_state(payload)
+                admitted = self._admitted.get(rid)
+                if admitted is not None:
+                    if queued != p.UNKNOWN:
+                        self._seen[admitted[0]] = (queued, total, time.monotonic())
+                    if kind != p.OK:  # the request's last answer (an OK is a RESERVE's: its RUN follows)
+                        self._settled(rid)
+            if fut is None or fut.done():
+                return  # cancelled meanwhile
             if kind == p.ERROR:
                 fut.set_exception(p.decode_error(payload))
             elif kind == p.RESULT:
@@ -245,7 +251,8 @@ class CoreClient(Core):
             else:
                 fut.set_result(None)  # OK
         except Exception as e:  # a malformed answer fails its request, not the connection
-            fut.set_exception(e)
+            if fut is not None and not fut.done():
+                fut.set_exception(e)
 
     def _on_lost(self, exc: Exception | None) -> None:
         was_alive, self._alive = self._alive, False

@@ -27,6 +27,11 @@ from server.exits import (
 
 log = logging.getLogger(__name__)
 
+# The supervisor stops the core with this, after the API servers: a SIGTERM to the whole process group
+# (systemd's default) must not drain the core under API servers still finishing their requests.
+CORE_STOP = signal.SIGUSR1
+CORE_LOST_GRACE_S = 2.0  # an API server that lost the core answers 503 this long, then exits 1
+
 
 def _setup(overrides: dict[str, Any], name: str) -> Any:
     from server.settings import Settings
@@ -34,8 +39,10 @@ def _setup(overrides: dict[str, Any], name: str) -> Any:
 
     name_process(name)
     # Ctrl-C reaches every process of the terminal's group: only the supervisor acts on it (it stops
-    # the API servers before the core).
+    # the API servers before the core). A SIGHUP (tenants reload, forwarded by the supervisor) must not
+    # kill a process still starting: API servers install their handler once started.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     settings = Settings(**overrides)
     logging.basicConfig(
         level=settings.log_level.upper(),
@@ -105,7 +112,10 @@ async def _serve_core(settings: Any, socket_path: str, ready: Connection) -> int
         return EXIT_STARTUP_FAILED
     server = CoreServer(core, socket_path)
     stop, died = asyncio.Event(), asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    # SIGTERM is the API servers' (a process group's SIGTERM reaches the core too): the supervisor
+    # stops the core with CORE_STOP once they are done.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    loop.add_signal_handler(CORE_STOP, stop.set)
     core.engine.on_death(lambda: loop.call_soon_threadsafe(died.set))
     watch_parent(lambda: loop.call_soon_threadsafe(stop.set))
     try:
@@ -153,9 +163,13 @@ def api_main(overrides: dict[str, Any], address: Any, sock: socket.socket, name:
         timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
     )
     server = GracefulServer(config)
+    server.signals = (signal.SIGTERM,)  # SIGINT stays ignored: the supervisor's
     watch_parent(server.stop)
+    # Its connection to the core lost: answer 503 (and /healthz 503) for a moment, then exit 1. If the
+    # core is gone the supervisor stops everything; if only this connection broke, it replaces this.
+    app.state.on_engine_death = lambda: threading.Timer(CORE_LOST_GRACE_S, server.fail).start()
     try:
         server.run(sockets=[sock])
     except SystemExit:  # uvicorn's way out of a failed start-up
         sys.exit(EXIT_STARTUP_FAILED)
-    sys.exit(EXIT_OK)
+    sys.exit(EXIT_ENGINE_DIED if server.failed else EXIT_OK)

@@ -32,8 +32,9 @@ _HEAD = _FRAME.size - 4
 _RESERVE = struct.Struct("<Ii")  # images, tenant's queue bound (-1: none); + tenant
 _RUN = struct.Struct("<QHHHHffBBi")  # offset, n, h, w, top_k, timeout, weight, outputs, reserved, bound
 _STATE = struct.Struct("<II")  # the tenant's queued images, all queued images: heads OK, RESULT, ERROR
+UNKNOWN = 0xFFFFFFFF  # a state the core could not tell (the message naming the tenant was unreadable)
 _RESULT = struct.Struct("<IHffBHH")  # version, batch size, queue s, compute s, output, rows, columns
-_ENTRY = struct.Struct("<ifH")  # class index, score, label length (+ label)
+_ENTRY = struct.Struct("<ifI")  # class index, score, label length (+ label)
 OUTPUTS: tuple[Output, ...] = ("classify", "embed")
 
 MAX_FRAME = 1 << 30  # a frame longer than this is a broken peer, not a message
@@ -136,7 +137,7 @@ def encode_results(results: list[Result]) -> bytes:
             parts.append(_RESULT.pack(r.version, r.batch_size, r.queue_s, r.compute_s, 0, rows, cols))
             for row in r.predictions:
                 for p in row:
-                    label = p.label.encode()
+                    label = p.label.encode("utf-8", "surrogatepass")  # as the artifact's JSON had it
                     parts.append(_ENTRY.pack(p.index, p.score, len(label)) + label)
         else:
             assert r.features is not None
@@ -159,7 +160,9 @@ def decode_results(buf: memoryview) -> list[Result]:
                 for _ in range(cols):
                     index, score, n = _ENTRY.unpack_from(buf, at)
                     at += _ENTRY.size
-                    row.append(Prediction(bytes(buf[at : at + n]).decode(), index, score))
+                    row.append(
+                        Prediction(bytes(buf[at : at + n]).decode("utf-8", "surrogatepass"), index, score)
+                    )
                     at += n
                 predictions.append(row)
         else:

@@ -10,7 +10,6 @@ ERROR, a cancelled one too), which is what lets the API server reuse the block.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 from typing import Any
@@ -19,7 +18,7 @@ from server.core import protocol as p
 from server.core.arena import Arena
 from server.core.handle import Admission
 from server.core.local import LocalCore
-from server.errors import InvalidRequest, ServingError, Unavailable
+from server.errors import InternalError, InvalidRequest, ServingError, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +58,7 @@ class _Connection(p.Framed):
         self.arena: Arena | None = None
         self.peer = "?"
         self._tasks: dict[int, asyncio.Task[None]] = {}  # running RUNs and CALLs, by request id
+        self._unanswered: set[int] = set()  # RUNs and CALLs started and not answered yet
         self._held: dict[int, Admission] = {}  # RESERVEd room not yet RUN or RELEASEd
 
     def connection_made(self, transport: Any) -> None:
@@ -85,7 +85,11 @@ class _Connection(p.Framed):
             elif kind == p.CANCEL:
                 task = self._tasks.get(rid)
                 if task is not None:
-                    task.cancel()
+                    task.cancel()  # answered as cancelled: by the task, or by `_done` if it never ran
+                else:
+                    # Answered already (the answer crossed the CANCEL), or never started: one more
+                    # answer costs the API server nothing and guarantees it frees the request's block.
+                    self._answer(p.ERROR, rid, self._state(None) + p.encode_error(Unavailable("cancelled")))
             elif kind == p.CALL:
                 self._start(rid, self._call(rid, p.decode_json(payload)))
             elif kind == p.HELLO:
@@ -100,11 +104,18 @@ class _Connection(p.Framed):
 
     def _state(self, tenant: str | None) -> bytes:
         """How full the queues are now, heading every answer to a request: the API server admits its
-        next requests of this tenant without asking while they are far from the bounds."""
-        return p.encode_state(*self.core.queue_state(tenant)) if tenant else p.encode_state(0, 0)
+        next requests of this tenant without asking while they are far from the bounds. Without a
+        tenant (a message that could not be read), "unknown": the API server keeps what it knew."""
+        if tenant is None:
+            return p.encode_state(p.UNKNOWN, p.UNKNOWN)
+        return p.encode_state(*self.core.queue_state(tenant))
+
+    def _answer(self, kind: int, rid: int, payload: bytes) -> None:
+        self._unanswered.discard(rid)
+        self.send(kind, rid, payload)
 
     def _error(self, rid: int, e: BaseException, tenant: str | None = None) -> None:
-        self.send(p.ERROR, rid, self._state(tenant) + p.encode_error(e))
+        self._answer(p.ERROR, rid, self._state(tenant) + p.encode_error(e))
 
     def _hello(self, rid: int, hello: dict[str, Any]) -> None:
         self.peer = str(hello["pid"])
@@ -115,9 +126,9 @@ class _Connection(p.Framed):
         )
 
     def _reserve(self, rid: int, tenant: str, n: int, bound: int | None) -> None:
-        if not self.core.ready:
-            raise Unavailable("the engine is not ready")
         try:
+            if not self.core.ready:
+                raise Unavailable("the engine is not ready")
             self._held[rid] = self.core.hold(tenant, n, bound)
         except ServingError as e:  # Overloaded: the queue bounds refuse it
             self._error(rid, e, tenant)
@@ -127,7 +138,23 @@ class _Connection(p.Framed):
     def _start(self, rid: int, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks[rid] = task
-        task.add_done_callback(lambda _t: self._tasks.pop(rid, None))
+        self._unanswered.add(rid)
+        task.add_done_callback(lambda t: self._done(rid, t))
+
+    def _done(self, rid: int, task: asyncio.Task[None]) -> None:
+        """Every RUN and CALL is answered, once: one cancelled before its coroutine ever ran (a CANCEL
+        in the same read as its RUN) or that failed outside its own handlers is answered here."""
+        self._tasks.pop(rid, None)
+        if rid not in self._unanswered:
+            return
+        held = self._held.pop(rid, None)
+        if held is not None:
+            held.release()
+        if task.cancelled():
+            self._error(rid, Unavailable("cancelled"))
+        else:
+            log.error("request %d of API server %s failed", rid, self.peer, exc_info=task.exception())
+            self._error(rid, InternalError("engine core: the request failed"))
 
     async def _run(self, rid: int, run: p.Run) -> None:
         admission = self._held.pop(rid, None)
@@ -149,6 +176,7 @@ class _Connection(p.Framed):
                 timeout_s=run.timeout_s,
                 weight=run.weight,
             )
+            payload = self._state(run.tenant) + p.encode_results(results)
         except asyncio.CancelledError:
             self._error(rid, Unavailable("cancelled"), run.tenant)
             raise
@@ -157,7 +185,7 @@ class _Connection(p.Framed):
                 log.exception("request %d of API server %s failed", rid, self.peer)
             self._error(rid, e, run.tenant)
         else:
-            self.send(p.RESULT, rid, self._state(run.tenant) + p.encode_results(results))
+            self._answer(p.RESULT, rid, payload)
         finally:
             if admission is not None:
                 admission.release()
@@ -183,18 +211,20 @@ class _Connection(p.Framed):
                 }
             else:
                 raise InvalidRequest(f"unknown call {op!r}")
+            payload = p.encode_json(answer)
         except Exception as e:
             self._error(rid, e)
         else:
-            self.send(p.ANSWER, rid, p.encode_json(answer))
+            self._answer(p.ANSWER, rid, payload)
 
     def _on_lost(self, exc: Exception | None) -> None:
-        """The API server is gone (exited, killed, or dropped): its requests leave the queues."""
+        """The API server is gone (exited, killed, or dropped): its requests leave the queues, and its
+        arena is unmapped as soon as the requests computing now let go of their images."""
         self.server.connections.discard(self)
         for task in list(self._tasks.values()):
             task.cancel()
         for held in self._held.values():
             held.release()
         self._held.clear()
-        with contextlib.suppress(Exception):
-            log.debug("API server %s disconnected (%s)", self.peer, exc or "closed")
+        self.arena = None
+        log.debug("API server %s disconnected (%s)", self.peer, exc or "closed")

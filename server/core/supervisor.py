@@ -35,7 +35,7 @@ from typing import Any
 from prometheus_client import multiprocess
 
 from server.core.client import CoreAddress
-from server.core.process import api_main, core_main
+from server.core.process import CORE_STOP, api_main, core_main
 from server.exits import EXIT_ENGINE_DIED, EXIT_OK, EXIT_STARTUP_FAILED
 
 log = logging.getLogger("server.supervisor")
@@ -44,6 +44,7 @@ MAX_RESTARTS = 5
 RESTART_WINDOW_S = 60.0
 CORE_DEATH_GRACE_S = 1.0
 CORE_START_TIMEOUT_S = 3600.0  # a first hf-hub download can be slow; the core says when it fails
+
 
 _spawn = multiprocessing.get_context("spawn")
 
@@ -79,7 +80,8 @@ class Supervisor:
         signal.signal(signal.SIGHUP, self._forward_hup)
         try:
             status = self._start_core()
-            if status is not None:
+            if status is not None:  # it failed, or SIGTERM came first: nothing may be left running
+                self._stop_all()
                 return status
             for slot in range(self.n):
                 self._start_api(slot)
@@ -109,6 +111,12 @@ class Supervisor:
         )
         self.core.start()
         child.close()
+        with parent:
+            return self._await_core(parent)
+
+    def _await_core(self, parent: Any) -> int | None:
+        """None once the core says it serves; else the exit status (0 if SIGTERM came first)."""
+        assert self.core is not None
         deadline = time.monotonic() + CORE_START_TIMEOUT_S
         while True:
             if self.stopping:
@@ -237,10 +245,13 @@ class Supervisor:
         """API servers first (they finish their requests, which the core computes), then the core."""
         self.stopping = True
         timeout = self.settings.request_timeout_s + 10
-        for procs in (list(self.apis.values()), [self.core] if self.core is not None else []):
+        for procs, stop in (
+            (list(self.apis.values()), signal.SIGTERM),
+            ([self.core] if self.core else [], CORE_STOP),
+        ):
             for p in procs:
                 if p.is_alive() and p.pid is not None:
-                    os.kill(p.pid, signal.SIGKILL if kill else signal.SIGTERM)
+                    os.kill(p.pid, signal.SIGKILL if kill else stop)
             deadline = time.monotonic() + timeout
             for p in procs:
                 p.join(max(0.0, deadline - time.monotonic()))

@@ -320,3 +320,21 @@ def test_api_servers_that_cannot_start_stop_the_server_with_status_3(tmp_path):
     assert proc.proc.wait(timeout=120) == 3, proc.log()[-3000:]
     proc.stop()
     assert "could not start" in proc.log()
+
+
+def test_sighup_while_api_servers_start_kills_none(tmp_path):
+    """`kill -HUP` (re-read the tenants file) reaches API servers that are still starting: they ignore
+    it until their handler is installed, instead of dying of it."""
+    proc = ServerProcess(tmp_path, backbone=BACKBONE_SPEC, api_servers=2)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(api_servers(proc)) < 2:
+            time.sleep(0.01)
+        for _ in range(5):
+            proc.proc.send_signal(signal.SIGHUP)
+            time.sleep(0.05)
+        proc.wait_ready()
+        all_serving(proc, 2)
+    finally:
+        assert proc.stop() == 0, proc.log()[-3000:]
+    assert "replacing it" not in proc.log()

@@ -27,7 +27,7 @@ from vpt.hub import load_backbone
 @contextlib.asynccontextmanager
 async def served_core(
     tmp: Path, **settings: object
-) -> AsyncIterator[tuple[LocalCore, Callable[[], Awaitable[CoreClient]]]]:
+) -> AsyncIterator[tuple[LocalCore, Callable[[], Awaitable[CoreClient]], CoreServer]]:
     backbone = load_backbone(BACKBONE_SPEC)
     store = open_store(str(tmp / "store"))
     store.put("acme", "t", artifact_bytes(backbone, P=2, mode="deep", C=3, seed=0))
@@ -44,7 +44,7 @@ async def served_core(
         return clients[-1]
 
     try:
-        yield core, connect
+        yield core, connect, server
     finally:
         for client in clients:
             await client.stop(0)
@@ -64,7 +64,7 @@ async def classify(core, admission, pixels):
 
 def test_results_equal_the_in_process_core_and_admission_skips_the_round_trip_far_from_the_bounds(tmp_path):
     async def main() -> None:
-        async with served_core(tmp_path) as (core, connect):
+        async with served_core(tmp_path) as (core, connect, _):
             client = await connect()
             pixels = images(2)
             local = await classify(core, await core.admit("acme", 2, None), pixels)
@@ -86,7 +86,7 @@ def test_results_equal_the_in_process_core_and_admission_skips_the_round_trip_fa
 def test_the_core_checks_the_bounds_of_requests_admitted_without_asking(tmp_path):
     # A 2 s batching delay keeps the first request queued while the second arrives.
     async def main() -> None:
-        async with served_core(tmp_path, max_batch_delay_ms=2000) as (core, connect):
+        async with served_core(tmp_path, max_batch_delay_ms=2000) as (core, connect, _):
             first, second = await connect(), await connect()
             for client in (first, second):  # each sees the queues empty
                 await classify(client, await client.admit("acme", 1, 8), images(1))
@@ -107,7 +107,7 @@ def test_the_core_checks_the_bounds_of_requests_admitted_without_asking(tmp_path
 
 def test_a_cancelled_request_leaves_the_core_queue_and_frees_its_block(tmp_path):
     async def main() -> None:
-        async with served_core(tmp_path, max_batch_delay_ms=5000) as (core, connect):
+        async with served_core(tmp_path, max_batch_delay_ms=5000) as (core, connect, _):
             client = await connect()
             free = client.arena.free_bytes
             job = asyncio.ensure_future(classify(client, await client.admit("acme", 4, None), images(4)))
@@ -121,5 +121,42 @@ def test_a_cancelled_request_leaves_the_core_queue_and_frees_its_block(tmp_path)
                 if core.scheduler.queued_images == 0 and client.arena.free_bytes == free:
                     break
             assert core.scheduler.queued_images == 0 and client.arena.free_bytes == free
+
+    asyncio.run(main())
+
+
+def test_a_cancel_read_together_with_its_run_is_answered_and_frees_everything(tmp_path):
+    """A client that disconnects right after its images were sent: RUN and CANCEL reach a busy core in
+    one read, and the task for the RUN is cancelled before it ever ran. It is answered all the same, so
+    the block, the admission and the held room are all given back."""
+
+    async def main() -> None:
+        async with served_core(tmp_path) as (core, connect, server):
+            client = await connect()
+            (conn,) = server.connections
+            free = client.arena.free_bytes
+            conn.transport.pause_reading()  # the core is busy: what the client sends waits in the socket
+            admission_task = asyncio.ensure_future(client.admit("acme", 4, 4))
+            await asyncio.sleep(0.05)
+            conn.transport.resume_reading()
+            admission = await admission_task
+            assert admission.reserved
+            conn.transport.pause_reading()
+            job = asyncio.ensure_future(classify(client, admission, images(4)))
+            for _ in range(100):  # until the RUN is written
+                await asyncio.sleep(0.005)
+                if client._blocks:
+                    break
+            job.cancel()  # sends CANCEL behind the RUN
+            with pytest.raises(asyncio.CancelledError):
+                await job
+            conn.transport.resume_reading()
+            for _ in range(200):
+                await asyncio.sleep(0.01)
+                if not client._blocks and not client._admitted:
+                    break
+            assert not client._blocks and not client._admitted and client._outstanding_total == 0
+            assert client.arena.free_bytes == free
+            core.hold("acme", 4, 4).release()  # the tenant's whole bound is free again
 
     asyncio.run(main())

@@ -36,6 +36,14 @@ def test_results_round_trip():
     assert out[0].queue_s == pytest.approx(0.001) and out[1].compute_s == pytest.approx(0.004)
 
 
+def test_labels_of_any_length_and_code_points_cross():
+    # An artifact's labels are the tenant's: 100 kB of them, or a lone surrogate its JSON allowed.
+    labels = ["x" * 100_000, "\ud800 lone", "ok"]
+    r = Result(1, [[Prediction(label, i, 0.5) for i, label in enumerate(labels)]], None, 0.0, 0.0, 1)
+    (back,) = p.decode_results(memoryview(p.encode_results([r])))
+    assert [q.label for q in back.predictions[0]] == labels
+
+
 def test_errors_come_back_as_the_same_type_message_and_headers():
     for e in (
         Overloaded("full", retry_after=3),
