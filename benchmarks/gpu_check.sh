@@ -105,7 +105,8 @@ else
     LOAD_N=("${LOAD_COMMON[@]}" --tasks 200 --configs mixed --rates 50,1000,3000,6000 --cold-preset none)
     LOAD_MULTI=("${LOAD_COMMON[@]}" --tasks 100 --configs mixed --images-per-request 8 --rates 600,1200
                 --cold-preset none)
-    # Pillow vs nvJPEG (VPT_GPU_DECODE) on 1024 px JPEGs, large enough for the GPU path (>= 2x 256).
+    # Pillow vs nvJPEG (VPT_GPU_DECODE) on 1024 px JPEGs, large enough for the GPU path (>= 2x 256), at
+    # the default number of API servers (they hand the JPEGs' bytes to the core, which decodes them).
     LOAD_DECODE=("${LOAD_COMMON[@]}" --image-px 1024 --tasks 50 --configs mixed --images-per-request 8
                  --rates 400,800,1600 --cold-preset none)
     # perf_analyzer: 6 points of up to 3 windows of 2 s each (any spread counts as stable: it reports,

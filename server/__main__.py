@@ -108,12 +108,6 @@ def main(argv: list[str] | None = None) -> int:
 def _supervise(overrides: dict[str, object], settings: Settings, api_servers: int) -> int:
     """The engine core and `api_servers` API-server processes on one listening socket (`Supervisor`)."""
     open_tenants(settings)  # once, here: a first start creates the tenants file and shows its key
-    if settings.gpu_decode:
-        logging.getLogger("server").warning(
-            "VPT_GPU_DECODE applies with VPT_API_SERVERS=0 only: the %d API servers decode with Pillow "
-            "(decoding scales with their number)",
-            api_servers,
-        )
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
     try:
         sock = socket.create_server((settings.host, settings.port), family=family, backlog=2048)

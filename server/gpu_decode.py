@@ -4,7 +4,12 @@ Off by default (`VPT_GPU_DECODE`): nvJPEG's IDCT and chroma upsampling, and the 
 `vpt.transforms.eval_transform_tensor`, differ from Pillow's (the trainer's transform) by a few uint8
 levels. When on, the JPEGs of a request that nvJPEG decodes exactly as Pillow would (same pixels up to
 that rounding, same orientation, same geometry) are decoded in one batched call on the engine's device
-and transformed there; everything else takes the Pillow path (`server.preprocess`):
+and transformed there; everything else takes the Pillow path (`server.preprocess`).
+
+Who does what: the process that parsed the request (an API server, or the one server process) picks
+the rows from the headers (`nvjpeg_rows`, no CUDA needed) and decodes the others with Pillow; the engine
+core, which owns the device, decodes the picked JPEGs' bytes (`GpuDecoder.complete`), so API servers
+never create a CUDA context. A JPEG takes the Pillow path when it is:
 - not a JPEG, or not a plain one (MPO, 12-bit, CMYK/YCCK or any mode but RGB and L): Pillow converts;
 - EXIF orientation other than 1: Pillow applies it (`ImageOps.exif_transpose`), nvJPEG would not;
 - aspect ratio over `MAX_EXACT_ASPECT`: Pillow resamples only the cropped region of those;
@@ -15,7 +20,8 @@ and transformed there; everything else takes the Pillow path (`server.preprocess
   little; the large ones, where nvJPEG pays, are downscaled far more;
 - bytes after the end-of-image marker, or none: Pillow refuses truncated JPEGs with a 400, nvJPEG
   might decode them leniently; trailing data is rare enough to leave to Pillow too;
-- any image nvJPEG refuses: Pillow decodes it or reports the precise error.
+- over what one request may hand the core (`nvjpeg_rows`' budget: the API server's arena);
+- refused by nvJPEG: Pillow decodes it in the core, or reports the precise error.
 Limits are checked from the header with `vpt.transforms.open_image`, as the Pillow path does, so a
 refused image gets the same 400 whichever path it was headed for. `torchvision` is imported lazily:
 without it (or without CUDA) the decoder reports itself unavailable, with the reason.
@@ -34,8 +40,7 @@ import contextlib
 import io
 import logging
 import threading
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from PIL import ExifTags, Image
@@ -46,7 +51,9 @@ from vpt.transforms import (
     MAX_EXACT_ASPECT,
     ImageDecodeError,
     ImageLimits,
+    decode_image,
     eval_sizes,
+    eval_transform,
     eval_transform_tensor,
     open_image,
 )
@@ -93,10 +100,32 @@ def gpu_ineligible(data: bytes, limits: ImageLimits, min_side: int = 0) -> str |
     return None
 
 
-@dataclass
-class GpuDecoded:
-    images: torch.Tensor | None  # (n, 3, S, S) uint8 on the device; rows in `pillow` not yet written
-    pillow: list[int]  # request positions left to Pillow (ineligible, or refused by nvJPEG), ascending
+def nvjpeg_rows(
+    blobs: list[bytes], cfg: ViTConfig, limits: ImageLimits, budget: int | None = None
+) -> list[int]:
+    """The positions of a request's images that nvJPEG may decode (`gpu_ineligible`), ascending.
+
+    `budget`: the JPEG bytes these may add up to at most (the rest are left to Pillow): what an API
+    server hands the engine core must fit its shared-memory arena (`server.core.arena`).
+
+    Raises `InvalidImage("image {i}: ...")` for an image over the limits or with a bad header, with the
+    Pillow path's messages (so a refused image gets the same 400 whichever path it was headed for)."""
+    min_side = MIN_DOWNSCALE * eval_sizes(cfg)[0]  # smaller JPEGs: Pillow's (module docstring)
+    rows, left = [], budget
+    for i, data in enumerate(blobs):
+        try:
+            why = gpu_ineligible(data, limits, min_side)
+        except ImageDecodeError as e:
+            raise InvalidImage(f"image {i}: {e}") from None
+        if why is None and left is not None and len(data) > left:
+            why = "over the request's budget of JPEG bytes for the engine core"
+        if why is not None:
+            log.debug("image %d takes the Pillow path: %s", i, why)
+            continue
+        rows.append(i)
+        if left is not None:
+            left -= len(data)
+    return rows
 
 
 class GpuDecoder:
@@ -119,7 +148,6 @@ class GpuDecoder:
     ) -> None:
         self.device = torch.device(device)
         self.cfg, self.limits = cfg, limits
-        self._min_side = MIN_DOWNSCALE * eval_sizes(cfg)[0]  # smaller JPEGs: Pillow's (module docstring)
         self._decode_jpegs = decode_jpegs
         self._lock = threading.Lock()  # one decode at a time on the stream (see module docstring)
         self._stream: torch.cuda.Stream | None = None
@@ -170,48 +198,41 @@ class GpuDecoder:
             finally:
                 self._stream.synchronize()
 
-    def decode(self, blobs: list[bytes]) -> GpuDecoded:
-        """Blocking (call it off the event loop): decode what nvJPEG may, leave the rest to Pillow.
+    def complete(self, host: torch.Tensor, jpegs: Sequence[tuple[int, bytes]]) -> torch.Tensor:
+        """Blocking (call it off the event loop): a request's images on the device, uint8 (n, 3, S, S),
+        from `host` (uint8 (m, 3, S, S), the rows not in `jpegs`, in order) and `jpegs` ((position,
+        bytes), ascending, from `nvjpeg_rows`) decoded and transformed here: by nvJPEG, or by Pillow
+        where nvJPEG refuses one.
 
-        Raises `InvalidImage("image {i}: ...")` for an image over the limits or with a bad header."""
+        Raises `InvalidImage("image {i}: ...")` for an image neither can decode."""
         assert self._decode_jpegs is not None, self.reason
-        eligible = []
-        for i, data in enumerate(blobs):
-            try:
-                why = gpu_ineligible(data, self.limits, self._min_side)
-            except ImageDecodeError as e:
-                raise InvalidImage(f"image {i}: {e}") from None
-            if why is None:
-                eligible.append(i)
-            else:
-                log.debug("image %d takes the Pillow path: %s", i, why)
-        pillow = sorted(set(range(len(blobs))) - set(eligible))
-        if not eligible:
-            return GpuDecoded(None, pillow)
         s = self.cfg.img_size
+        n = host.shape[0] + len(jpegs)
+        gpu = {i for i, _ in jpegs}
         with self._on_stream():
-            decoded = self._decode_batch([blobs[i] for i in eligible])
-            out = torch.empty((len(blobs), 3, s, s), dtype=torch.uint8, device=self.device)
-            for i, img in zip(eligible, decoded, strict=True):
-                if img is None or img.dim() != 3 or img.shape[0] != 3 or img.dtype != torch.uint8:
-                    pillow.append(i)  # refused by nvJPEG (logged), or not the RGB we asked for
-                    continue
+            out = torch.empty((n, 3, s, s), dtype=torch.uint8, device=self.device)
+            if host.shape[0]:
+                rows = torch.tensor([i for i in range(n) if i not in gpu], device=self.device)
+                out[rows] = host.to(self.device)
+            decoded = self._decode_batch([data for _, data in jpegs]) if jpegs else []
+            for (i, data), img in zip(jpegs, decoded, strict=True):
+                if img is not None and img.dim() == 3 and img.shape[0] == 3 and img.dtype == torch.uint8:
+                    try:
+                        out[i] = eval_transform_tensor(img, self.cfg)  # (3, S, S)
+                        continue
+                    except (ValueError, torch.OutOfMemoryError) as e:
+                        # Decoded to another size than its header's (past the aspect limit), or no device
+                        # memory for this one: Pillow decodes it on the host.
+                        log.debug("image %d takes the Pillow path: %s", i, e)
+                # Refused by nvJPEG (logged), or not the RGB we asked for.
                 try:
-                    out[i] = eval_transform_tensor(img, self.cfg)  # (3, S, S)
-                except (ValueError, torch.OutOfMemoryError) as e:
-                    # Decoded to another size than its header's (past the aspect limit), or no device
-                    # memory for this one: Pillow decodes it on the host.
-                    log.debug("image %d takes the Pillow path: %s", i, e)
-                    pillow.append(i)
+                    one = eval_transform(decode_image(data, self.limits), self.cfg)
+                except ImageDecodeError as e:
+                    raise InvalidImage(f"image {i}: {e}") from None
+                out[i] = one.to(self.device)
             if self._stream is not None:
                 out.record_stream(torch.cuda.default_stream(self.device))
-        return GpuDecoded(out, sorted(pillow))
-
-    def fill(self, images: torch.Tensor, rows: list[int], host: torch.Tensor) -> torch.Tensor:
-        """Blocking: write the Pillow path's (len(rows), 3, S, S) host tensor into `images` rows."""
-        with self._on_stream():
-            images[torch.tensor(rows, device=self.device)] = host.to(self.device)
-        return images
+        return out
 
     def _decode_batch(self, blobs: list[bytes]) -> list[torch.Tensor | None]:
         """One batched call; if it fails (one bad image fails them all), one call per image to find

@@ -2,8 +2,9 @@
 
 The transform is `vpt.transforms.eval_transform`, the very function `vpt train` evaluates with
 (resize the shorter side to `resize_size`, centre-crop `img_size`), so server and trainer cannot skew.
-With `gpu_decode` on a CUDA device, JPEGs may instead be decoded by nvJPEG and transformed on the device
-(`server.gpu_decode`: opt-in, within a few uint8 levels of this path).
+When the engine core decodes JPEGs on its CUDA device (`VPT_GPU_DECODE`), the JPEGs it may decode are
+left encoded here and handed to it as bytes (`server.gpu_decode`: opt-in, within a few uint8 levels of
+this path).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,7 +21,7 @@ import torch
 from PIL import Image
 
 from server.errors import InvalidImage
-from server.gpu_decode import GpuDecoder
+from server.gpu_decode import nvjpeg_rows
 from server.threads import available_cpus
 from vpt.config import ViTConfig
 from vpt.transforms import ImageDecodeError, ImageLimits, decode_image, eval_transform
@@ -27,13 +29,26 @@ from vpt.transforms import ImageDecodeError, ImageLimits, decode_image, eval_tra
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Pixels:
+    """A request's images as the engine core takes them: `images`, uint8 (m, 3, S, S) on the host, in
+    request order, but for the JPEGs in `jpegs` ((position, encoded bytes), ascending), which the core
+    decodes on its device (`VPT_GPU_DECODE`, `server.gpu_decode`)."""
+
+    images: torch.Tensor
+    jpegs: tuple[tuple[int, bytes], ...] = ()
+
+    @property
+    def n(self) -> int:
+        return int(self.images.shape[0]) + len(self.jpegs)
+
+
 class Preprocessor:
     """Args:
     cfg, limits: the backbone's config (transform sizes) and one image's byte/pixel limits.
     threads: decode threads; 0 = the CPUs this process may use.
-    device, gpu_decode: decode JPEGs on `device` with nvJPEG when it is CUDA and torchvision is
-        installed (`VPT_GPU_DECODE`); otherwise, or when `gpu_decode` is False, Pillow only.
-    gpu_decoder: a ready decoder instead of one built from `device` (tests).
+    gpu_jpegs: leave the JPEGs nvJPEG may decode to the engine core (its `EngineInfo.gpu_decode`).
+    jpeg_budget: the JPEG bytes of one request that may be left to it (None: any); the rest, Pillow's.
     """
 
     def __init__(
@@ -42,24 +57,13 @@ class Preprocessor:
         limits: ImageLimits,
         threads: int = 0,
         *,
-        device: torch.device | str = "cpu",
-        gpu_decode: bool = False,
-        gpu_decoder: GpuDecoder | None = None,
+        gpu_jpegs: bool = False,
+        jpeg_budget: int | None = None,
     ) -> None:
         self.cfg, self.limits = cfg, limits
         self.threads = threads or available_cpus()
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="vpt-decode")
-        if gpu_decoder is None and gpu_decode:
-            gpu_decoder = GpuDecoder(device, cfg, limits)
-        if gpu_decoder is not None and not gpu_decoder.available:
-            log.warning("GPU JPEG decoding is off, Pillow decodes every image: %s", gpu_decoder.reason)
-            gpu_decoder = None
-        elif gpu_decoder is not None:
-            log.info("GPU JPEG decoding on %s (nvJPEG via torchvision)", gpu_decoder.device)
-        self.gpu = gpu_decoder
-        # GPU decodes run one at a time (the decoder's lock): on a thread of their own, a queue of them
-        # cannot park the Pillow pool's threads.
-        self._gpu_pool = ThreadPoolExecutor(1, thread_name_prefix="vpt-gpu-decode") if self.gpu else None
+        self.gpu_jpegs, self.jpeg_budget = gpu_jpegs, jpeg_budget
 
     def _decoded(self, data: bytes) -> Image.Image:
         return decode_image(data, self.limits)
@@ -91,7 +95,7 @@ class Preprocessor:
         )
         return torch.stack([t for part in parts for t in part])
 
-    async def pixels(self, images: np.ndarray) -> torch.Tensor:
+    async def pixels(self, images: np.ndarray) -> Pixels:
         """Raw RGB pixels uint8 (n, H, W, 3), any H and W → uint8 (n, 3, S, S), through the same
         eval transform (Pillow) as a decoded image: a PNG of these pixels gives the same tensor."""
         assert images.dtype == np.uint8 and images.ndim == 4 and images.shape[3] == 3, images.shape
@@ -100,24 +104,24 @@ class Preprocessor:
             raise InvalidImage(f"images are {w}x{h} pixels, over the limit of {self.limits.max_pixels}")
         if h == 0 or w == 0:
             raise InvalidImage(f"images of {w}x{h} pixels are empty")
-        return await self._pillow(list(enumerate(images)), lambda a: Image.fromarray(np.ascontiguousarray(a)))
+        return Pixels(
+            await self._pillow(list(enumerate(images)), lambda a: Image.fromarray(np.ascontiguousarray(a)))
+        )
 
-    async def __call__(self, blobs: list[bytes]) -> torch.Tensor:
-        """Encoded images → uint8 (n, 3, S, S): on the host (Pillow releases the GIL while decoding and
-        resizing), or on the engine's device when the GPU decoder took any of them."""
-        if self.gpu is None:
-            return await self._pillow(list(enumerate(blobs)))
-        loop = asyncio.get_running_loop()
-        done = await loop.run_in_executor(self._gpu_pool, self.gpu.decode, blobs)
-        if not done.pillow:
-            assert done.images is not None
-            return done.images
-        host = await self._pillow([(i, blobs[i]) for i in done.pillow])
-        if done.images is None:  # no JPEG went to the GPU: the Pillow path's host tensor, as without it
-            return host
-        return await loop.run_in_executor(self._gpu_pool, self.gpu.fill, done.images, done.pillow, host)
+    async def __call__(self, blobs: list[bytes]) -> Pixels:
+        """Encoded images → `Pixels`: Pillow decodes and transforms them here (it releases the GIL while
+        decoding and resizing), except the JPEGs left to the core's GPU decoder."""
+        if not self.gpu_jpegs:
+            return Pixels(await self._pillow(list(enumerate(blobs))))
+        loop = asyncio.get_running_loop()  # headers only, but up to 64 of them: off the event loop
+        gpu = await loop.run_in_executor(
+            self._pool, nvjpeg_rows, blobs, self.cfg, self.limits, self.jpeg_budget
+        )
+        picked = set(gpu)
+        rest = [(i, data) for i, data in enumerate(blobs) if i not in picked]
+        s = self.cfg.img_size
+        host = await self._pillow(rest) if rest else torch.empty((0, 3, s, s), dtype=torch.uint8)
+        return Pixels(host, tuple((i, blobs[i]) for i in gpu))
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
-        if self._gpu_pool is not None:
-            self._gpu_pool.shutdown(wait=False, cancel_futures=True)

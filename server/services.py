@@ -18,6 +18,7 @@ from prompt_store.errors import ArtifactError
 from server.core.client import CoreAddress, CoreClient
 from server.core.handle import Core
 from server.core.local import LocalCore, artifact_limits, open_settings_store
+from server.core.process import jpeg_budget
 from server.engine.bank import TaskTooLarge, check_fits_shape
 from server.metrics import Metrics
 from server.preprocess import Preprocessor
@@ -83,14 +84,19 @@ class Services:
                 torch.set_num_threads(1)
                 engine_core = await CoreClient.connect(core)
                 rate_limiter = SharedRateLimiter(core.rate_table)
+            info = engine_core.info
             preprocess = Preprocessor(
-                engine_core.info.cfg,
+                info.cfg,
                 ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels),
                 # As many as the CPUs, counted before this process left the engine's: a request's
                 # decode must not queue behind another's in a pool of one thread.
                 settings.decode_threads or cpus,
-                device=torch.device(engine_core.info.device),
-                gpu_decode=settings.gpu_decode and core is None,
+                gpu_jpegs=info.gpu_decode,
+                # What an API server hands the core must fit its arena, sized for pixels: a request's
+                # block (its decoded images and its JPEGs) stays within its largest all-pixels one.
+                jpeg_budget=None
+                if core is None
+                else jpeg_budget(settings, info.cfg.img_size, core.arena_bytes),
             )
             # Everything alive now (torch, FastAPI, the backbone's Python objects: ~250k tracked objects)
             # lives as long as the server. A full collection scans them all and holds the GIL for ~150 ms,

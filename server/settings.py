@@ -97,7 +97,7 @@ class Settings(BaseSettings):
         0,
         ge=0,
         description="Shared memory per API server for decoded images on their way to the engine core; "
-        "0 = two of the largest requests, at least 32 MiB",
+        "0 = two of the largest requests (twice that with VPT_GPU_DECODE: JPEG bytes), at least 32 MiB",
     )
     host: str = Field("127.0.0.1", description="Bind address (0.0.0.0 to serve other hosts)")
     port: int = Field(8000, ge=0, le=65535, description="Bind port")
@@ -147,7 +147,7 @@ class Settings(BaseSettings):
         description="CUDA only: decode JPEGs at least twice the resize side with nvJPEG "
         "(torchvision.io.decode_jpeg) and resize them on the GPU when torchvision is installed; Pillow "
         "otherwise. Opt-in: it differs from Pillow's (the trainer's) transform by ~0.05-0.4 uint8 levels. "
-        "With VPT_API_SERVERS=0 only (API servers decode with Pillow)",
+        "The engine core decodes them; API servers hand it the JPEGs' bytes",
     )
 
     # --- prompt bank -----------------------------------------------------------------------------

@@ -7,7 +7,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-import torch
 from fastapi import APIRouter, Query, Request
 
 from server.api.bodies import read_images
@@ -16,6 +15,7 @@ from server.api.deps import Principal, PrincipalDep, ServicesDep, TaskId
 from server.api.schemas import ClassifyJSON, ClassifyResponse, EmbedResponse, Prediction, Timings
 from server.engine.batch import Output
 from server.errors import InvalidRequest
+from server.preprocess import Pixels
 from server.scheduler.scheduler import DEFAULT_TOP_K
 from server.scheduler.types import Result
 from server.services import Services
@@ -77,7 +77,7 @@ class Images:
     """A request's images before decoding: how many, and how to get them as the engine's input."""
 
     n: int  # images in the request
-    decode: Callable[[], Awaitable[torch.Tensor]]  # → uint8 (n, 3, S, S): decode + eval transform
+    decode: Callable[[], Awaitable[Pixels]]  # decode + eval transform (JPEGs maybe left to the core)
 
 
 async def run_images(

@@ -1,8 +1,8 @@
 """The engine core as an API-server process sees it: `Core` over the core's Unix socket.
 
-Each request's decoded images go into this process's shared-memory arena (`server.core.arena`) and a
-small frame names where they lie (`server.core.protocol`); the answer frees the block. If the core
-goes away, every request waiting on it fails with 503 and `alive` turns false (/healthz 503); the
+Each request's decoded images (and the JPEGs left to the core's GPU decoder) go into this process's
+shared-memory arena (`server.core.arena`) and a small frame names where they lie
+(`server.core.protocol`); the answer frees the block. If the core goes away, every request waiting on it fails with 503 and `alive` turns false (/healthz 503); the
 supervisor then stops the server with exit status 1.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import os
@@ -18,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
+import numpy as np
 
 from server.core import protocol as p
 from server.core.arena import Arena
@@ -27,6 +28,7 @@ from server.engine.bank import BankStats
 from server.engine.batch import Output
 from server.errors import DeadlineExceeded, Unavailable
 from server.metrics import LiveStats, TaskCounters
+from server.preprocess import Pixels
 from server.scheduler.types import Result
 
 log = logging.getLogger(__name__)
@@ -155,7 +157,7 @@ class CoreClient(Core):
         self,
         admission: Admission,
         task_id: str,
-        images: torch.Tensor,
+        images: Pixels,
         outputs: tuple[Output, ...],
         *,
         top_k: int,
@@ -163,16 +165,17 @@ class CoreClient(Core):
         weight: float,
     ) -> list[Result]:
         assert isinstance(admission, _Reservation) and admission.held
-        n, _, h, w = images.shape
-        nbytes = images.numel()
+        n, _, h, w = images.images.shape
+        run = p.Run(0, n, h, w, top_k, timeout_s, weight, outputs, admission.tenant, task_id, admission.reserved,
+                    admission.tenant_max_queued, tuple((i, len(data)) for i, data in images.jpegs))  # fmt: skip
+        nbytes = run.nbytes
         try:  # the arena full of other requests' images: wait within the request's deadline
             offset = await asyncio.wait_for(self.arena.take(nbytes), timeout_s)
         except asyncio.TimeoutError:
             raise DeadlineExceeded(f"request did not finish within {timeout_s:.1f}s") from None
-        self.arena.view(offset, tuple(images.shape)).copy_(images)
+        self._write(offset, images)
+        run = dataclasses.replace(run, offset=offset)
         rid = admission.rid
-        run = p.Run(offset, n, h, w, top_k, timeout_s, weight, outputs, admission.tenant, task_id,
-                    admission.reserved, admission.tenant_max_queued)  # fmt: skip
         try:
             answer = self._ask(p.RUN, run.encode(), rid)
         except BaseException:
@@ -187,6 +190,14 @@ class CoreClient(Core):
         finally:
             if rid in self._waiting:  # cancelled (client gone) or timed out: the core forgets it too
                 self._send(p.CANCEL, rid)
+
+    def _write(self, offset: int, images: Pixels) -> None:
+        """The block's contents (`protocol.Run`): the decoded images, then each JPEG's bytes."""
+        self.arena.view(offset, tuple(images.images.shape)).copy_(images.images)
+        at = offset + images.images.numel()
+        for _, data in images.jpegs:
+            self.arena.view(at, (len(data),)).numpy()[:] = np.frombuffer(data, dtype=np.uint8)
+            at += len(data)
 
     async def task_changed(self, tenant: str, task_id: str, version: int) -> None:
         await self._call("task_changed", tenant=tenant, task_id=task_id, version=version)

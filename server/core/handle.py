@@ -11,12 +11,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from prompt_store.artifact import BackboneSignature
 from server.engine.batch import Output
 from server.engine.engine import Engine
 from server.metrics import LiveStats, TaskCounters
+from server.preprocess import Pixels
 from server.scheduler.types import Result
 from vpt.config import ViTConfig
 
@@ -31,6 +30,9 @@ class EngineInfo:
     cfg: ViTConfig
     device: str
     dtype: str  # "float32", "bfloat16", ...
+    # The core decodes JPEGs on its device (VPT_GPU_DECODE, nvJPEG available): the process that parses
+    # a request leaves the JPEGs nvJPEG may decode encoded (`server.preprocess.Pixels`).
+    gpu_decode: bool = False
 
     @classmethod
     def of(cls, engine: Engine) -> EngineInfo:
@@ -109,16 +111,17 @@ class Core(ABC):
         self,
         admission: Admission,
         task_id: str,
-        images: torch.Tensor,
+        images: Pixels,
         outputs: tuple[Output, ...],
         *,
         top_k: int,
         timeout_s: float,
         weight: float,
     ) -> list[Result]:
-        """One admitted request: its uint8 images (n, 3, S, S) run once per output, all on one task
-        version; the admission's room becomes their place in the queues; the task's usage counts the
-        request once. Cancelling the awaiting coroutine frees its queued images."""
+        """One admitted request: its images (the JPEGs among them decoded on the core's device first)
+        run once per output, all on one task version; the admission's room becomes their place in the
+        queues; the task's usage counts the request once. Cancelling the awaiting coroutine frees its
+        queued images."""
 
     @abstractmethod
     async def task_changed(self, tenant: str, task_id: str, version: int) -> None:

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import gc
 import logging
 import os
 import sys
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -26,12 +28,16 @@ from server.core.handle import Admission, Core, EngineInfo, TaskState
 from server.engine.batch import Output
 from server.engine.engine import Engine, pick_device, pick_dtype
 from server.engine.process import EngineStartError, ProcessConfig
+from server.errors import InternalError
+from server.gpu_decode import GpuDecoder
 from server.metrics import LiveStats, Metrics, TaskStats
+from server.preprocess import Pixels
 from server.scheduler.scheduler import Scheduler, SchedulerConfig
 from server.scheduler.types import Result
 from server.settings import Settings
 from server.threads import available_cpus, engine_cpu_set, pin_process
 from vpt.hub import Backbone, load_backbone
+from vpt.transforms import ImageLimits
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +73,8 @@ class LocalCore(Core):
         self.engine, self.scheduler, self.settings = engine, scheduler, settings
         self.info = EngineInfo.of(engine)
         self.task_stats = TaskStats(scheduler.residency.knows)  # usage per task the residency knows
+        self.gpu_decoder: GpuDecoder | None = None
+        self._decode_pool: ThreadPoolExecutor | None = None
         self._switch_interval_before = switch_interval_before  # restored by stop (process-wide)
         self._affinity_before = affinity_before  # this process's CPUs before it left the engine's
 
@@ -164,8 +172,24 @@ class LocalCore(Core):
             switch_interval_before=switch_interval_before,
             affinity_before=affinity_before,
         )
+        if settings.gpu_decode:
+            limits = ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
+            core.use_gpu_decoder(GpuDecoder(device, backbone.cfg, limits))
         metrics.bind(core.live_now)
         return core
+
+    def use_gpu_decoder(self, decoder: GpuDecoder) -> None:
+        """Decode the JPEGs requests leave encoded with `decoder` (`VPT_GPU_DECODE`), if it is available;
+        API servers learn it from `info` when they connect."""
+        if not decoder.available:
+            log.warning("GPU JPEG decoding is off, Pillow decodes every image: %s", decoder.reason)
+            return
+        log.info("GPU JPEG decoding on %s (nvJPEG via torchvision)", decoder.device)
+        self.gpu_decoder = decoder
+        # One request's JPEGs at a time (the decoder's lock): on a thread of their own, they wait there
+        # and not in the event loop.
+        self._decode_pool = ThreadPoolExecutor(1, thread_name_prefix="vpt-gpu-decode")
+        self.info = dataclasses.replace(self.info, gpu_decode=True)
 
     def on_death(self, hook: Callable[[], None] | None) -> None:
         self.engine.on_death(hook)
@@ -180,6 +204,8 @@ class LocalCore(Core):
         # start's process-wide settings, undone: an in-process app (tests, embedding) leaves the
         # interpreter as it found it, and its engine can be collected.
         gc.unfreeze()
+        if self._decode_pool is not None:
+            self._decode_pool.shutdown(wait=False, cancel_futures=True)
         if self._switch_interval_before is not None:
             sys.setswitchinterval(self._switch_interval_before)
         if self._affinity_before is not None:
@@ -210,20 +236,21 @@ class LocalCore(Core):
         self,
         admission: Admission,
         task_id: str,
-        images: torch.Tensor,
+        images: Pixels,
         outputs: tuple[Output, ...],
         *,
         top_k: int,
         timeout_s: float,
         weight: float,
     ) -> list[Result]:
+        pixels = await self._on_device(images) if images.jpegs else images.images
         admission.release()  # no await between this and the submissions' queueing: no one slips in
         tenant = admission.tenant
         jobs = [
             self.scheduler.submit(
                 tenant,
                 task_id,
-                images,
+                pixels,
                 output=output,
                 top_k=top_k,
                 timeout_s=timeout_s,
@@ -239,7 +266,16 @@ class LocalCore(Core):
             ok = True
             return results
         finally:  # cancelled (client gone) counts as failed, as any error does
-            self.task_stats.record(tenant, task_id, int(images.shape[0]), ok=ok)
+            self.task_stats.record(tenant, task_id, images.n, ok=ok)
+
+    async def _on_device(self, images: Pixels) -> torch.Tensor:
+        """The request's JPEGs decoded on the device, its other rows copied there (`GpuDecoder`)."""
+        if self.gpu_decoder is None or self._decode_pool is None:
+            raise InternalError("JPEGs for the engine core to decode, but it has no GPU decoder")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._decode_pool, self.gpu_decoder.complete, images.images, images.jpegs
+        )
 
     async def task_changed(self, tenant: str, task_id: str, version: int) -> None:
         self.scheduler.task_changed(tenant, task_id, version)

@@ -67,12 +67,23 @@ def watch_parent(on_death: Callable[[], None]) -> None:
     threading.Thread(target=watch, name="vpt-parent-watch", daemon=True).start()
 
 
+def _largest_pixels(settings: Any, img_size: int) -> int:
+    return int(settings.max_images_per_request) * 3 * img_size * img_size
+
+
 def arena_bytes(settings: Any, img_size: int) -> int:
-    """Each API server's image arena: two of the largest requests, at least 32 MiB."""
+    """Each API server's image arena: two of the largest requests, at least 32 MiB. With GPU decoding a
+    request's block may also hold JPEGs, up to as many bytes again (`jpeg_budget`)."""
     if settings.api_arena_bytes:
         return int(settings.api_arena_bytes)
-    largest = settings.max_images_per_request * 3 * img_size * img_size
+    largest = _largest_pixels(settings, img_size) * (2 if settings.gpu_decode else 1)
     return max(32 << 20, 2 * largest)
+
+
+def jpeg_budget(settings: Any, img_size: int, arena: int) -> int:
+    """The JPEG bytes one request may hand the core's GPU decoder: what is left of half the arena after
+    the largest request's pixels (the rest of its JPEGs, Pillow's), so two requests always fit."""
+    return max(0, arena // 2 - _largest_pixels(settings, img_size))
 
 
 # --- the engine core -------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """The messages between the API servers and the engine core, over one Unix stream socket per API server.
 
 A frame is `<I` length, then `<BQ` kind and request id, then the payload. Per request: RESERVE (room
-for its images, before decoding), RUN (where its decoded images lie in the API server's shared-memory
-arena, and what to compute) or RELEASE, CANCEL (client gone); answered by OK, RESULT or ERROR. The
+for its images, before decoding), RUN (where its decoded images, and the JPEGs left to the core's GPU
+decoder, lie in the API server's shared-memory arena, and what to compute) or RELEASE, CANCEL (client gone); answered by OK, RESULT or ERROR. The
 request's fields and results are `struct`s and UTF-8 strings; control calls (task changes, state
 queries) and errors are small JSON objects. Nothing is pickled: a message can only ever be data.
 """
@@ -31,6 +31,7 @@ _FRAME = struct.Struct("<IBQ")  # length of what follows the length, kind, reque
 _HEAD = _FRAME.size - 4
 _RESERVE = struct.Struct("<Ii")  # images, tenant's queue bound (-1: none); + tenant
 _RUN = struct.Struct("<QHHHHffBBi")  # offset, n, h, w, top_k, timeout, weight, outputs, reserved, bound
+_JPEG = struct.Struct("<HI")  # a JPEG left to the core: its position in the request, its length
 _STATE = struct.Struct("<II")  # the tenant's queued images, all queued images: heads OK, RESULT, ERROR
 UNKNOWN = 0xFFFFFFFF  # a state the core could not tell (the message naming the tenant was unreadable)
 _RESULT = struct.Struct("<IHffBHH")  # version, batch size, queue s, compute s, output, rows, columns
@@ -77,8 +78,12 @@ def decode_reserve(buf: memoryview) -> tuple[str, int, int | None]:
 
 @dataclass(frozen=True)
 class Run:
-    offset: int  # of the images in the API server's arena: uint8 (n, 3, height, width)
-    n: int
+    """Where a request's images lie in the API server's arena, and what to compute. The block holds the
+    decoded images, uint8 (n, 3, height, width), then the bytes of each JPEG left to the core's GPU
+    decoder, one after another; `jpegs` gives each one's (position in the request, length)."""
+
+    offset: int
+    n: int  # decoded images in the block
     height: int
     width: int
     top_k: int
@@ -89,10 +94,20 @@ class Run:
     task_id: str
     reserved: bool  # a RESERVE of the same id holds its room; else the core checks the bounds now
     tenant_max_queued: int | None
+    jpegs: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def pixel_bytes(self) -> int:
+        return self.n * 3 * self.height * self.width
 
     @property
     def nbytes(self) -> int:
-        return self.n * 3 * self.height * self.width
+        return self.pixel_bytes + sum(length for _, length in self.jpegs)
+
+    @property
+    def images(self) -> int:
+        """Images in the request."""
+        return self.n + len(self.jpegs)
 
     def encode(self) -> bytes:
         mask = sum(1 << OUTPUTS.index(o) for o in self.outputs)
@@ -100,7 +115,8 @@ class Run:
         bound = -1 if self.tenant_max_queued is None else self.tenant_max_queued
         head = _RUN.pack(self.offset, self.n, self.height, self.width, self.top_k, self.timeout_s, self.weight,
                          mask | order << 7, self.reserved, bound)  # fmt: skip
-        return head + _text(self.tenant) + _text(self.task_id)
+        jpegs = struct.pack("<H", len(self.jpegs)) + b"".join(_JPEG.pack(*j) for j in self.jpegs)
+        return head + _text(self.tenant) + _text(self.task_id) + jpegs
 
     @classmethod
     def decode(cls, buf: memoryview) -> Run:
@@ -109,9 +125,11 @@ class Run:
         if mask >> 7:
             outputs = outputs[::-1]
         tenant, at = _read_text(buf, _RUN.size)
-        task_id, _ = _read_text(buf, at)
+        task_id, at = _read_text(buf, at)
+        (count,) = struct.unpack_from("<H", buf, at)
+        jpegs = tuple(_JPEG.unpack_from(buf, at + 2 + k * _JPEG.size) for k in range(count))
         return cls(offset, n, h, w, top_k, timeout_s, weight, outputs, tenant, task_id,  # type: ignore[arg-type]
-                   bool(reserved), None if bound < 0 else bound)  # fmt: skip
+                   bool(reserved), None if bound < 0 else bound, jpegs)  # fmt: skip
 
 
 # --- queue state: how full the core's queues were when it answered --------------------------------

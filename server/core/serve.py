@@ -3,7 +3,7 @@
 deadlines and task versions hold across every API server.
 
 A request's images are read in place from its API server's arena (`server.core.arena`): the scheduler
-copies them into the batch when the batch is built. Every RUN is answered exactly once (RESULT or
+copies them into the batch when the batch is built (the JPEGs left to the GPU decoder, decoded first). Every RUN is answered exactly once (RESULT or
 ERROR, a cancelled one too), which is what lets the API server reuse the block.
 """
 
@@ -19,6 +19,7 @@ from server.core.arena import Arena
 from server.core.handle import Admission
 from server.core.local import LocalCore
 from server.errors import InternalError, InvalidRequest, ServingError, Unavailable
+from server.preprocess import Pixels
 
 log = logging.getLogger(__name__)
 
@@ -165,12 +166,11 @@ class _Connection(p.Framed):
                 if run.reserved:
                     raise InvalidRequest("a RUN without its RESERVE")
                 # Admitted by the API server from the queue state it saw: the bounds are checked now.
-                admission = self.core.hold(run.tenant, run.n * len(run.outputs), run.tenant_max_queued)
-            images = self.arena.view(run.offset, (run.n, 3, run.height, run.width))
+                admission = self.core.hold(run.tenant, run.images * len(run.outputs), run.tenant_max_queued)
             results = await self.core.run(
                 admission,
                 run.task_id,
-                images,
+                self._pixels(run, self.arena),
                 run.outputs,
                 top_k=run.top_k,
                 timeout_s=run.timeout_s,
@@ -189,6 +189,17 @@ class _Connection(p.Framed):
         finally:
             if admission is not None:
                 admission.release()
+
+    @staticmethod
+    def _pixels(run: p.Run, arena: Arena) -> Pixels:
+        """The request's decoded images in place; the JPEGs' bytes copied out (the core decodes them
+        before the request queues, and the block is the API server's again once it is answered)."""
+        at = run.offset + run.pixel_bytes
+        jpegs = []
+        for position, length in run.jpegs:
+            jpegs.append((position, arena.view(at, (length,)).numpy().tobytes()))
+            at += length
+        return Pixels(arena.view(run.offset, (run.n, 3, run.height, run.width)), tuple(jpegs))
 
     async def _call(self, rid: int, call: dict[str, Any]) -> None:
         op = call.pop("op")

@@ -17,11 +17,16 @@ from prompt_store.url import open_store
 from server.core.client import CoreAddress, CoreClient
 from server.core.local import LocalCore
 from server.core.serve import CoreServer
-from server.errors import Overloaded
+from server.errors import InvalidImage, Overloaded
+from server.gpu_decode import GpuDecoder
 from server.metrics import Metrics
+from server.preprocess import Pixels, Preprocessor
 from server.settings import Settings
+from tests.server import corpus
 from tests.server.helpers import BACKBONE_SPEC, artifact_bytes
+from tests.server.test_gpu_decode import StandIn, jpeg
 from vpt.hub import load_backbone
+from vpt.transforms import ImageLimits
 
 
 @contextlib.asynccontextmanager
@@ -58,7 +63,9 @@ def images(n: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
 
 
-async def classify(core, admission, pixels):
+async def classify(core, admission, pixels: torch.Tensor | Pixels):
+    if isinstance(pixels, torch.Tensor):
+        pixels = Pixels(pixels)
     return await core.run(admission, "t", pixels, ("classify",), top_k=3, timeout_s=10, weight=1.0)
 
 
@@ -158,5 +165,48 @@ def test_a_cancel_read_together_with_its_run_is_answered_and_frees_everything(tm
             assert not client._blocks and not client._admitted and client._outstanding_total == 0
             assert client.arena.free_bytes == free
             core.hold("acme", 4, 4).release()  # the tenant's whole bound is free again
+
+    asyncio.run(main())
+
+
+def test_jpegs_left_to_the_core_s_gpu_decoder_cross_the_socket(tmp_path, caplog):
+    """VPT_GPU_DECODE with API servers: the API server picks the JPEGs nvJPEG may decode and Pillow
+    decodes the rest; the JPEGs' bytes cross in its arena behind the decoded rows, and the core decodes
+    them on its device. No CUDA here: the core's real decoder reports itself unavailable (and the
+    API servers then decode everything), so 'nvJPEG' is test_gpu_decode's stand-in made of Pillow."""
+    limits = ImageLimits(max_bytes=200_000, max_pixels=1_000_000)
+    truncated = jpeg(100, 80, 9)
+    truncated = truncated[: truncated.index(b"\xff\xda")] + b"\xff\xd9"  # a header, no scan
+    blobs = [jpeg(100, 80, 1), corpus.png(2, (40, 36)), jpeg(96, 96, 3), jpeg(80, 90, 2)]
+
+    async def main() -> None:
+        async with served_core(tmp_path, gpu_decode=True) as (core, connect, _):
+            assert not core.info.gpu_decode and core.gpu_decoder is None
+            assert "GPU JPEG decoding is off" in caplog.text
+            stand_in = StandIn(refuse=(blobs[2],))
+            core.use_gpu_decoder(GpuDecoder("cpu", core.info.cfg, limits, stand_in))
+            client = await connect()
+            assert client.info.gpu_decode  # learnt from the core when it connected
+            pre = Preprocessor(client.info.cfg, limits, threads=2, gpu_jpegs=client.info.gpu_decode)
+            try:
+                pixels = await pre(blobs)
+                assert [i for i, _ in pixels.jpegs] == [0, 2, 3] and pixels.images.shape[0] == 1
+                remote = await classify(client, await client.admit("acme", 4, None), pixels)
+                # One batched call, refused (image 2), then one call per image: the bytes arrived whole.
+                assert stand_in.calls == [3, 1, 1, 1]
+                # The same images decoded the same way, run by the core in this process: same results.
+                on_device = GpuDecoder("cpu", core.info.cfg, limits, StandIn(refuse=(blobs[2],)))
+                local = await classify(
+                    core, await core.admit("acme", 4, None), on_device.complete(pixels.images, pixels.jpegs)
+                )
+                assert remote[0].predictions == local[0].predictions
+                # Pillow in the core cannot decode what nvJPEG refused either: the Pillow path's 400.
+                bad = await pre([jpeg(100, 80, 1), truncated])
+                assert [i for i, _ in bad.jpegs] == [0, 1]
+                with pytest.raises(InvalidImage, match="image 1: cannot decode image"):
+                    await classify(client, await client.admit("acme", 2, None), bad)
+                assert core.scheduler.queued_images == 0 and client._outstanding_total == 0
+            finally:
+                pre.close()
 
     asyncio.run(main())

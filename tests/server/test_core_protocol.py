@@ -22,6 +22,13 @@ def test_run_round_trips(outputs, reserved, bound):
     assert p.Run.decode(memoryview(run.encode())) == run
 
 
+def test_run_with_jpegs_left_to_the_core_round_trips():
+    jpegs = ((0, 51_234), (2, 7), (63, 20 << 20))
+    run = p.Run(64, 1, 224, 224, 1, 5.0, 1.0, ("classify",), "t", "birds", False, None, jpegs)
+    back = p.Run.decode(memoryview(run.encode()))
+    assert back == run and back.images == 4 and back.nbytes == 3 * 224 * 224 + 51_234 + 7 + (20 << 20)
+
+
 def test_queue_state_heads_an_answer():
     state, rest = p.decode_state(memoryview(p.encode_state(7, 4096) + b"rest"))
     assert (state, bytes(rest)) == ((7, 4096), b"rest")

@@ -1,8 +1,9 @@
 """Optional GPU JPEG decoding (server/gpu_decode.py, issue H point 4).
 
 On CPU: which images may go to nvJPEG (a pure header check), the decoder reporting itself unavailable
-(no CUDA, no torchvision) with the Preprocessor then bit-identical to the Pillow path, and the
-Preprocessor's plumbing (request order, Pillow fallback, error messages) with a stand-in batch decoder.
+(no CUDA, no torchvision), and the plumbing with a stand-in batch decoder: the Preprocessor picks the
+JPEGs and decodes the rest, the core's decoder completes the request (request order, Pillow fallback,
+the byte budget, error messages). tests/server/test_core_client.py runs it across the core's socket.
 The `gpu` test decodes real JPEGs with nvJPEG (skipped without CUDA and torchvision;
 benchmarks/gpu_check.sh runs it).
 """
@@ -12,8 +13,8 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import io
-import logging
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -23,7 +24,7 @@ from PIL import Image
 from server.engine.batch import stage_images
 from server.errors import InvalidImage
 from server.gpu_decode import GpuDecoder, gpu_ineligible
-from server.preprocess import Preprocessor
+from server.preprocess import Pixels, Preprocessor
 from tests.server import corpus
 from vpt.config import get_preset
 from vpt.transforms import ImageDecodeError, ImageLimits, decode_image, eval_transform, eval_transform_tensor
@@ -161,22 +162,17 @@ def pillow_reference(blobs: list[bytes]) -> torch.Tensor:
     return torch.stack([eval_transform(decode_image(b, LIMITS), CFG) for b in blobs])
 
 
-def run(pre: Preprocessor, blobs: list[bytes]) -> torch.Tensor:
+def run(pre: Preprocessor, blobs: list[bytes]) -> Pixels:
     try:
         return asyncio.run(pre(blobs))
     finally:
         pre.close()
 
 
-def test_preprocessor_falls_back_to_pillow_bit_identically(caplog):
-    with caplog.at_level(logging.WARNING, logger="server.preprocess"):
-        pre = Preprocessor(CFG, LIMITS, threads=2, device="cpu", gpu_decode=True)
-    assert pre.gpu is None
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "not CUDA" in warnings[0], warnings
-    out = run(pre, MIXED)
-    assert out.device.type == "cpu" and torch.equal(out, pillow_reference(MIXED))
-    assert torch.equal(out, run(Preprocessor(CFG, LIMITS, threads=2), MIXED))
+def test_without_the_core_s_gpu_decoder_pillow_decodes_every_image():
+    pixels = run(Preprocessor(CFG, LIMITS, threads=2), MIXED)
+    assert pixels.jpegs == () and pixels.n == len(MIXED)
+    assert torch.equal(pixels.images, pillow_reference(MIXED))
 
 
 # -------------------------------------------------- the GPU path's plumbing, with a stand-in decoder
@@ -200,11 +196,15 @@ class StandIn:
         ]
 
 
-def gpu_path(blobs: list[bytes], refuse: tuple[bytes, ...] = ()) -> tuple[torch.Tensor, StandIn]:
+def gpu_path(
+    blobs: list[bytes], refuse: tuple[bytes, ...] = (), budget: int | None = None
+) -> tuple[torch.Tensor, StandIn, Pixels]:
+    """The request's images as the core runs them: picked and Pillow-decoded by the Preprocessor, the
+    picked JPEGs decoded by the core's decoder (a stand-in 'nvJPEG' on the CPU)."""
     stand_in = StandIn(refuse)
-    pre = Preprocessor(CFG, LIMITS, threads=2, gpu_decoder=GpuDecoder("cpu", CFG, LIMITS, stand_in))
-    assert pre.gpu is not None
-    return run(pre, blobs), stand_in
+    pixels = run(Preprocessor(CFG, LIMITS, threads=2, gpu_jpegs=True, jpeg_budget=budget), blobs)
+    assert pixels.n == len(blobs)
+    return GpuDecoder("cpu", CFG, LIMITS, stand_in).complete(pixels.images, pixels.jpegs), stand_in, pixels
 
 
 def expected(blobs: list[bytes], via_tensor: set[int]) -> torch.Tensor:
@@ -219,26 +219,36 @@ def expected(blobs: list[bytes], via_tensor: set[int]) -> torch.Tensor:
 
 
 def test_gpu_path_keeps_request_order_and_sends_the_rest_to_pillow():
-    out, stand_in = gpu_path(MIXED)
+    out, stand_in, pixels = gpu_path(MIXED)
     assert stand_in.calls == [3]  # one batched call: the baseline, progressive and square JPEGs
+    assert [i for i, _ in pixels.jpegs] == [0, 3, 5] and pixels.images.shape[0] == len(MIXED) - 3
     assert torch.equal(out, expected(MIXED, {0, 3, 5}))
     assert (out.int() - pillow_reference(MIXED).int()).abs().max().item() <= 1
 
 
 def test_gpu_path_all_jpeg_and_no_jpeg():
     jpegs = [jpeg(80 + 7 * i, 75 + 3 * i, i) for i in range(4)]
-    out, stand_in = gpu_path(jpegs)
+    out, stand_in, pixels = gpu_path(jpegs)
     assert stand_in.calls == [4] and torch.equal(out, expected(jpegs, {0, 1, 2, 3}))
+    assert pixels.images.shape == (0, 3, CFG.img_size, CFG.img_size)
     pngs = [corpus.png(i) for i in range(3)]
-    out, stand_in = gpu_path(pngs)
+    out, stand_in, _ = gpu_path(pngs)
     assert stand_in.calls == [] and torch.equal(out, pillow_reference(pngs))
 
 
 def test_a_refused_image_is_retried_alone_then_decoded_by_pillow():
     blobs = [jpeg(100, 80, 1), jpeg(80, 90, 2), jpeg(96, 96, 3)]
-    out, stand_in = gpu_path(blobs, refuse=(blobs[1],))
+    out, stand_in, _ = gpu_path(blobs, refuse=(blobs[1],))
     assert stand_in.calls == [3, 1, 1, 1]  # the batch fails, then one call per image finds it
     assert torch.equal(out, expected(blobs, {0, 2}))
+
+
+def test_jpegs_over_the_budget_are_decoded_by_pillow():
+    blobs = [jpeg(100, 80, 1), jpeg(80, 90, 2), jpeg(96, 96, 3)]
+    budget = len(blobs[0]) + len(blobs[1]) + len(blobs[2]) - 1  # the third one no longer fits
+    out, stand_in, pixels = gpu_path(blobs, budget=budget)
+    assert [i for i, _ in pixels.jpegs] == [0, 1] and stand_in.calls == [2]
+    assert torch.equal(out, expected(blobs, {0, 1}))
 
 
 def test_errors_are_the_pillow_paths_400s():
@@ -302,8 +312,9 @@ def test_nvjpeg_matches_pillow_within_a_few_levels():
     assert dec.available, dec.reason
     on_gpu = [gpu_ineligible(b, limits, 74) is None for b in blobs]
     assert on_gpu == [True] * 7 + [False] * 4
-    pre = Preprocessor(CFG, limits, threads=2, gpu_decoder=dec)
-    out = run(pre, blobs)
+    pixels = run(Preprocessor(CFG, limits, threads=2, gpu_jpegs=True), blobs)
+    assert [i for i, _ in pixels.jpegs] == list(range(7))
+    out = dec.complete(pixels.images, pixels.jpegs)
     assert out.device.type == "cuda" and out.shape == (len(blobs), 3, CFG.img_size, CFG.img_size)
     ref = torch.stack([eval_transform(decode_image(b, limits), CFG) for b in blobs])
     diff = (out.cpu().int() - ref.int()).abs()  # (n, 3, S, S)
@@ -311,14 +322,9 @@ def test_nvjpeg_matches_pillow_within_a_few_levels():
     print("nvJPEG vs Pillow, (max, mean) per image:", per_image)
     assert diff[7:].max().item() == 0, per_image  # PNG, CMYK and small JPEGs took the Pillow path: exact
     assert all(m <= 1.0 and mx <= 16 for mx, m in per_image), per_image
-    # Two requests at once from the decode threads (the lock and the decode stream): same rows.
-    pre2 = Preprocessor(CFG, limits, threads=4, gpu_decoder=dec)
-
-    async def twice() -> list[torch.Tensor]:
-        return list(await asyncio.gather(pre2(blobs), pre2(blobs[::-1])))
-
-    try:
-        a, b = asyncio.run(twice())
-    finally:
-        pre2.close()
-    assert torch.equal(a, out) and torch.equal(b, out.flip(0))
+    # Two requests at once from two threads (the lock and the decode stream): same rows.
+    flipped = run(Preprocessor(CFG, limits, threads=2, gpu_jpegs=True), blobs[::-1])
+    with ThreadPoolExecutor(2) as pool:
+        a = pool.submit(dec.complete, pixels.images, pixels.jpegs)
+        b = pool.submit(dec.complete, flipped.images, flipped.jpegs)
+        assert torch.equal(a.result(), out) and torch.equal(b.result(), out.flip(0))

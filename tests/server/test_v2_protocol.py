@@ -22,6 +22,7 @@ from PIL import Image
 
 from server.core.local import LocalCore
 from server.errors import Overloaded
+from server.preprocess import Pixels
 from server.tenants import generate_key
 from tests.server.helpers import (
     BACKBONE_SPEC,
@@ -429,7 +430,7 @@ def test_a_failed_output_cancels_the_other():
             await core.run(
                 admission,
                 "birds",
-                torch.zeros(2, 3, 8, 8),
+                Pixels(torch.zeros(2, 3, 8, 8)),
                 ("classify", "embed"),
                 top_k=5,
                 timeout_s=5,
