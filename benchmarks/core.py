@@ -42,10 +42,11 @@ def _drive(
     import torch
 
     from server.core.client import CoreClient
+    from server.preprocess import Pixels
 
     async def main() -> tuple[int, int]:
         client = await CoreClient.connect(address)
-        images = torch.randint(0, 256, (1, 3, img_size, img_size), dtype=torch.uint8)
+        images = Pixels(torch.randint(0, 256, (1, 3, img_size, img_size), dtype=torch.uint8))
         done = failed = 0
         out.send("started")  # measured from here: imports and the connection are behind
         stop = time.monotonic() + seconds
