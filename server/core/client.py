@@ -2,8 +2,9 @@
 
 Each request's decoded images (and the JPEGs left to the core's GPU decoder) go into this process's
 shared-memory arena (`server.core.arena`) and a small frame names where they lie
-(`server.core.protocol`); the answer frees the block. If the core goes away, every request waiting on it fails with 503 and `alive` turns false (/healthz 503); the
-supervisor then stops the server with exit status 1.
+(`server.core.protocol`); the answer frees the block. If the core goes away, every request waiting
+on it fails with 503 and `alive` turns false (/healthz 503); the supervisor then stops the server with
+exit status 1.
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
 deadlines and task versions hold across every API server.
 
 A request's images are read in place from its API server's arena (`server.core.arena`): the scheduler
-copies them into the batch when the batch is built (the JPEGs left to the GPU decoder, decoded first). Every RUN is answered exactly once (RESULT or
-ERROR, a cancelled one too), which is what lets the API server reuse the block.
+copies them into the batch when the batch is built (the JPEGs left to the GPU decoder are decoded
+first). Every RUN is answered exactly once (RESULT or ERROR, a cancelled one too), which is what lets
+the API server reuse the block.
 """
 
 from __future__ import annotations

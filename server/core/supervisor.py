@@ -4,7 +4,8 @@
     ├── engine core   (server.core.serve): device, backbone, bank, residency, fair scheduler, executor
     │                 and /metrics on VPT_METRICS_PORT; on CPU its engine process computes the batches
     └── API server ×N (uvicorn + FastAPI on the one listening socket): auth, rate limits, bodies, parsing,
-                      decoding; images to the core through a shared-memory arena, a frame per request
+                      decoding; images (or JPEGs, for the GPU decoder) to the core through a
+                      shared-memory arena, a frame per request
 
 Failure and lifecycle:
 - an API server that dies is replaced; the others' requests go on (the core drops only the dead one's).
