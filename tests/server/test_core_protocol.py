@@ -10,9 +10,11 @@ import torch
 
 from server.core import protocol as p
 from server.core.arena import ALIGN, Arena
+from server.core.process import arena_bytes, jpeg_budget
 from server.errors import InvalidArtifact, Overloaded, TaskNotFound
 from server.ratelimit import RateLimiter, SharedRateLimiter
 from server.scheduler.types import Prediction, Result
+from server.settings import Settings
 
 
 @pytest.mark.parametrize("outputs", [("classify",), ("embed",), ("classify", "embed"), ("embed", "classify")])
@@ -124,3 +126,18 @@ def test_shared_rate_limit_table_resolves_collisions(tmp_path, monkeypatch):
     assert [table.acquire(t, 0.001, 1) for t in ("a", "b")] == [0, 0]
     assert table.acquire("a", 0.001, 1) > 0 and table.acquire("b", 0.001, 1) > 0
     assert table.acquire("c", 0.001, 1) == 0  # a full table: a bucket in this process instead
+
+
+@pytest.mark.parametrize("gpu_decode", [False, True])
+def test_the_jpeg_budget_keeps_two_of_the_largest_requests_in_the_arena(gpu_decode):
+    """A request's block (its decoded rows and the JPEGs left to the core) never exceeds half the arena,
+    so two of the largest always fit; with GPU decoding the arena makes room for JPEGs as large again
+    as the pixels, and an arena set too small leaves every JPEG to Pillow."""
+    s = Settings(gpu_decode=gpu_decode)
+    largest = s.max_images_per_request * 3 * 224 * 224
+    arena = arena_bytes(s, 224)
+    budget = jpeg_budget(s, 224, arena)
+    assert largest + budget <= arena // 2
+    assert budget == (largest if gpu_decode else max(0, arena // 2 - largest))
+    small = Settings(gpu_decode=True, api_arena_bytes=largest)
+    assert jpeg_budget(small, 224, arena_bytes(small, 224)) == 0
