@@ -250,14 +250,29 @@ def test_a_dead_api_server_is_replaced_and_the_others_requests_go_on(tmp_path, b
     assert "replacing it" in proc.log()
 
 
-def _requests_in_flight(url: str, n: int) -> asyncio.Future:
-    return asyncio.ensure_future(classify_everywhere(url, "t", n))
+async def _requests_queued(url: str, n: int) -> asyncio.Future:
+    """`n` classify requests of task "t" on fresh connections, returned once all `n` images wait in the
+    core's queue (`vpt_queue_depth_images`, read from /metrics with the scrape token): in flight for
+    certain, not merely sent. A fixed sleep instead let a busy machine kill or stop the server while
+    some connections still sat in the listen backlog, where a reset, not an answer, is their due."""
+    load = asyncio.ensure_future(classify_everywhere(url, "t", n))
+    deadline = time.monotonic() + 60
+    async with httpx.AsyncClient(base_url=url, headers=METRICS_AUTH) as c:
+        while (queued := metric((await c.get("/metrics")).text, "vpt_queue_depth_images")) < n:
+            assert time.monotonic() < deadline and not load.done(), f"{queued} of {n} queued"
+            await asyncio.sleep(0.05)
+    return load
 
 
 def test_engine_core_death_fails_what_is_in_flight_with_503_and_exits_1(tmp_path, backbone):
     # A 3 s batching delay keeps the requests in the core's queue when it is killed.
     proc = ServerProcess(
-        tmp_path, backbone=BACKBONE_SPEC, api_servers=2, max_batch_delay_ms=3000, access_log="false"
+        tmp_path,
+        backbone=BACKBONE_SPEC,
+        api_servers=2,
+        max_batch_delay_ms=3000,
+        access_log="false",
+        metrics_token=METRICS_TOKEN,
     ).wait_ready()
     r = httpx.put(f"{proc.url}/v1/tasks/t", content=artifact_bytes(backbone, P=2, mode="deep", C=3, seed=0),
                   headers=OCTET)  # fmt: skip
@@ -266,8 +281,7 @@ def test_engine_core_death_fails_what_is_in_flight_with_503_and_exits_1(tmp_path
     (core,) = [p for p in everyone if comm(p) == "vpt-core"]
 
     async def scenario() -> tuple[list[httpx.Response], int]:
-        load = _requests_in_flight(proc.url, 8)
-        await asyncio.sleep(1.0)
+        load = await _requests_queued(proc.url, 8)
         os.kill(core, signal.SIGKILL)
         rs = await load
         async with httpx.AsyncClient(base_url=proc.url) as c:
@@ -286,8 +300,14 @@ def test_engine_core_death_fails_what_is_in_flight_with_503_and_exits_1(tmp_path
 
 
 def test_sigterm_drains_every_process_and_exits_0(tmp_path, backbone):
+    # A 3 s batching delay holds the requests in the core's queue when SIGTERM arrives.
     proc = ServerProcess(
-        tmp_path, backbone=BACKBONE_SPEC, api_servers=N, max_batch_delay_ms=1000, access_log="false"
+        tmp_path,
+        backbone=BACKBONE_SPEC,
+        api_servers=N,
+        max_batch_delay_ms=3000,
+        access_log="false",
+        metrics_token=METRICS_TOKEN,
     ).wait_ready()
     r = httpx.put(f"{proc.url}/v1/tasks/t", content=artifact_bytes(backbone, P=2, mode="deep", C=3, seed=0),
                   headers=OCTET)  # fmt: skip
@@ -297,8 +317,7 @@ def test_sigterm_drains_every_process_and_exits_0(tmp_path, backbone):
     assert sum(name.startswith("vpt-") for name in everyone.values()) == N + 2  # + the core, its engine
 
     async def scenario() -> list[httpx.Response]:
-        load = _requests_in_flight(proc.url, 12)
-        await asyncio.sleep(0.5)
+        load = await _requests_queued(proc.url, 12)
         proc.terminate()
         return await load
 
