@@ -21,4 +21,11 @@ if ! stamp_matches test cpu; then
 fi
 "$VPY" -m ruff check .
 "$VPY" -m ruff format --check .
-"$VPY" -m pytest "$@"
+if [ $# -gt 0 ]; then
+    exec "$VPY" -m pytest "$@"
+fi
+# The whole suite in two runs: first every test but the `serial` ones on all cores (pytest-xdist;
+# TEST_WORKERS=N sets the workers, 0 runs them in one process), then the `serial` ones, which measure
+# latency, memory and capacity under load, with the machine to themselves.
+"$VPY" -m pytest -n "${TEST_WORKERS:-auto}" -m "not serial"
+"$VPY" -m pytest -m serial

@@ -47,7 +47,9 @@ from tests.server.rawhttp import Flood, RawClient, flood
 from tests.server.server_proc import ServerProcess, descendants, engine_pid
 from vpt.hub import load_backbone
 
-pytestmark = pytest.mark.integration
+# serial: these measure latency, memory and capacity under load, so the test run gives them the machine
+# alone (scripts/test.sh runs the `serial` tests after the others, which share the cores).
+pytestmark = [pytest.mark.integration, pytest.mark.serial]
 
 # vit_test_small (D=96, depth 4, 64 patches) makes the engine, not HTTP, the bottleneck for 8-image
 # requests on CPU: ~3 ms per image, so capacity is a few hundred images/s.
