@@ -4,7 +4,8 @@ A frame is `<I` length, then `<BQ` kind and request id, then the payload. Per re
 for its images, before decoding), RUN (where its decoded images, and the JPEGs left to the core's GPU
 decoder, lie in the API server's shared-memory arena, and what to compute) or RELEASE, CANCEL (client
 gone); answered by OK, RESULT or ERROR. The request's fields and results are `struct`s and UTF-8
-strings; control calls (task changes, state queries) and errors are small JSON objects. Nothing is pickled: a message can only ever be data.
+strings; control calls (task changes, state queries) and errors are small JSON objects. Nothing is
+pickled: a message can only ever be data.
 """
 
 from __future__ import annotations
