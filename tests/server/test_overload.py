@@ -1,8 +1,9 @@
 """Overload and fair share against a real `vpt-serve` on 127.0.0.1.
 
 - Fair share: tenant A floods at >= 10x the server's measured capacity while tenant B sends a steady
-  low rate. B gets no rejections, A gets 429s with Retry-After, /readyz stays 200; B's p99 is compared
-  with its solo p99 measured in the same test before the flood (the 2x target, see below).
+  low rate. B gets no rejections, A gets 429s with Retry-After, /readyz stays 200; B's p99 under the
+  flood is compared with its solo p99 round by round, solo and flood phases back to back (the 2x
+  target, see below).
 - Bounded queues: a burst past the global queue bound answers 429 + Retry-After, requests that wait
   past `VPT_REQUEST_TIMEOUT_S` answer 504, and the server serves normally right after.
 - Memory: the server's RSS (from /proc/<pid>/status) before and after a 20 s flood stays within
@@ -92,18 +93,20 @@ class Samples:
         self.failures += other.failures
 
     def q(self, p: float) -> float:
-        xs = sorted(self.latency_s)
-        return xs[min(len(xs) - 1, int(p * len(xs)))]
+        return quantile(self.latency_s, p)
 
     def breakdown(self) -> str:
         keys = ("decode_ms", "queue_ms", "compute_ms", "total_ms")
         parts = []
         for k in keys:
-            xs = sorted(t[k] for t in self.timings)
-            parts.append(
-                f"{k[:-3]} mean {statistics.mean(xs):.1f} p99 {xs[min(len(xs) - 1, int(0.99 * len(xs)))]:.1f}"
-            )
+            xs = [t[k] for t in self.timings]
+            parts.append(f"{k[:-3]} mean {statistics.mean(xs):.1f} p99 {quantile(xs, 0.99):.1f}")
         return "; ".join(parts) + " (ms)"
+
+
+def quantile(xs: list[float], p: float) -> float:
+    """Nearest rank: p99 of 100 samples is the 2nd slowest, of 400 the 5th slowest."""
+    return sorted(xs)[max(0, math.ceil(p * len(xs)) - 1)]
 
 
 async def steady(
@@ -219,11 +222,11 @@ def start(
 def test_fair_share_under_a_10x_flood(server, tmp_path):
     path = "/v1/tasks/t/classify"
     a_body, b_body = json_images(BATCH, seed=100), json_images(1, seed=7)
-    # B: up to 20 requests/s in ROUNDS rounds of a solo phase and a flood phase of PHASE_S each,
-    # interleaved so that this shared machine's own load drifts fall on both sides alike; 400 samples a
-    # side on a quiet machine, so p99 is the 4th slowest, not the slowest. Every rate derives from the
-    # capacity measured first: on a machine that is busy with other work, A still offers 10x what the
-    # server can do and B stays a light tenant (<= 1/4 of capacity in images).
+    # B: up to 20 requests/s in ROUNDS rounds of a solo phase and a flood phase of PHASE_S each, back to
+    # back, so that this shared machine's own load drifts fall on both sides of a round alike; 100
+    # samples a phase. Every rate derives from the capacity measured first: on a machine that is busy
+    # with other work, A still offers 10x what the server can do and B stays a light tenant (<= 1/4 of
+    # capacity in images).
     rounds, phase_s = 4, 5.0
     (tmp_path / "a.json").write_bytes(a_body)
 
@@ -235,9 +238,9 @@ def test_fair_share_under_a_10x_flood(server, tmp_path):
         await steady(b, path, b_body, auth("b"), b_rate, 1.0)  # warm B's connection and task
         stop = asyncio.Event()
         ready_task = asyncio.create_task(watch_ready(server.url, stop))
-        solo, under, floods = Samples(), Samples(), []
+        solo, under, floods = [], [], []
         for _ in range(rounds):
-            solo.extend(await steady(b, path, b_body, auth("b"), b_rate, phase_s))
+            solo.append(await steady(b, path, b_body, auth("b"), b_rate, phase_s))
             # A's flood runs in its own process: in this one, its event loop would delay B's requests
             # and responses and that lag would be counted as the server's. At nice 5 it yields to the
             # server (a real flood's sender is another machine) but is not starved by a busy neighbour:
@@ -250,7 +253,7 @@ def test_fair_share_under_a_10x_flood(server, tmp_path):
                 cwd=Path(__file__).parents[2],
             )  # fmt: skip
             await asyncio.sleep(1.0)  # A's queue is full and its rate exhausted before B is measured
-            under.extend(await steady(b, path, b_body, auth("b"), b_rate, phase_s))
+            under.append(await steady(b, path, b_body, auth("b"), b_rate, phase_s))
             out, _ = await a_proc.communicate()
             floods.append(Flood(**json.loads(out)))
             await asyncio.sleep(0.5)  # A's queued batches drain before B is measured solo again
@@ -259,14 +262,26 @@ def test_fair_share_under_a_10x_flood(server, tmp_path):
         b.close()
         return cap, b_rate, solo, under, floods, ready
 
-    cap, b_rate, solo, under, floods, ready = asyncio.run(scenario())
+    cap, b_rate, solo_rounds, under_rounds, floods, ready = asyncio.run(scenario())
+    solo, under = Samples(), Samples()
+    for s, u in zip(solo_rounds, under_rounds, strict=True):
+        solo.extend(s)
+        under.extend(u)
     offered = [a.sent * BATCH / (a.stopped - a.started) for a in floods]
     outcomes: dict[str, int] = {}
     for a in floods:
         for k, v in a.outcomes.items():
             outcomes[k] = outcomes.get(k, 0) + v
     sent = sum(a.sent for a in floods)
-    ratio = under.q(0.99) / solo.q(0.99)
+    # The verdict is per round, the flood phase against the solo phase just before it, and the median
+    # over the rounds. On this shared machine the server has episodes of 1-2 s in which B's one-image
+    # batches take 130-160 ms from being sent to the engine process to its reply instead of ~11 (steal
+    # time ~0, cause not found); one spoils one round's p99. Pooled over the rounds such an episode made
+    # the one-process ratio 5.3-8.3x (once in CI, 3 of 14 runs here; in the one with rounds recorded
+    # the other three were 0.6-2.2x). A fair-share regression slows every round: the median shows it.
+    p99s = [(s.q(0.99), u.q(0.99)) for s, u in zip(solo_rounds, under_rounds, strict=True)]
+    ratios = [u / s for s, u in p99s]
+    ratio = statistics.median(ratios)
     print(
         f"\ncapacity {cap:.0f} images/s (max_batch_size {BATCH}); A offered "
         f"{', '.join(f'{o / cap:.1f}x' for o in offered)} in {sent} requests: {outcomes}"
@@ -275,7 +290,9 @@ def test_fair_share_under_a_10x_flood(server, tmp_path):
         f"server {solo.breakdown()}"
         f"\nB flood: n={len(under.latency_s)} p50 {under.q(0.5) * 1e3:.1f} ms p99 {under.q(0.99) * 1e3:.1f} ms; "
         f"server {under.breakdown()}"
-        f"\nB p99 ratio flood/solo = {ratio:.2f}; /readyz seen {sorted(set(ready))}"
+        f"\nB p99 per round (solo -> flood ms): {', '.join(f'{s * 1e3:.0f} -> {u * 1e3:.0f}' for s, u in p99s)}"
+        f"\nB p99 ratio flood/solo: median of rounds {ratio:.2f} ({', '.join(f'{r:.2f}' for r in ratios)});"
+        f" pooled {under.q(0.99) / solo.q(0.99):.2f}; /readyz seen {sorted(set(ready))}"
     )
     assert min(offered) >= 10 * cap * 0.95, "the generator fell behind: not a 10x flood"
     assert not solo.failures and not under.failures, (solo.failures, under.failures)  # B: no rejections
@@ -284,15 +301,17 @@ def test_fair_share_under_a_10x_flood(server, tmp_path):
     assert sum(a.retry_after_missing for a in floods) == 0
     assert outcomes.get("200", 0) > 0  # A is throttled, not starved
     assert ready and set(ready) == {200}
-    # With the engine process B's ratio is 0.86-3.2x (median 1.5x, 11 of 13 runs within 2x); before it
-    # (the forward in the server's process, sharing its GIL) 1.9-8x, median 2.4x. The bound catches a
-    # gross regression (5-20x before preemption and the rate gate, 41x with torch on both cores); a
-    # return to the in-process engine would show as more xfails, not as failures.
-    assert ratio <= 5.0, f"B p99 under flood is {ratio:.2f}x its solo p99"
+    # Median of the rounds in 12 runs on this 2-core box (2026-12-05, both server layouts, half of the
+    # runs with another process keeping one core busy): 1.42-2.46x, 6 of 12 above the 2x target. The
+    # bound catches a gross regression (5-20x before preemption and the rate gate, 41x with torch on
+    # both cores in the server's process); a return to the in-process engine would show as more
+    # xfails, not as failures (and so would preemption off with torch on both cores in the engine
+    # process: 3.0x, B's p50 3.7x its solo p50).
+    assert ratio <= 5.0, f"B p99 under flood is {ratio:.2f}x its solo p99 (median of rounds {ratios})"
     if ratio > 2.0:
-        # The 2x target holds in most runs, not all, on 2 shared cores where this test's own clients
+        # The 2x target holds in about half the runs on 2 shared cores where this test's own clients
         # compete with the server: docs/security.md ("Fair share"). Reported loudly, not asserted away.
-        pytest.xfail(f"B p99 under flood is {ratio:.2f}x its solo p99 (target 2x)")
+        pytest.xfail(f"B p99 under flood is {ratio:.2f}x its solo p99 (median of rounds; target 2x)")
 
 
 @pytest.mark.slow
