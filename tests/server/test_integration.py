@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import signal
 import time
 
 import httpx
@@ -17,7 +19,7 @@ import pytest
 import torch
 
 from tests.server.helpers import BACKBONE_SPEC, artifact_bytes, png_bytes
-from tests.server.server_proc import ServerProcess
+from tests.server.server_proc import ServerProcess, engine_pid
 from tests.server.test_api import expected_probs
 from vpt.hub import load_backbone
 
@@ -193,38 +195,45 @@ def test_replacing_a_task_under_load_never_mixes_versions(server, backbone):
 
 
 def test_sigterm_with_requests_in_flight_loses_none(tmp_path, backbone):
-    # A 50 ms batching delay keeps the 60 requests in the server long enough to SIGTERM it mid-way.
-    proc = ServerProcess(
-        tmp_path, backbone=BACKBONE_SPEC, max_batch_size=4, max_batch_delay_ms=50
-    ).wait_ready()
+    # The engine process is stopped (SIGSTOP) while the 60 requests arrive, so that all of them are in
+    # the server when SIGTERM comes, however busy the machine (with a free-running engine they were a
+    # race: on a busy CI machine every request was answered before the last one arrived).
+    proc = ServerProcess(tmp_path, backbone=BACKBONE_SPEC, max_batch_size=4).wait_ready()
     try:
         upload(proc.url, "t", artifact_bytes(backbone, P=4, mode="deep", C=3, seed=3))
         img = png_bytes(1)
+        engine = engine_pid(proc.proc.pid)
 
-        async def scenario() -> tuple[list[object], int]:
+        async def scenario() -> tuple[list[object], int, bool]:
             async with httpx.AsyncClient(base_url=proc.url, timeout=60) as c:
-                reqs = [
-                    asyncio.create_task(
-                        c.post("/v1/tasks/t/classify", content=img, headers={"content-type": "image/png"})
-                    )
-                    for _ in range(60)
-                ]
-                async with httpx.AsyncClient(base_url=proc.url) as probe:
-                    # Every request must have reached the app first: SIGTERM closes connections
-                    # still idle, and a request not yet received was never "in flight".
-                    for _ in range(1000):
-                        m = (await probe.get("/metrics")).text
-                        if metric(m, "vpt_requests_in_progress") >= 61:  # 60 + this probe
-                            break
-                        await asyncio.sleep(0.005)
-                unanswered = sum(not r.done() for r in reqs)
-                proc.terminate()
+                os.kill(engine, signal.SIGSTOP)
+                try:
+                    reqs = [
+                        asyncio.create_task(
+                            c.post("/v1/tasks/t/classify", content=img, headers={"content-type": "image/png"})
+                        )
+                        for _ in range(60)
+                    ]
+                    async with httpx.AsyncClient(base_url=proc.url) as probe:
+                        # Every request must have reached the app first: SIGTERM closes connections
+                        # still idle, and a request not yet received was never "in flight".
+                        deadline = time.monotonic() + 60
+                        # 60 + this probe
+                        while metric((await probe.get("/metrics")).text, "vpt_requests_in_progress") < 61:
+                            assert time.monotonic() < deadline, "the 60 requests never were all in the server"
+                            await asyncio.sleep(0.01)
+                    unanswered = sum(not r.done() for r in reqs)
+                    proc.terminate()
+                    await asyncio.sleep(0.5)
+                    waited = proc.proc.poll() is None  # draining: it cannot exit with requests unanswered
+                finally:
+                    os.kill(engine, signal.SIGCONT)
                 results = await asyncio.gather(*reqs, return_exceptions=True)
-                return [getattr(r, "status_code", repr(r)) for r in results], unanswered
+                return [getattr(r, "status_code", repr(r)) for r in results], unanswered, waited
 
-        statuses, unanswered_at_sigterm = asyncio.run(scenario())
+        statuses, unanswered_at_sigterm, waited = asyncio.run(scenario())
         assert statuses == [200] * 60, (statuses, proc.log()[-3000:])
-        assert unanswered_at_sigterm >= 30  # the signal really arrived with most requests in flight
+        assert unanswered_at_sigterm == 60 and waited
         assert proc.proc.wait(30) == 0, proc.log()
     finally:
         proc.stop()
