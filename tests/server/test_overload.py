@@ -222,12 +222,12 @@ def start(
 def test_fair_share_under_a_10x_flood(server, tmp_path):
     path = "/v1/tasks/t/classify"
     a_body, b_body = json_images(BATCH, seed=100), json_images(1, seed=7)
-    # B: up to 20 requests/s in ROUNDS rounds of a solo phase and a flood phase of PHASE_S each, back to
-    # back, so that this shared machine's own load drifts fall on both sides of a round alike; 100
+    # B: up to 20 requests/s in `rounds` rounds of a solo phase and a flood phase of `phase_s` each, back
+    # to back, so that this shared machine's own load drifts fall on both sides of a round alike; 100
     # samples a phase. Every rate derives from the capacity measured first: on a machine that is busy
     # with other work, A still offers 10x what the server can do and B stays a light tenant (<= 1/4 of
     # capacity in images).
-    rounds, phase_s = 4, 5.0
+    rounds, phase_s = 5, 5.0  # the verdict is the median over the rounds (see below)
     (tmp_path / "a.json").write_bytes(a_body)
 
     async def scenario():
@@ -278,7 +278,8 @@ def test_fair_share_under_a_10x_flood(server, tmp_path):
     # batches take 130-160 ms from being sent to the engine process to its reply instead of ~11 (steal
     # time ~0, cause not found); one spoils one round's p99. Pooled over the rounds such an episode made
     # the one-process ratio 5.3-8.3x (once in CI, 3 of 14 runs here; in the one with rounds recorded
-    # the other three were 0.6-2.2x). A fair-share regression slows every round: the median shows it.
+    # the other three were 0.6-2.2x). The median of 5 rounds stands with two of them spoiled; a
+    # fair-share regression slows every round, and the median shows it.
     p99s = [(s.q(0.99), u.q(0.99)) for s, u in zip(solo_rounds, under_rounds, strict=True)]
     ratios = [u / s for s, u in p99s]
     ratio = statistics.median(ratios)
@@ -302,14 +303,14 @@ def test_fair_share_under_a_10x_flood(server, tmp_path):
     assert outcomes.get("200", 0) > 0  # A is throttled, not starved
     assert ready and set(ready) == {200}
     # Median of the rounds in 12 runs on this 2-core box (2026-12-05, both server layouts, half of the
-    # runs with another process keeping one core busy): 1.42-2.46x, 6 of 12 above the 2x target. The
+    # runs with another process keeping one core busy): 1.35-2.28x, 3 of 12 above the 2x target. The
     # bound catches a gross regression (5-20x before preemption and the rate gate, 41x with torch on
     # both cores in the server's process); a return to the in-process engine would show as more
     # xfails, not as failures (and so would preemption off with torch on both cores in the engine
-    # process: 3.0x, B's p50 3.7x its solo p50).
+    # process: 3.0x with four rounds, B's p50 3.7x its solo p50).
     assert ratio <= 5.0, f"B p99 under flood is {ratio:.2f}x its solo p99 (median of rounds {ratios})"
     if ratio > 2.0:
-        # The 2x target holds in about half the runs on 2 shared cores where this test's own clients
+        # The 2x target holds in most runs, not all, on 2 shared cores where this test's own clients
         # compete with the server: docs/security.md ("Fair share"). Reported loudly, not asserted away.
         pytest.xfail(f"B p99 under flood is {ratio:.2f}x its solo p99 (median of rounds; target 2x)")
 
