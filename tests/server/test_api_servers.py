@@ -190,15 +190,22 @@ def test_rate_limits_and_task_quotas_hold_for_the_whole_server(tmp_path, backbon
         async def get_info(c: httpx.AsyncClient, i: int) -> httpx.Response:
             return await c.get("/v1/info", headers={"x-request-id": uuid.uuid4().hex})
 
-        rs, took = asyncio.run(burst_of(30, get_info))
-        ok = sum(r.status_code == 200 for r in rs)
-        assert {r.status_code for r in rs} == {200, 429}
-        # One bucket for the server: the burst and what refilled meanwhile. Per-process buckets would
-        # have let up to N times the burst through.
-        assert burst <= ok <= burst + rate * took + 1, (ok, took)
-        served = set(served_by(proc, [r.headers["x-request-id"] for r in rs]).values())
-        assert len(served) >= 2, served
-        time.sleep(burst / rate)  # the bucket refills
+        # The burst proves one bucket only if it reached two API servers; which process accepts a new
+        # connection on the shared socket is the kernel's choice, and on a busy machine one process has
+        # taken all 30 (CI). Then the burst is tried again, on a full bucket, at most 5 times.
+        for _ in range(5):
+            rs, took = asyncio.run(burst_of(30, get_info))
+            ok = sum(r.status_code == 200 for r in rs)
+            assert {r.status_code for r in rs} == {200, 429}
+            # One bucket for the server: the burst and what refilled meanwhile. Per-process buckets
+            # would have let up to N times the burst through.
+            assert burst <= ok <= burst + rate * took + 1, (ok, took)
+            served = set(served_by(proc, [r.headers["x-request-id"] for r in rs]).values())
+            time.sleep(burst / rate)  # the bucket refills
+            if len(served) >= 2:
+                break
+        else:
+            raise AssertionError(f"5 bursts of 30 connections each reached one API server only: {served}")
 
         data = [artifact_bytes(backbone, P=1, mode="shallow", C=2, seed=i) for i in range(burst)]
 
